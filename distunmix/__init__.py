@@ -1,0 +1,11 @@
+"""distunmix: Open-Unmix music source separation, trained, tuned and served with Ray.
+
+The core (model, spectral, separator, data, checkpoint) imports no Ray.
+"""
+
+from .checkpoint import CheckpointError, load_separator, save_model_dir
+from .model import ModelConfig, OpenUnmix
+from .separator import Separator
+
+__all__ = ["CheckpointError", "ModelConfig", "OpenUnmix", "Separator", "load_separator", "save_model_dir"]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Audio files: read (soundfile), resample (soxr), write stems atomically and incrementally."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .checkpoint import default_file_mode
+
+# containers soundfile (libsndfile >= 1.1) reads; used to pick audio files out of folders
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".w64", ".caf")
+SUBTYPES = {"wav": "FLOAT", "flac": "PCM_24"}
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used; the message names the file and the reason."""
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file as float32 (channels, samples) and its sample rate.
+
+    Raises :class:`AudioError` for a missing, unreadable or empty file, or one with NaN or
+    infinite samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: file not found")
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        raise AudioError(
+            f"{path}: cannot decode audio ({e}); expected a format libsndfile reads (wav, flac, ogg, mp3...)"
+        ) from e
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: the file holds no audio samples")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: contains NaN or infinite samples")
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def resample(audio: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
+    """Resample (channels, samples) float32 audio with soxr's high-quality filter."""
+    if rate_in == rate_out:
+        return audio
+    out = soxr.resample(np.ascontiguousarray(audio.T), rate_in, rate_out, quality="HQ")
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+class StemWriter:
+    """Write a stem block by block into a temporary file, renamed into place on success.
+
+    A separation that fails halfway leaves no partial file behind (and no old file replaced).
+    """
+
+    def __init__(self, path: str | os.PathLike, sample_rate: int, channels: int, ext: str = "wav") -> None:
+        if ext not in SUBTYPES:
+            raise ValueError(f"unsupported output format {ext!r}; expected one of {', '.join(SUBTYPES)}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".{ext}", dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, default_file_mode())
+        self.tmp = Path(tmp)
+        self.file = sf.SoundFile(
+            self.tmp, "w", samplerate=int(sample_rate), channels=channels, format=ext.upper(), subtype=SUBTYPES[ext]
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        """Append (channels, samples) audio."""
+        self.file.write(np.ascontiguousarray(block.T))
+
+    def __enter__(self) -> StemWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, ext: str | None = None) -> Path:
+    """Write (channels, samples) audio atomically; the format follows ``ext`` or the suffix."""
+    path = Path(path)
+    ext = ext or path.suffix.lstrip(".").lower() or "wav"
+    with StemWriter(path, sample_rate, audio.shape[0], ext) as w:
+        w.write(audio)
+    return path

@@ -1,0 +1,352 @@
+"""Model folders in open-unmix's format: ``<target>.pth``, ``<target>.json``, ``separator.json``.
+
+Reading accepts what users already have: folders written by open-unmix's ``scripts/train.py``,
+official umxhq / umx / umxl weight files (``vocals-b62c91ce.pth``: hub names, legacy keys such as
+``stft.window`` and ``sample_rate``, no JSON), and unidirectional models (whose architecture the
+reference loader ignores). The architecture is read from the weights' shapes and cross-checked
+against the JSON when there is one. Loading is ``torch.load(weights_only=True)``: a weight file
+cannot run code. Writing is atomic: a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import ModelConfig, OpenUnmix
+
+STANDARD_TARGETS = ("vocals", "drums", "bass", "other")
+# keys some official weight files carry that are not model parameters
+LEGACY_KEYS = ("stft.window", "transform.0.window", "sample_rate")
+DEFAULT_SAMPLE_RATE = 44100.0
+DEFAULT_HOP = 1024
+
+
+class CheckpointError(RuntimeError):
+    """A model folder or weight file that cannot be used; the message names the file."""
+
+
+# -- writing -------------------------------------------------------------------------------------
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, default_file_mode())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=4, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def model_args(config: ModelConfig, sample_rate: float, n_hop: int, bandwidth: float | None = None) -> dict:
+    """The ``args`` block of ``<target>.json`` (open-unmix's flag names)."""
+    args = {
+        "nfft": config.n_fft,
+        "nhop": n_hop,
+        "hidden_size": config.hidden_size,
+        "nb_channels": config.nb_channels,
+        "nb_layers": config.nb_layers,
+        "unidirectional": config.unidirectional,
+        "max_bin": config.max_bin or config.nb_bins,
+        "sample_rate": sample_rate,
+    }
+    if bandwidth is not None:
+        args["bandwidth"] = bandwidth
+    return args
+
+
+def save_model_dir(
+    model_dir: str | os.PathLike,
+    models: Mapping[str, OpenUnmix],
+    sample_rate: float = DEFAULT_SAMPLE_RATE,
+    n_hop: int = DEFAULT_HOP,
+    bandwidth: float | None = None,
+    info: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_args: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write target models as an open-unmix model folder and return its path.
+
+    ``info[target]`` adds fields to that target's JSON (e.g. training history, best epoch);
+    ``extra_args`` adds flags to every JSON's ``args`` (e.g. the training configuration).
+    """
+    if not models:
+        raise ValueError("save_model_dir needs at least one target model")
+    model_dir = Path(model_dir)
+    configs = {t: m.config for t, m in models.items()}
+    first = next(iter(configs.values()))
+    for target, cfg in configs.items():
+        if (cfg.n_fft, cfg.nb_channels) != (first.n_fft, first.nb_channels):
+            raise ValueError(
+                f"target {target!r} has n_fft/channels {cfg.n_fft}/{cfg.nb_channels}, others "
+                f"{first.n_fft}/{first.nb_channels}: one folder holds one STFT set-up"
+            )
+    for target, model in models.items():
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save(state, model_dir / f"{target}.pth")
+        args = dict(extra_args or {})
+        args.update(model_args(configs[target], sample_rate, n_hop, bandwidth))
+        body = {"args": args, "target": target}
+        body.update((info or {}).get(target, {}))
+        atomic_write_json(model_dir / f"{target}.json", body)
+    atomic_write_json(
+        model_dir / "separator.json",
+        {
+            "targets": list(models),
+            "sample_rate": sample_rate,
+            "nfft": first.n_fft,
+            "nhop": n_hop,
+            "nb_channels": first.nb_channels,
+        },
+    )
+    return model_dir
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def find_weights(model_dir: Path, target: str) -> Path:
+    """``<target>.pth`` or a hub-style ``<target>-<hash>.pth`` in ``model_dir``."""
+    exact = model_dir / f"{target}.pth"
+    if exact.is_file():
+        return exact
+    hashed = sorted(
+        p for p in model_dir.glob(f"{target}-*.pth") if re.fullmatch(rf"{re.escape(target)}-[0-9a-f]+\.pth", p.name)
+    )
+    if hashed:
+        return hashed[0]
+    raise CheckpointError(
+        f"{model_dir}: no weights for target {target!r} (expected {target}.pth or {target}-<hash>.pth; "
+        f"targets found: {', '.join(available_targets(model_dir)) or 'none'})"
+    )
+
+
+def available_targets(model_dir: str | os.PathLike) -> list[str]:
+    """Targets with a weight file in ``model_dir``: the standard four first, then alphabetical."""
+    names = set()
+    for p in Path(model_dir).glob("*.pth"):
+        m = re.fullmatch(r"(.+?)(-[0-9a-f]{6,})?\.pth", p.name)
+        if m:
+            names.add(m.group(1))
+    return [t for t in STANDARD_TARGETS if t in names] + sorted(names - set(STANDARD_TARGETS))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weight file (a plain state_dict or a training checkpoint holding one)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: file not found") from e
+    except Exception as e:  # truncated, corrupt, not a torch file, or unsafe pickle content
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "expected an open-unmix state_dict saved with torch.save"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
+    return obj
+
+
+def infer_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
+    """The architecture a state_dict was saved from, read off its tensor shapes."""
+    need = ("fc1.weight", "input_mean", "output_mean", "lstm.weight_ih_l0")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not an Open-Unmix state_dict (missing {', '.join(missing)})")
+    hidden, fc1_in = state["fc1.weight"].shape
+    max_bin = state["input_mean"].shape[0]
+    nb_bins = state["output_mean"].shape[0]
+    if fc1_in % max_bin or fc1_in // max_bin not in (1, 2):
+        raise CheckpointError(
+            f"{path}: fc1.weight has {fc1_in} inputs, expected 1 or 2 channels x {max_bin} bins (input_mean)"
+        )
+    nb_layers = sum(1 for k in state if re.fullmatch(r"lstm\.weight_ih_l\d+", k))
+    try:
+        return ModelConfig(
+            n_fft=(nb_bins - 1) * 2,
+            nb_channels=fc1_in // max_bin,
+            hidden_size=hidden,
+            nb_layers=nb_layers,
+            unidirectional="lstm.weight_ih_l0_reverse" not in state,
+            max_bin=max_bin,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{path}: inconsistent shapes ({e})") from e
+
+
+def _check_args(config: ModelConfig, args: Mapping[str, Any], json_path: Path) -> None:
+    """Raise when the JSON's architecture flags contradict the weights."""
+    checks = {
+        "nfft": config.n_fft,
+        "hidden_size": config.hidden_size,
+        "nb_channels": config.nb_channels,
+        "nb_layers": config.nb_layers,
+        "unidirectional": config.unidirectional,
+    }
+    for key, actual in checks.items():
+        if key in args and args[key] is not None and args[key] != actual:
+            raise CheckpointError(f"{json_path}: args.{key} is {args[key]!r} but the weights have {actual!r}")
+
+
+def load_target_model(model_dir: str | os.PathLike, target: str, device: str | torch.device = "cpu") -> OpenUnmix:
+    """One target model of a model folder, frozen in eval mode."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model folder not found")
+    path = find_weights(model_dir, target)
+    state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if k not in LEGACY_KEYS}
+    config = infer_config(state, path)
+    json_path = model_dir / f"{target}.json"
+    if json_path.is_file():
+        args = _read_json(json_path).get("args", {})
+        if isinstance(args, dict):
+            _check_args(config, args, json_path)
+    model = OpenUnmix.from_config(config)
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{path}: keys do not match an Open-Unmix model ({config}); "
+            f"unexpected: {unexpected[:5]}, missing: {missing[:5]}"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} for {config}"
+            )
+    model.load_state_dict(state, strict=False)
+    return model.to(device).freeze()
+
+
+def read_separator_config(model_dir: Path, targets: Iterable[str]) -> dict[str, Any]:
+    """sample_rate, nfft, nhop, nb_channels of a folder: separator.json, else a target JSON, else
+    the legacy ``sample_rate`` weight key, else open-unmix's defaults (44.1 kHz, hop 1024)."""
+    conf: dict[str, Any] = {}
+    sep_json = model_dir / "separator.json"
+    if sep_json.is_file():
+        conf.update(_read_json(sep_json))
+    for target in targets:
+        json_path = model_dir / f"{target}.json"
+        if json_path.is_file():
+            args = _read_json(json_path).get("args", {})
+            for key in ("sample_rate", "nhop"):
+                if key not in conf and isinstance(args, dict) and key in args:
+                    conf[key] = args[key]
+    if "sample_rate" not in conf:
+        for target in targets:
+            try:
+                state = read_state_dict(find_weights(model_dir, target))
+            except CheckpointError:
+                continue
+            if "sample_rate" in state:
+                conf["sample_rate"] = float(state["sample_rate"])
+                break
+    conf.setdefault("sample_rate", DEFAULT_SAMPLE_RATE)
+    conf.setdefault("nhop", DEFAULT_HOP)
+    for key in ("sample_rate", "nhop"):
+        value = conf[key]
+        if not isinstance(value, int | float) or value <= 0:
+            raise CheckpointError(f"{model_dir}: {key} must be a positive number, got {value!r}")
+    return conf
+
+
+def load_separator(
+    model_dir: str | os.PathLike,
+    targets: Iterable[str] | None = None,
+    device: str | torch.device = "cpu",
+    niter: int = 1,
+    residual: bool = False,
+    wiener_win_len: int | None = 300,
+    **separator_kwargs: Any,
+):
+    """A :class:`~distunmix.separator.Separator` (eval mode, frozen) from a model folder.
+
+    ``targets`` defaults to separator.json's list, else every target with a weight file.
+    Further keyword arguments (softmask, chunk_seconds, context_seconds, batch_chunks) go to
+    the Separator.
+    """
+    from .separator import Separator
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: model folder not found")
+    found = available_targets(model_dir)
+    if targets is None:
+        listed = None
+        sep_json = model_dir / "separator.json"
+        if sep_json.is_file():
+            listed = _read_json(sep_json).get("targets")
+        targets = listed if isinstance(listed, list) and listed else found
+    targets = list(targets)
+    if not targets:
+        raise CheckpointError(f"{model_dir}: no <target>.pth weight files found")
+    unknown = [t for t in targets if t not in found]
+    if unknown:
+        raise CheckpointError(
+            f"{model_dir}: unknown target(s) {', '.join(unknown)}; this folder has: {', '.join(found) or 'none'}"
+        )
+    models = {t: load_target_model(model_dir, t) for t in targets}
+    conf = read_separator_config(model_dir, targets)
+    n_fft = next(iter(models.values())).config.n_fft
+    if "nfft" in conf and conf["nfft"] != n_fft:
+        raise CheckpointError(f"{model_dir / 'separator.json'}: nfft is {conf['nfft']} but the weights have {n_fft}")
+    try:
+        separator = Separator(
+            models,
+            sample_rate=float(conf["sample_rate"]),
+            n_fft=n_fft,
+            n_hop=int(conf["nhop"]),
+            niter=niter,
+            residual=residual,
+            wiener_win_len=wiener_win_len,
+            **separator_kwargs,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir}: {e}") from e
+    return separator.to(device).freeze()

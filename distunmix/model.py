@@ -1,0 +1,179 @@
+"""Open-Unmix spectrogram model with open-unmix 1.3.0's exact parameter names and shapes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def bandwidth_to_max_bin(sample_rate: float, n_fft: int, bandwidth: float) -> int:
+    """Number of STFT bins whose centre frequency is <= ``bandwidth`` Hz (open-unmix's rule)."""
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1, endpoint=True)
+    return int(np.max(np.where(freqs <= bandwidth)[0]) + 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one target model; everything needed to rebuild it from a state_dict.
+
+    ``max_bin`` is the number of low-frequency bins the LSTM sees (None: all bins).
+    """
+
+    n_fft: int = 4096
+    nb_channels: int = 2
+    hidden_size: int = 512
+    nb_layers: int = 3
+    unidirectional: bool = False
+    max_bin: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_fft < 16 or self.n_fft % 2:
+            raise ValueError(f"n_fft must be an even number >= 16, got {self.n_fft}")
+        if self.nb_channels not in (1, 2):
+            raise ValueError(f"nb_channels must be 1 or 2, got {self.nb_channels}")
+        if self.hidden_size < 2 or (not self.unidirectional and self.hidden_size % 2):
+            raise ValueError(f"hidden_size must be >= 2 (and even for a bidirectional LSTM), got {self.hidden_size}")
+        if self.nb_layers < 1:
+            raise ValueError(f"nb_layers must be >= 1, got {self.nb_layers}")
+        if self.max_bin is not None and not 1 <= self.max_bin <= self.nb_bins:
+            raise ValueError(f"max_bin must be in [1, {self.nb_bins}], got {self.max_bin}")
+
+    @property
+    def nb_bins(self) -> int:
+        """Number of STFT bins in and out of the model (n_fft // 2 + 1)."""
+        return self.n_fft // 2 + 1
+
+    @classmethod
+    def from_bandwidth(
+        cls, sample_rate: float = 44100.0, bandwidth: float = 16000.0, n_fft: int = 4096, **kwargs
+    ) -> ModelConfig:
+        """Config whose max_bin covers ``bandwidth`` Hz at ``sample_rate``."""
+        return cls(n_fft=n_fft, max_bin=bandwidth_to_max_bin(sample_rate, n_fft, bandwidth), **kwargs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OpenUnmix(nn.Module):
+    """Open-Unmix: a magnitude spectrogram in, a masked target magnitude spectrogram out.
+
+    fc1 (bias-free, channel-major flatten of the lowest ``max_bin`` bins) -> bn1 -> tanh ->
+    LSTM (``nb_layers``, bi- or unidirectional) -> concat skip -> fc2 -> bn2 -> relu -> fc3 -> bn3
+    -> output scale/mean -> relu -> times the input mixture magnitude.
+
+    ``input_mean`` / ``input_scale`` are stored as -mean and 1/std, as in open-unmix, so official
+    weight files load unchanged.
+    """
+
+    def __init__(
+        self,
+        nb_bins: int = 2049,
+        nb_channels: int = 2,
+        hidden_size: int = 512,
+        nb_layers: int = 3,
+        unidirectional: bool = False,
+        input_mean: np.ndarray | None = None,
+        input_scale: np.ndarray | None = None,
+        max_bin: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = ModelConfig(
+            n_fft=(nb_bins - 1) * 2,
+            nb_channels=nb_channels,
+            hidden_size=hidden_size,
+            nb_layers=nb_layers,
+            unidirectional=unidirectional,
+            max_bin=max_bin,
+        )
+        self.nb_output_bins = nb_bins
+        self.nb_bins = max_bin or nb_bins
+        self.nb_channels = nb_channels
+        self.hidden_size = hidden_size
+
+        self.fc1 = nn.Linear(self.nb_bins * nb_channels, hidden_size, bias=False)
+        self.bn1 = nn.BatchNorm1d(hidden_size)
+        self.lstm = nn.LSTM(
+            input_size=hidden_size,
+            hidden_size=hidden_size if unidirectional else hidden_size // 2,
+            num_layers=nb_layers,
+            bidirectional=not unidirectional,
+            batch_first=False,
+            dropout=0.4 if nb_layers > 1 else 0.0,
+        )
+        self.fc2 = nn.Linear(hidden_size * 2, hidden_size, bias=False)
+        self.bn2 = nn.BatchNorm1d(hidden_size)
+        self.fc3 = nn.Linear(hidden_size, nb_bins * nb_channels, bias=False)
+        self.bn3 = nn.BatchNorm1d(nb_bins * nb_channels)
+
+        mean = torch.zeros(self.nb_bins)
+        if input_mean is not None:
+            mean = -torch.as_tensor(np.asarray(input_mean)[: self.nb_bins], dtype=torch.float32)
+        scale = torch.ones(self.nb_bins)
+        if input_scale is not None:
+            scale = 1.0 / torch.as_tensor(np.asarray(input_scale)[: self.nb_bins], dtype=torch.float32)
+        self.input_mean = nn.Parameter(mean)
+        self.input_scale = nn.Parameter(scale)
+        self.output_scale = nn.Parameter(torch.ones(nb_bins))
+        self.output_mean = nn.Parameter(torch.ones(nb_bins))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        input_mean: np.ndarray | None = None,
+        input_scale: np.ndarray | None = None,
+    ) -> OpenUnmix:
+        """Build a model from a :class:`ModelConfig` (and optional input statistics)."""
+        return cls(
+            nb_bins=config.nb_bins,
+            nb_channels=config.nb_channels,
+            hidden_size=config.hidden_size,
+            nb_layers=config.nb_layers,
+            unidirectional=config.unidirectional,
+            input_mean=input_mean,
+            input_scale=input_scale,
+            max_bin=config.max_bin,
+        )
+
+    @property
+    def unidirectional(self) -> bool:
+        return self.config.unidirectional
+
+    def freeze(self) -> OpenUnmix:
+        """Eval mode, no gradients: the inference set-up."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Estimate the target magnitude.
+
+        Args:
+            x: mixture magnitude, (nb_samples, nb_channels, nb_bins, nb_frames)
+        Returns:
+            target magnitude, (nb_samples, nb_channels, nb_bins, nb_frames)
+        """
+        mix = x.detach()
+        # (nb_frames, nb_samples, nb_channels, nb_bins): time first for the LSTM
+        x = x.permute(3, 0, 1, 2)
+        nb_frames, nb_samples, nb_channels, _ = x.shape
+
+        x = (x[..., : self.nb_bins] + self.input_mean) * self.input_scale
+        # (nb_frames * nb_samples, nb_channels * max_bin): channel-major flatten
+        x = self.bn1(self.fc1(x.reshape(-1, nb_channels * self.nb_bins)))
+        x = torch.tanh(x.reshape(nb_frames, nb_samples, self.hidden_size))
+
+        lstm_out, _ = self.lstm(x)
+        # skip connection: (nb_frames, nb_samples, 2 * hidden_size)
+        x = torch.cat([x, lstm_out], -1)
+
+        x = F.relu(self.bn2(self.fc2(x.reshape(-1, x.shape[-1]))))
+        x = self.bn3(self.fc3(x))
+        x = x.reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins)
+        x = F.relu(x * self.output_scale + self.output_mean)
+        # back to (nb_samples, nb_channels, nb_bins, nb_frames), masking the mixture
+        return x.permute(1, 2, 3, 0) * mix

@@ -1,0 +1,349 @@
+"""Separator: target models + multichannel Wiener filter -> separated waveforms.
+
+Long inputs are separated in chunks whose memory is bounded by the chunk size (beyond the input
+and output themselves). Chunks are cut on the STFT frame grid of the whole signal and on the
+Wiener window grid, so the STFT, the Wiener filter and the overlap-add ISTFT give exactly what the
+unchunked computation gives; the only approximation is the LSTM's view: each chunk's models see
+``context_seconds`` of extra frames on both sides (more on one side at the signal's ends, so every
+chunk has the same length and chunks can be batched), and the extra frames are discarded. With
+the defaults a chunk is ~28 s plus 2 x ~3 s context; input that fits in one chunk plus context
+runs unchunked and exact. See docs in README ("How long files are chunked") for the measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import spectral
+from .model import OpenUnmix
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Frames [t0, t1) of a chunk are kept; the models see frames [a, b) around them."""
+
+    t0: int
+    t1: int
+    a: int
+    b: int
+
+
+def plan_chunks(nb_frames: int, chunk_frames: int, context_frames: int) -> list[ChunkPlan]:
+    """Cut ``nb_frames`` into chunks of ``chunk_frames`` with model context on both sides.
+
+    Every chunk's model window [a, b) has the same length min(nb_frames, chunk + 2 * context):
+    at the signal's ends the missing context is taken from the other side.
+    """
+    if nb_frames <= chunk_frames + 2 * context_frames:
+        return [ChunkPlan(0, nb_frames, 0, nb_frames)]
+    span = chunk_frames + 2 * context_frames
+    plans = []
+    for t0 in range(0, nb_frames, chunk_frames):
+        t1 = min(t0 + chunk_frames, nb_frames)
+        a = min(max(0, t0 - context_frames), nb_frames - span)
+        plans.append(ChunkPlan(t0, t1, a, a + span))
+    return plans
+
+
+def overlap_add(frames: Tensor, n_hop: int, window: Tensor | None = None) -> Tensor:
+    """Overlap-add time frames, each multiplied by ``window`` when given.
+
+    (..., nb_frames, frame_len) -> (..., (nb_frames - 1) * hop + frame_len). Frames are cut into
+    ceil(frame_len / hop) hop-sized pieces and each piece index is added with its shift: a few
+    dense multiply-adds instead of col2im.
+    """
+    nb, length = frames.shape[-2:]
+    k = -(-length // n_hop)
+    if window is None:
+        window = frames.new_ones(length)
+    if k * n_hop != length:
+        frames = nn.functional.pad(frames, (0, k * n_hop - length))
+        window = nn.functional.pad(window, (0, k * n_hop - length))
+    pieces = frames.unflatten(-1, (k, n_hop))  # (..., nb, k, hop)
+    win = window.reshape(k, n_hop)
+    out = frames.new_zeros(frames.shape[:-2] + (nb + k - 1, n_hop))
+    for j in range(k):
+        out[..., j : j + nb, :].addcmul_(pieces[..., j, :], win[j])
+    return out.flatten(-2)[..., : (nb - 1) * n_hop + length]
+
+
+class _OverlapAdd:
+    """Streaming inverse STFT (center=True): add frames chunk by chunk, emit finished samples.
+
+    Frame t covers padded samples [t * hop, t * hop + n_fft); padded sample n is output sample
+    n - n_fft // 2. Output samples are divided by the window-square envelope of all frames, as
+    torch.istft does, so the concatenated output equals istft of the whole STFT.
+    """
+
+    def __init__(self, n_fft: int, n_hop: int, nb_frames: int, length: int, device: torch.device) -> None:
+        self.n_fft, self.n_hop, self.nb_frames, self.length = n_fft, n_hop, nb_frames, length
+        self.window = spectral.hann_window(n_fft, device)
+        self.carry: Tensor | None = None  # partial sums of padded samples [emitted, ...)
+        self.emitted = 0
+
+    def _envelope(self, start: int, stop: int) -> Tensor:
+        """Window-square envelope of all frames over padded samples [start, stop)."""
+        f0 = max(0, (start - self.n_fft) // self.n_hop + 1)
+        f1 = min(self.nb_frames, (stop - 1) // self.n_hop + 1)
+        env = overlap_add(self.window.expand(f1 - f0, self.n_fft), self.n_hop, self.window)
+        off = start - f0 * self.n_hop
+        return env[off : off + stop - start]
+
+    def add(self, spec: Tensor, t0: int, final: bool) -> tuple[int, Tensor]:
+        """Add STFT frames t0.. (..., nb_bins, nb) and return (output start, finished samples).
+
+        Chunks come in order and each starts where the previous one stopped emitting.
+        """
+        start = t0 * self.n_hop
+        if start != self.emitted:
+            raise ValueError(f"chunk at frame {t0} does not follow the previous one (sample {self.emitted})")
+        # (..., nb, n_fft) time frames; the FFT runs over contiguous bins
+        frames = torch.fft.irfft(spec.transpose(-1, -2), n=self.n_fft, dim=-1)
+        buf = overlap_add(frames, self.n_hop, self.window)  # padded samples [start, ...)
+        if self.carry is not None:
+            buf[..., : self.carry.shape[-1]] += self.carry
+        done = start + buf.shape[-1] if final else start + spec.shape[-1] * self.n_hop
+        n = done - start
+        out = buf[..., :n].div_(self._envelope(start, done))
+        self.carry = buf[..., n:].clone()
+        # padded -> output coordinates
+        pad = self.n_fft // 2
+        o0, o1 = start - pad, done - pad
+        self.emitted = done
+        lo, hi = max(0, o0), min(self.length, o1)
+        return lo, out[..., lo - o0 : max(lo - o0, hi - o0)]
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _target_pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
+    """A process-wide pool whose threads each run torch with ``threads_each`` intra-op threads.
+
+    The thread count is per OS thread (OpenMP), so the caller's own setting is left alone.
+    """
+    key = (workers, threads_each)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(
+                workers,
+                thread_name_prefix="distunmix-target",
+                initializer=torch.set_num_threads,
+                initargs=(threads_each,),
+            )
+        return _POOLS[key]
+
+
+def run_targets(fns: list[Callable[[], Tensor]], device: torch.device) -> list[Tensor]:
+    """Run one callable per target model; on a multi-core CPU, several at once.
+
+    An LSTM's recurrence is a chain of small products that leaves cores idle; two models side by
+    side with one thread each beat two threads per model (measured: ~25% on 2 cores).
+    """
+    cores = torch.get_num_threads()
+    if device.type != "cpu" or cores < 2 or len(fns) < 2:
+        return [fn() for fn in fns]
+    workers = min(len(fns), cores)
+    grad = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
+
+    def call(fn: Callable[[], Tensor]) -> Tensor:
+        # grad and inference modes are thread-local: carry the caller's into the worker
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn()
+
+    return list(_target_pool(workers, max(1, cores // workers)).map(call, fns))
+
+
+class Separator(nn.Module):
+    """Open-Unmix target models + multichannel Wiener filter.
+
+    Call it with a waveform (nb_samples, nb_channels, nb_timesteps) at ``sample_rate`` to get
+    (nb_samples, nb_targets, nb_channels, nb_timesteps) in the order of :attr:`targets`. A stereo
+    model fed mono audio sees the channel twice and returns stereo (as open-unmix does).
+
+    Args:
+        target_models: target name -> :class:`OpenUnmix` (all with the same STFT and channels)
+        sample_rate: the models' sample rate in Hz
+        n_fft, n_hop: STFT size and hop of the models
+        niter: Wiener EM iterations (0: mixture phase / soft mask only)
+        softmask: initial estimates from a soft mask instead of the magnitudes
+        residual: add a ``residual`` target = mixture minus the other targets
+        wiener_win_len: frames per independent Wiener window (None: whole chunk)
+        chunk_seconds: kept length of one chunk (None: never chunk); rounded down to whole
+            Wiener windows
+        context_seconds: extra model context on each side of a chunk
+        batch_chunks: chunks run through the models in one batch (raise on GPUs)
+    """
+
+    def __init__(
+        self,
+        target_models: Mapping[str, OpenUnmix],
+        sample_rate: float = 44100.0,
+        n_fft: int = 4096,
+        n_hop: int = 1024,
+        niter: int = 1,
+        softmask: bool = False,
+        residual: bool = False,
+        wiener_win_len: int | None = 300,
+        chunk_seconds: float | None = 30.0,
+        context_seconds: float = 3.0,
+        batch_chunks: int = 1,
+    ) -> None:
+        super().__init__()
+        if not target_models:
+            raise ValueError("a Separator needs at least one target model")
+        channels = {m.nb_channels for m in target_models.values()}
+        bins = {m.nb_output_bins for m in target_models.values()}
+        if len(channels) != 1 or bins != {n_fft // 2 + 1}:
+            raise ValueError(
+                f"target models disagree: channels {sorted(channels)}, bins {sorted(bins)} "
+                f"(expected n_fft // 2 + 1 = {n_fft // 2 + 1})"
+            )
+        if niter < 0:
+            raise ValueError(f"niter must be >= 0, got {niter}")
+        if niter > 0 and len(target_models) + residual < 2:
+            raise ValueError(
+                f"Wiener EM (niter={niter}) needs two or more targets: add targets, use residual=True or niter=0"
+            )
+        if wiener_win_len is not None and wiener_win_len < 1:
+            raise ValueError(f"wiener_win_len must be >= 1 or None, got {wiener_win_len}")
+        if chunk_seconds is not None and chunk_seconds <= 0:
+            raise ValueError(f"chunk_seconds must be > 0 or None, got {chunk_seconds}")
+        if context_seconds < 0 or batch_chunks < 1:
+            raise ValueError(f"need context_seconds >= 0 and batch_chunks >= 1, got {context_seconds}, {batch_chunks}")
+        self.target_models = nn.ModuleDict(dict(target_models))
+        self.sample_rate = float(sample_rate)
+        self.n_fft, self.n_hop = n_fft, n_hop
+        self.nb_channels = channels.pop()
+        self.niter, self.softmask, self.residual = niter, softmask, residual
+        self.wiener_win_len = wiener_win_len
+        self.chunk_seconds, self.context_seconds, self.batch_chunks = chunk_seconds, context_seconds, batch_chunks
+        self.eval()
+
+    @property
+    def targets(self) -> list[str]:
+        """Output order of the targets (``residual`` last when enabled)."""
+        return list(self.target_models) + (["residual"] if self.residual else [])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def freeze(self) -> Separator:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    # -- chunk geometry ---------------------------------------------------------------------
+    def nb_frames(self, nb_timesteps: int) -> int:
+        """STFT frames of a signal (center=True)."""
+        return nb_timesteps // self.n_hop + 1
+
+    def chunk_frames(self) -> int | None:
+        """Kept frames per chunk: whole Wiener windows (None: no chunking)."""
+        if self.chunk_seconds is None:
+            return None
+        frames = max(1, int(self.chunk_seconds * self.sample_rate / self.n_hop))
+        if self.wiener_win_len:
+            frames = max(self.wiener_win_len, frames // self.wiener_win_len * self.wiener_win_len)
+        return frames
+
+    def plan(self, nb_timesteps: int) -> list[ChunkPlan]:
+        """The chunks a signal of ``nb_timesteps`` samples is separated in."""
+        nb_frames = self.nb_frames(nb_timesteps)
+        chunk = self.chunk_frames()
+        if chunk is None:
+            return [ChunkPlan(0, nb_frames, 0, nb_frames)]
+        context = math.ceil(self.context_seconds * self.sample_rate / self.n_hop)
+        return plan_chunks(nb_frames, chunk, context)
+
+    # -- separation --------------------------------------------------------------------------
+    def _prepare(self, audio: Tensor) -> Tensor:
+        if audio.dim() != 3:
+            raise ValueError(f"audio must be (nb_samples, nb_channels, nb_timesteps), got shape {tuple(audio.shape)}")
+        if audio.shape[1] not in (1, 2):
+            raise ValueError(f"audio must have 1 or 2 channels, got {audio.shape[1]}")
+        if audio.shape[-1] < self.n_fft // 2 + 1:
+            raise ValueError(
+                f"audio is too short: {audio.shape[-1]} samples, need at least {self.n_fft // 2 + 1} "
+                f"({(self.n_fft // 2 + 1) / self.sample_rate:.3f} s at {self.sample_rate:g} Hz)"
+            )
+        if self.nb_channels == 2 and audio.shape[1] == 1:
+            audio = audio.expand(-1, 2, -1)
+        return audio.to(device=self.device, dtype=torch.float32)
+
+    def _padded_slice(self, audio: Tensor, a: int, b: int) -> Tensor:
+        """Samples of the reflect-padded signal covering frames [a, b) (center=True framing)."""
+        pad = self.n_fft // 2
+        n = audio.shape[-1]
+        lo, hi = a * self.n_hop - pad, (b - 1) * self.n_hop + self.n_fft - pad
+        seg = audio[..., max(0, lo) : min(n, hi)]
+        left, right = max(0, -lo), max(0, hi - n)
+        if left or right:
+            seg = nn.functional.pad(seg, (left, right), mode="reflect")
+        return seg
+
+    def _spectrograms(self, mag: Tensor) -> Tensor:
+        """(B, C', F, T) mixture magnitude -> (B, S, C', F, T) target magnitudes."""
+        outs = run_targets([lambda m=m: m(mag) for m in self.target_models.values()], mag.device)
+        # stacked frame-major, like the STFT: (B, S, C', T, F) storage seen as (B, S, C', F, T)
+        return torch.stack([o.transpose(-1, -2) for o in outs], 1).transpose(-1, -2)
+
+    def iter_chunks(self, audio: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """Separate chunk by chunk: yields (first sample, estimates (B, S', C, n)) in order.
+
+        The pieces tile [0, nb_timesteps) and equal the corresponding slices of :meth:`forward`.
+        """
+        audio = self._prepare(audio)
+        length = audio.shape[-1]
+        plans = self.plan(length)
+        ola = _OverlapAdd(self.n_fft, self.n_hop, self.nb_frames(length), length, audio.device)
+        mono = self.nb_channels == 1
+        for g in range(0, len(plans), self.batch_chunks):
+            group = plans[g : g + self.batch_chunks]
+            # (k * B, C, n) model inputs of equal length for the whole group
+            segs = torch.cat([self._padded_slice(audio, p.a, p.b) for p in group], 0)
+            mix = spectral.stft(segs, self.n_fft, self.n_hop, center=False)
+            specs = self._spectrograms(spectral.magnitude(mix, mono=mono))
+            for k, p in enumerate(group):
+                rows = slice(k * audio.shape[0], (k + 1) * audio.shape[0])
+                keep = slice(p.t0 - p.a, p.t1 - p.a)
+                est = spectral.wiener(
+                    specs[rows, ..., keep],
+                    mix[rows, ..., keep],
+                    self.niter,
+                    softmask=self.softmask,
+                    residual=self.residual,
+                    wiener_win_len=self.wiener_win_len,
+                )
+                start, wave = ola.add(est, p.t0, final=p is plans[-1])
+                if wave.shape[-1]:
+                    yield start, wave
+
+    def forward(self, audio: Tensor) -> Tensor:
+        """Separate a waveform.
+
+        Args:
+            audio: (nb_samples, nb_channels, nb_timesteps) at :attr:`sample_rate`, 1 or 2 channels
+        Returns:
+            (nb_samples, nb_targets, nb_channels, nb_timesteps), targets in :attr:`targets` order
+        """
+        out = None
+        for start, wave in self.iter_chunks(audio):
+            if out is None:
+                out = wave.new_empty(wave.shape[:-1] + (audio.shape[-1],))
+            out[..., start : start + wave.shape[-1]] = wave
+        return out
+
+    def to_dict(self, estimates: Tensor) -> dict[str, Tensor]:
+        """(B, S, C, N) estimates -> {target: (B, C, N)}."""
+        return {name: estimates[:, k] for k, name in enumerate(self.targets)}
