@@ -90,6 +90,8 @@ class _OverlapAdd:
 
     def _envelope(self, start: int, stop: int) -> Tensor:
         """Window-square envelope of all frames over padded samples [start, stop)."""
+        if stop <= start:
+            return self.window.new_ones(0)
         f0 = max(0, (start - self.n_fft) // self.n_hop + 1)
         f1 = min(self.nb_frames, (stop - 1) // self.n_hop + 1)
         env = overlap_add(self.window.expand(f1 - f0, self.n_fft), self.n_hop, self.window)
@@ -110,15 +112,15 @@ class _OverlapAdd:
         if self.carry is not None:
             buf[..., : self.carry.shape[-1]] += self.carry
         done = start + buf.shape[-1] if final else start + spec.shape[-1] * self.n_hop
-        n = done - start
-        out = buf[..., :n].div_(self._envelope(start, done))
-        self.carry = buf[..., n:].clone()
-        # padded -> output coordinates
-        pad = self.n_fft // 2
-        o0, o1 = start - pad, done - pad
+        self.carry = buf[..., done - start :].clone()
         self.emitted = done
-        lo, hi = max(0, o0), min(self.length, o1)
-        return lo, out[..., lo - o0 : max(lo - o0, hi - o0)]
+        # padded [start, done) -> output samples [lo, hi); only those are normalised, since the
+        # envelope is 0 at the padded signal's first sample
+        pad = self.n_fft // 2
+        lo, hi = max(0, start - pad), max(0, min(self.length, done - pad))
+        hi = max(lo, hi)
+        seg = buf[..., lo + pad - start : hi + pad - start]
+        return lo, seg / self._envelope(lo + pad, hi + pad)
 
 
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}

@@ -24,7 +24,9 @@ def hann_window(n_fft: int, device: torch.device | str = "cpu", dtype: torch.dty
     """Periodic Hann window (torch's default, as open-unmix), cached per device."""
     key = (n_fft, str(device), dtype)
     if key not in _WINDOWS:
-        _WINDOWS[key] = torch.hann_window(n_fft, device=device, dtype=dtype)
+        # a normal tensor even when first asked for under inference_mode, so autograd may use it
+        with torch.inference_mode(False):
+            _WINDOWS[key] = torch.hann_window(n_fft, device=device, dtype=dtype)
     return _WINDOWS[key]
 
 
