@@ -25,6 +25,8 @@ class AudioError(ValueError):
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read an audio file as float32 (channels, samples) and its sample rate.
 
+    The array is a transposed view of soundfile's (samples, channels) buffer (not C-contiguous).
+
     Raises :class:`AudioError` for a missing, unreadable or empty file, or one with NaN or
     infinite samples.
     """
@@ -41,7 +43,8 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: the file holds no audio samples")
     if not np.isfinite(data).all():
         raise AudioError(f"{path}: contains NaN or infinite samples")
-    return np.ascontiguousarray(data.T), int(rate)
+    # a (channels, samples) view of the frames-first buffer: no second copy of a long file
+    return data.T, int(rate)
 
 
 def resample(audio: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
@@ -49,7 +52,7 @@ def resample(audio: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
     if rate_in == rate_out:
         return audio
     out = soxr.resample(np.ascontiguousarray(audio.T), rate_in, rate_out, quality="HQ")
-    return np.ascontiguousarray(out.T, dtype=np.float32)
+    return out.T.astype(np.float32, copy=False)
 
 
 class StemWriter:

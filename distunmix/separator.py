@@ -295,10 +295,20 @@ class Separator(nn.Module):
         return seg
 
     def _spectrograms(self, mag: Tensor) -> Tensor:
-        """(B, C', F, T) mixture magnitude -> (B, S, C', F, T) target magnitudes."""
-        outs = run_targets([lambda m=m: m(mag) for m in self.target_models.values()], mag.device)
-        # stacked frame-major, like the STFT: (B, S, C', T, F) storage seen as (B, S, C', F, T)
-        return torch.stack([o.transpose(-1, -2) for o in outs], 1).transpose(-1, -2)
+        """(B, C', F, T) mixture magnitude -> (B, S, C', F, T) target magnitudes.
+
+        Each model writes into its slot of one frame-major buffer, like the STFT's layout:
+        (B, S, C', T, F) storage seen as (B, S, C', F, T).
+        """
+        b, c, f, t = mag.shape
+        specs = mag.new_empty((b, len(self.target_models), c, t, f)).transpose(-1, -2)
+        fns = [lambda m=m, k=k: m(mag, out=specs[:, k]) for k, m in enumerate(self.target_models.values())]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # autograd cannot write into a shared buffer: stack the outputs instead
+            outs = run_targets([lambda m=m: m(mag) for m in self.target_models.values()], mag.device)
+            return torch.stack([o.transpose(-1, -2) for o in outs], 1).transpose(-1, -2)
+        run_targets(fns, mag.device)
+        return specs
 
     def iter_chunks(self, audio: Tensor) -> Iterator[tuple[int, Tensor]]:
         """Separate chunk by chunk: yields (first sample, estimates (B, S', C, n)) in order.
@@ -318,18 +328,23 @@ class Separator(nn.Module):
             specs = self._spectrograms(spectral.magnitude(mix, mono=mono))
             for k, p in enumerate(group):
                 rows = slice(k * audio.shape[0], (k + 1) * audio.shape[0])
-                keep = slice(p.t0 - p.a, p.t1 - p.a)
-                est = spectral.wiener(
-                    specs[rows, ..., keep],
-                    mix[rows, ..., keep],
-                    self.niter,
-                    softmask=self.softmask,
-                    residual=self.residual,
-                    wiener_win_len=self.wiener_win_len,
-                )
-                start, wave = ola.add(est, p.t0, final=p is plans[-1])
-                if wave.shape[-1]:
-                    yield start, wave
+                # Wiener + ISTFT one Wiener window at a time: exact (windows are independent and
+                # chunks start on the window grid) and it bounds memory by a window, not a chunk
+                step = self.wiener_win_len or (p.t1 - p.t0)
+                for s0 in range(p.t0, p.t1, step):
+                    s1 = min(s0 + step, p.t1)
+                    keep = slice(s0 - p.a, s1 - p.a)
+                    est = spectral.wiener(
+                        specs[rows, ..., keep],
+                        mix[rows, ..., keep],
+                        self.niter,
+                        softmask=self.softmask,
+                        residual=self.residual,
+                        wiener_win_len=self.wiener_win_len,
+                    )
+                    start, wave = ola.add(est, s0, final=p is plans[-1] and s1 == p.t1)
+                    if wave.shape[-1]:
+                        yield start, wave
 
     def forward(self, audio: Tensor) -> Tensor:
         """Separate a waveform.
