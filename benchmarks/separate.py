@@ -90,9 +90,11 @@ def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", ba
     ours = Separator(ours_models, niter=1, wiener_win_len=300, batch_chunks=batch_chunks).to(device).freeze()
     chunk = {}
     if device != "cpu":  # on a GPU, cut into short chunks and batch them
-        ours = Separator(
-            ours_models, niter=1, chunk_seconds=6.0, context_seconds=3.0, batch_chunks=batch_chunks
-        ).to(device).freeze()
+        ours = (
+            Separator(ours_models, niter=1, chunk_seconds=6.0, context_seconds=3.0, batch_chunks=batch_chunks)
+            .to(device)
+            .freeze()
+        )
         chunk = {"chunk_seconds": 6.0, "context_seconds": 3.0, "batch_chunks": batch_chunks}
     x = torch.randn(1, 2, int(seconds * 44100), generator=torch.Generator().manual_seed(1)).to(device) * 0.1
     t_ref, t_ours = [], []
@@ -142,7 +144,9 @@ def bench_rss(minutes: float, reference_minutes: float, openunmix_available: boo
         tmp = Path(tmp)
         model = tmp / "model"
         subprocess.run(
-            [sys.executable, "-m", "distunmix.cli", "init-model", str(model), "--seed", "0"], check=True, cwd=ROOT,
+            [sys.executable, "-m", "distunmix.cli", "init-model", str(model), "--seed", "0"],
+            check=True,
+            cwd=ROOT,
             capture_output=True,
         )
         clip = sum(synth_track(30.0, 44100, seed=5).values())

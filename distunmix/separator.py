@@ -13,9 +13,7 @@ runs unchunked and exact. See docs in README ("How long files are chunked") for 
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -121,48 +119,6 @@ class _OverlapAdd:
         hi = max(lo, hi)
         seg = buf[..., lo + pad - start : hi + pad - start]
         return lo, seg / self._envelope(lo + pad, hi + pad)
-
-
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _target_pool(workers: int, threads_each: int) -> ThreadPoolExecutor:
-    """A process-wide pool whose threads each run torch with ``threads_each`` intra-op threads.
-
-    The thread count is per OS thread (OpenMP), so the caller's own setting is left alone.
-    """
-    key = (workers, threads_each)
-    with _POOLS_LOCK:
-        if key not in _POOLS:
-            _POOLS[key] = ThreadPoolExecutor(
-                workers,
-                thread_name_prefix="distunmix-target",
-                initializer=torch.set_num_threads,
-                initargs=(threads_each,),
-            )
-        return _POOLS[key]
-
-
-def run_targets(fns: list[Callable[[], Tensor]], device: torch.device) -> list[Tensor]:
-    """Run one callable per target model; on a multi-core CPU, several at once.
-
-    An LSTM's recurrence is a chain of small products that leaves cores idle; two models side by
-    side with one thread each beat two threads per model (measured: ~25% on 2 cores).
-    """
-    cores = torch.get_num_threads()
-    if device.type != "cpu" or cores < 2 or len(fns) < 2:
-        return [fn() for fn in fns]
-    workers = min(len(fns), cores)
-    grad = torch.is_grad_enabled()
-    inference = torch.is_inference_mode_enabled()
-
-    def call(fn: Callable[[], Tensor]) -> Tensor:
-        # grad and inference modes are thread-local: carry the caller's into the worker
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return fn()
-
-    return list(_target_pool(workers, max(1, cores // workers)).map(call, fns))
 
 
 class Separator(nn.Module):
@@ -300,14 +256,14 @@ class Separator(nn.Module):
         Each model writes into its slot of one frame-major buffer, like the STFT's layout:
         (B, S, C', T, F) storage seen as (B, S, C', F, T).
         """
-        b, c, f, t = mag.shape
-        specs = mag.new_empty((b, len(self.target_models), c, t, f)).transpose(-1, -2)
-        fns = [lambda m=m, k=k: m(mag, out=specs[:, k]) for k, m in enumerate(self.target_models.values())]
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             # autograd cannot write into a shared buffer: stack the outputs instead
-            outs = run_targets([lambda m=m: m(mag) for m in self.target_models.values()], mag.device)
-            return torch.stack([o.transpose(-1, -2) for o in outs], 1).transpose(-1, -2)
-        run_targets(fns, mag.device)
+            outs = [m(mag).transpose(-1, -2) for m in self.target_models.values()]
+            return torch.stack(outs, 1).transpose(-1, -2)
+        b, c, f, t = mag.shape
+        specs = mag.new_empty((b, len(self.target_models), c, t, f)).transpose(-1, -2)
+        for k, model in enumerate(self.target_models.values()):
+            model(mag, out=specs[:, k])
         return specs
 
     def iter_chunks(self, audio: Tensor) -> Iterator[tuple[int, Tensor]]:

@@ -111,3 +111,21 @@ def test_config_round_trip():
     model = OpenUnmix.from_config(cfg)
     assert model.config == cfg
     assert cfg.max_bin == 1487 and cfg.nb_bins == 2049
+
+
+@pytest.mark.parametrize("unidirectional", [False, True])
+@pytest.mark.parametrize("nb_channels", [1, 2])
+def test_folded_inference_path_equals_the_layer_graph(unidirectional, nb_channels):
+    model = make_models(("vocals",), hidden_size=32, nb_channels=nb_channels, unidirectional=unidirectional)["vocals"]
+    x = torch.rand(2, nb_channels, 2049, 25)
+    with torch.no_grad():
+        graph = model._forward_graph(x)
+        folded = model(x)
+        out = torch.empty(2, nb_channels, 25, 2049).transpose(-1, -2)
+        written = model(x, out=out)
+    assert written is out
+    assert snr_db(graph, folded) > 100 and snr_db(graph, out) > 100
+    # with gradients wanted the graph path runs (and BatchNorm's eval statistics are used)
+    x.requires_grad_(True)
+    y = model(x)
+    assert y.requires_grad and snr_db(graph, y.detach()) > 120
