@@ -210,3 +210,18 @@ def test_em_with_one_target_needs_residual():
         Separator(make_models(("vocals",), hidden_size=8), niter=1)
     Separator(make_models(("vocals",), hidden_size=8), niter=1, residual=True)
     Separator(make_models(("vocals",), hidden_size=8), niter=0)
+
+
+def test_separation_leaves_the_callers_thread_count_alone(audio):
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        Separator(make_models(TARGETS, hidden_size=8))(audio(seconds=1.0))
+    assert torch.get_num_threads() == before
+    # and in a thread that is not the caller's either
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]
