@@ -298,16 +298,17 @@ def read_separator_config(model_dir: Path, targets: Iterable[str]) -> dict[str, 
 
 def load_separator(
     model_dir: str | os.PathLike,
-    targets: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
     niter: int = 1,
     residual: bool = False,
     wiener_win_len: int | None = 300,
+    targets: Iterable[str] | None = None,
     **separator_kwargs: Any,
 ):
     """A :class:`~distunmix.separator.Separator` (eval mode, frozen) from a model folder.
 
-    ``targets`` defaults to separator.json's list, else every target with a weight file.
+    ``targets`` (a subset, in output order) defaults to separator.json's list, else every
+    target with a weight file.
     Further keyword arguments (softmask, chunk_seconds, context_seconds, batch_chunks) go to
     the Separator.
     """

@@ -182,3 +182,10 @@ def test_written_files_follow_the_umask(folder):
     mask = os.umask(0)
     os.umask(mask)
     assert (path / "vocals.pth").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_separator_positional_order_is_the_public_one(folder):
+    path, _ = folder
+    sep = load_separator(path, "cpu", 0, True, 100)
+    assert sep.device.type == "cpu" and sep.niter == 0 and sep.residual and sep.wiener_win_len == 100
+    assert sep.targets == ["vocals", "drums", "bass", "other", "residual"]
