@@ -55,24 +55,13 @@ def test_separate_folder_skips_and_reports_a_corrupt_file(model_dir, inputs, tmp
     assert np.abs(written - expected).max() < 1e-6
 
 
+def separate_args(song, model_dir, out, *extra) -> list[str]:
+    return ["separate", str(song), "-m", str(model_dir), "-o", str(out), "-q", *extra]
+
+
 def test_separate_targets_flac_and_residual(model_dir, inputs, tmp_path):
-    code = main(
-        [
-            "separate",
-            str(inputs / "song.wav"),
-            "-m",
-            str(model_dir),
-            "-o",
-            str(tmp_path),
-            "--targets",
-            "vocals",
-            "--residual",
-            "--ext",
-            "flac",
-            "-q",
-        ]
-    )
-    assert code == 0
+    args = separate_args(inputs / "song.wav", model_dir, tmp_path, "--targets", "vocals", "--residual", "--ext", "flac")
+    assert main(args) == 0
     assert sorted(p.name for p in (tmp_path / "tiny" / "song").iterdir()) == ["residual.flac", "vocals.flac"]
 
 
@@ -91,24 +80,7 @@ def test_separate_missing_model_and_bad_flags(inputs, tmp_path, capsys):
 
 
 def test_console_script_runs(model_dir, inputs, tmp_path):
-    exe = [sys.executable, "-m", "distunmix.cli"]
-    result = subprocess.run(
-        exe
-        + [
-            "separate",
-            str(inputs / "song.wav"),
-            "-m",
-            str(model_dir),
-            "-o",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--chunk-seconds",
-            "2",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = separate_args(inputs / "song.wav", model_dir, tmp_path, "--device", "cpu", "--chunk-seconds", "2")
+    result = subprocess.run([sys.executable, "-m", "distunmix.cli", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "tiny" / "song" / "vocals.wav").is_file()
