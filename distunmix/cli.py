@@ -175,6 +175,99 @@ def run_synth_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- synth / prepare --------------------------------------------------------------------------
+def add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a generated dataset in MUSDB18-HQ's layout")
+    p.add_argument("out", type=Path, help="dataset root to write")
+    p.add_argument("--tracks", type=_positive_int, default=12, help="number of songs (default 12; >= 3)")
+    p.add_argument("--duration", type=_positive_float, default=20.0, help="seconds per song (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from .data.synth import write_dataset
+
+    try:
+        info = write_dataset(args.out, args.tracks, args.duration, args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.tracks} generated songs of {args.duration:g} s to {args.out}: "
+        f"{len(info['train'])} train, {len(info['valid'])} validation ({args.out / 'valid_tracks.txt'}), "
+        f"{len(info['test'])} test"
+    )
+    return 0
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`distunmix.data.config.DataConfig`."""
+    g = p.add_argument_group("data")
+    g.add_argument("--root", help="MUSDB18(-HQ), trackfolder or sourcefolder root (default: generated data)")
+    g.add_argument("--dataset", choices=("musdb", "trackfolder", "sourcefolder"), default="musdb")
+    g.add_argument(
+        "--is-wav",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="musdb: WAV folders (HQ) or .stem.mp4 (default: detect)",
+    )
+    g.add_argument("--valid-tracks", help="file with validation track names, one per line")
+    g.add_argument("--cache-dir", help="where decoded audio caches go (default ~/.cache/distunmix)")
+    g.add_argument("--synth-tracks", type=_positive_int, default=12, help="generated data: songs (default 12)")
+    g.add_argument("--synth-duration", type=_positive_float, default=20.0, help="generated data: seconds per song")
+    g.add_argument("--synth-seed", type=int, default=0)
+
+
+def data_config(args: argparse.Namespace):
+    from .data.config import DataConfig
+
+    return DataConfig(
+        root=args.root,
+        dataset=args.dataset,
+        is_wav=args.is_wav,
+        valid_tracks=args.valid_tracks,
+        nb_channels=getattr(args, "nb_channels", 2),
+        cache_dir=args.cache_dir,
+        synth_tracks=args.synth_tracks,
+        synth_duration=args.synth_duration,
+        synth_seed=args.synth_seed,
+    )
+
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="decode a dataset once into memory-mapped caches and compute input statistics")
+    add_data_flags(p)
+    p.add_argument("--splits", type=_targets, default=["train", "valid"], help="default train,valid")
+    p.add_argument("--nfft", type=_positive_int, default=4096)
+    p.add_argument("--nhop", type=_positive_int, default=1024)
+    p.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from .data.config import load_split
+    from .data.stats import input_statistics
+    from .data.tracks import DataError
+
+    try:
+        config = data_config(args).resolved()
+        for split in args.splits:
+            cache = load_split(config, split)
+            seconds = sum(e.length for e in cache.entries) / cache.sample_rate
+            fixes = sum(len(e.fixes) + len(e.silent) for e in cache.entries)
+            print(
+                f"{split}: {len(cache)} tracks, {seconds / 60:.1f} min, cache {cache.folder}"
+                + (f" ({fixes} fixes logged, see manifest.json)" if fixes else "")
+            )
+            if split == "train":
+                input_statistics(cache, args.nfft, args.nhop)
+                print(f"train: input statistics in {cache.folder}/stats_{args.nfft}_{args.nhop}.npz")
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distunmix", description="Open-Unmix source separation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (resampling, chunking)")
@@ -182,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_separate(sub)
     add_init_model(sub)
     add_synth_clip(sub)
+    add_synth(sub)
+    add_prepare(sub)
     return parser
 
 

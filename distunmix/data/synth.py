@@ -256,3 +256,108 @@ def synth_track(duration: float, sample_rate: int = 44100, seed: int = 0) -> dic
     peak = np.abs(sum(stems.values())).max() + 1e-9
     target = rng.uniform(0.5, 0.9)
     return {name: (stem * target / peak).astype(np.float32) for name, stem in stems.items()}
+
+
+ARTISTS = (
+    "Amber Static",
+    "Lowland Choir",
+    "Paper Comets",
+    "The Quiet Engines",
+    "Nova Harbour",
+    "Saltwater Radio",
+    "Glass Orchard",
+    "Midnight Ferns",
+    "Copper Tides",
+    "Velvet Circuit",
+    "Northern Drift",
+    "Hollow Pines",
+)
+TITLES = (
+    "Signal",
+    "Afterglow",
+    "Crossing",
+    "Paper Moon",
+    "Undertow",
+    "Lanterns",
+    "Static Bloom",
+    "Evergreen",
+    "Tidal",
+    "Nightline",
+    "Riverstone",
+    "Halfway Home",
+    "Brightwater",
+    "Falling Slow",
+    "Satellite",
+)
+
+
+def track_names(count: int, seed: int) -> list[str]:
+    """Distinct MUSDB-style ``Artist - Title`` names."""
+    rng = np.random.default_rng([seed, 7919])
+    names: list[str] = []
+    while len(names) < count:
+        name = f"{ARTISTS[rng.integers(len(ARTISTS))]} - {TITLES[rng.integers(len(TITLES))]}"
+        if name in names:
+            name = f"{name} {len(names) + 1}"
+        names.append(name)
+    return names
+
+
+def split_counts(tracks: int) -> tuple[int, int, int]:
+    """(train, validation, test) track counts: ~20% test, ~15% of train for validation, >= 1 each."""
+    if tracks < 3:
+        raise ValueError(f"--tracks must be >= 3 (train, validation and test need a track each), got {tracks}")
+    test = max(1, round(tracks * 0.2))
+    valid = max(1, round((tracks - test) * 0.15))
+    return tracks - test - valid, valid, test
+
+
+def write_dataset(root, tracks: int = 12, duration: float = 20.0, seed: int = 0, sample_rate: int = 44100) -> dict:
+    """Write a generated dataset in MUSDB18-HQ's layout and return its description.
+
+    ``root/{train,test}/<Artist - Title>/{mixture,vocals,drums,bass,other}.wav`` as 16-bit PCM
+    (MUSDB18-HQ's format), the mixture being exactly the sum of the stored stems, plus
+    ``root/valid_tracks.txt`` and a musdb ``root/setup.yaml`` naming the validation tracks
+    (``musdb.DB(root, is_wav=True, subsets="train", split="valid", setup_file="setup.yaml")``).
+    Track k's audio depends only on (seed, k): the same seed gives the same files.
+    """
+    from pathlib import Path
+
+    import soundfile as sf
+    import yaml
+
+    root = Path(root)
+    n_train, n_valid, n_test = split_counts(tracks)
+    names = track_names(tracks, seed)
+    subsets = ["train"] * (n_train + n_valid) + ["test"] * n_test
+    valid_names = names[n_train : n_train + n_valid]
+    for k, (name, subset) in enumerate(zip(names, subsets, strict=True)):
+        stems = synth_track(duration, sample_rate, seed=seed * 100003 + k)
+        folder = root / subset / name
+        folder.mkdir(parents=True, exist_ok=True)
+        quantised = {s: np.clip(np.round(x * 32767), -32767, 32767).astype(np.int32) for s, x in stems.items()}
+        mixture = sum(quantised.values())
+        if np.abs(mixture).max() > 32767:  # keep the mixture an exact sum: scale all stems down together
+            factor = 32767 / np.abs(mixture).max()
+            quantised = {s: np.round(q * factor).astype(np.int32) for s, q in quantised.items()}
+            mixture = sum(quantised.values())
+        for source, q in {**quantised, "mixture": mixture}.items():
+            sf.write(folder / f"{source}.wav", q.T.astype(np.int16), sample_rate, subtype="PCM_16")
+    (root / "valid_tracks.txt").write_text("".join(f"{n}\n" for n in valid_names))
+    import musdb  # for its default configuration; the setup keeps its keys and names our validation tracks
+
+    with open(Path(musdb.__file__).parent / "configs" / "mus.yaml") as f:
+        setup = yaml.safe_load(f)
+    setup["validation_tracks"] = valid_names
+    (root / "setup.yaml").write_text(yaml.safe_dump(setup, sort_keys=False))
+    info = {
+        "tracks": tracks,
+        "duration": duration,
+        "seed": seed,
+        "sample_rate": sample_rate,
+        "train": names[:n_train],
+        "valid": valid_names,
+        "test": names[n_train + n_valid :],
+    }
+    (root / "synth.json").write_text(__import__("json").dumps(info, indent=2))
+    return info

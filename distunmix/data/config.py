@@ -1,0 +1,136 @@
+"""Where training data comes from: one typed config, and the caches built from it.
+
+``DataConfig`` maps 1:1 to the data flags of ``distunmix train`` / ``prepare``. With no ``root``
+the generated MUSDB-format dataset (:mod:`distunmix.data.synth`) is written once and used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import tracks as T
+from .cache import AudioCache, build_cache
+from .tracks import DataError, TrackFiles
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("musdb", "trackfolder", "sourcefolder")
+
+
+def default_cache_root() -> Path:
+    return Path(
+        os.environ.get("DISTUNMIX_CACHE", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "distunmix")
+    ).expanduser()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A dataset and how it is read.
+
+    root: MUSDB18 / MUSDB18-HQ root, or a trackfolder / sourcefolder root; None: generated data
+    dataset: musdb | trackfolder | sourcefolder
+    is_wav: musdb only; None detects (.stem.mp4 files -> False)
+    valid_tracks: file of validation track names (one per line) taken out of the training set;
+        default: musdb's split (root/setup.yaml or its built-in list), or root/valid/ folders
+    sources: the sources of a track
+    cache_dir: where decoded caches go (default $DISTUNMIX_CACHE or ~/.cache/distunmix)
+    synth_*: size and seed of the generated dataset used when root is None
+    """
+
+    root: str | None = None
+    dataset: str = "musdb"
+    is_wav: bool | None = None
+    valid_tracks: str | None = None
+    sources: tuple[str, ...] = T.SOURCES
+    sample_rate: int = 44100
+    nb_channels: int = 2
+    cache_dir: str | None = None
+    synth_tracks: int = 12
+    synth_duration: float = 20.0
+    synth_seed: int = 0
+    progress: bool = field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        if self.nb_channels not in (1, 2):
+            raise ValueError(f"--nb-channels must be 1 or 2, got {self.nb_channels}")
+        if self.root is not None and not Path(self.root).expanduser().is_dir():
+            raise DataError(f"--root {self.root}: dataset root not found")
+        if self.valid_tracks is not None and not Path(self.valid_tracks).is_file():
+            raise DataError(f"--valid-tracks {self.valid_tracks}: file not found")
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+
+    def resolved(self) -> DataConfig:
+        """The config with ``root`` set: the generated dataset is written if needed."""
+        if self.root is not None:
+            return self
+        from .synth import write_dataset
+
+        folder = self.cache_root / f"synth-{self.synth_tracks}x{self.synth_duration:g}s-seed{self.synth_seed}"
+        if not (folder / "synth.json").is_file():
+            log.warning("no --root given: generating a MUSDB-format dataset in %s", folder)
+            tmp = folder.with_name(folder.name + ".partial")
+            write_dataset(tmp, self.synth_tracks, self.synth_duration, self.synth_seed, self.sample_rate)
+            tmp.rename(folder)
+        return replace(self, root=str(folder), dataset="musdb", is_wav=True)
+
+
+def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
+    """The entries of ``split`` (train, valid or test) for a resolved config."""
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"split must be train, valid or test, got {split!r}")
+    root = Path(config.root).expanduser()
+    sources = tuple(config.sources)
+    if config.dataset == "musdb":
+        is_wav = config.is_wav if config.is_wav is not None else T.detect_format(root) == "wav"
+        if split == "test":
+            entries = T.musdb_tracks(root, "test", None, is_wav)
+        elif config.valid_tracks:
+            train, valid = T.split_validation(
+                T.musdb_tracks(root, "train", None, is_wav),
+                T.read_track_list(Path(config.valid_tracks)),
+                config.valid_tracks,
+            )
+            entries = train if split == "train" else valid
+        else:
+            entries = T.musdb_tracks(root, "train", split, is_wav)
+        if not is_wav:
+            from .musdb import decode_stems
+
+            entries = decode_stems(entries, config.cache_root / "decoded" / _slug(root), config.progress)
+        return entries
+    loader = T.trackfolder if config.dataset == "trackfolder" else T.sourcefolder
+    if split == "valid" and not config.valid_tracks:
+        if not (root / "valid").is_dir():
+            raise DataError(f"{root}: no validation data (add {root}/valid/ or pass --valid-tracks FILE)")
+        return loader(root, sources, "valid")
+    if split in ("train", "valid") and config.valid_tracks:
+        train, valid = T.split_validation(
+            loader(root, sources, "train"), T.read_track_list(Path(config.valid_tracks)), config.valid_tracks
+        )
+        return train if split == "train" else valid
+    return loader(root, sources, split)
+
+
+def _slug(root: Path) -> str:
+    import hashlib
+
+    return f"{root.name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+
+
+def load_split(config: DataConfig, split: str) -> AudioCache:
+    """The cache of one split, built on first use."""
+    config = config.resolved()
+    entries = split_entries(config, split)
+    if not entries:
+        raise DataError(f"{config.root}: the {split} split is empty")
+    return build_cache(
+        entries, config.cache_root / "audio", config.sample_rate, config.nb_channels, progress=config.progress
+    )
