@@ -18,7 +18,8 @@ from distunmix.data import cache as cache_mod
 from distunmix.data import musdb as musdb_mod
 from distunmix.data.cache import AudioCache, build_cache
 from distunmix.data.config import DataConfig, load_split, split_entries
-from distunmix.data.datasets import EpochSampler, TrainExcerpts, ValidTracks, mix_batch
+from distunmix.data.datasets import EpochSampler, TrainExcerpts, ValidTracks, collate_batch, mix_batch
+from distunmix.data.loader import ExcerptLoader
 from distunmix.data.stats import input_statistics
 from distunmix.data.synth import split_counts, synth_track, write_dataset
 from distunmix.data.tracks import SOURCES, DataError, sourcefolder, trackfolder
@@ -190,13 +191,16 @@ def test_raw_items_mixed_on_the_device_equal_the_float_path(config):
     cache = load_split(config, "train")
     ds = TrainExcerpts(cache, targets=["drums", "vocals"], seq_dur=0.5, samples_per_track=4)
     raw = TrainExcerpts(cache, targets=["drums", "vocals"], seq_dur=0.5, samples_per_track=4, raw=True)
-    items = [raw[i] for i in range(5)]
-    batch = tuple(torch.stack([it[k] for it in items]) for k in range(3))
-    assert batch[0].dtype == torch.int16
+    batch = raw.__getitems__([0, 1, 2, 3, 4])
+    assert batch[0].dtype == torch.int16 and batch[0].shape == (5, 4, 2, RATE // 2)
     mixture, targets = mix_batch(batch, raw.target_rows, device="cpu")
     for i in range(5):
         m, t = ds[i]
         assert torch.allclose(mixture[i], m) and torch.allclose(targets[i], t)
+    # a swapped source is the cached excerpt with its channels reversed
+    index = next(i for i in range(100) if raw.draw(i)[0][3])
+    entry, offset, _, _ = raw.draw(index)[0]
+    assert np.array_equal(raw[index][0][0].numpy(), cache.read(entry, "vocals", offset, RATE // 2)[::-1])
 
 
 def test_datasets_pickle_and_load_in_worker_processes(config):
@@ -206,7 +210,7 @@ def test_datasets_pickle_and_load_in_worker_processes(config):
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[5][0], ds[5][0])
     sampler = EpochSampler(len(ds), shuffle=True, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate_batch)
     got = torch.cat([m for m, _ in loader])
     want = torch.stack([ds[i][0] for i in sampler])
     assert torch.equal(got, want)
@@ -403,3 +407,44 @@ def test_synth_and_prepare_commands(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "x"), "--tracks", "2"]) == 2
     assert main(["prepare", "--root", str(tmp_path / "missing")]) == 2
     assert "dataset root not found" in capsys.readouterr().err
+
+
+# -- ExcerptLoader -------------------------------------------------------------------------------
+class _FailingExcerpts(TrainExcerpts):
+    def _fill(self, index, sources, gains):
+        if index % len(self) == 5:
+            raise OSError(f"simulated read error at sample {index}")
+        super()._fill(index, sources, gains)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_excerpt_loader_yields_the_datasets_batches_in_order(config, workers):
+    cache = load_split(config, "train")
+    ds = TrainExcerpts(cache, targets=list(SOURCES), seq_dur=0.25, samples_per_track=5, raw=True)
+    sampler = EpochSampler(len(ds), rank=1, world_size=2, seed=3)
+    with ExcerptLoader(ds, batch_size=3, sampler=sampler, num_workers=workers) as loader:
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            got = [(s.clone(), g.clone()) for s, g in loader]
+            want_indices = list(sampler)
+            assert len(got) == len(loader) == 4 and [len(s) for s, _ in got] == [3, 3, 3, 1]
+            sources = torch.cat([s for s, _ in got])
+            want = ds.__getitems__(want_indices)
+            assert torch.equal(sources, want[0]) and torch.equal(torch.cat([g for _, g in got]), want[1])
+        # abandon an epoch half-way: the next one is still right
+        it = iter(loader)
+        next(it)
+        del it
+        loader.set_epoch(0)
+        assert torch.equal(torch.cat([s.clone() for s, _ in loader]), ds.__getitems__(list(sampler))[0])
+
+
+def test_excerpt_loader_reports_worker_errors_and_stops(config):
+    cache = load_split(config, "train")
+    ds = _FailingExcerpts(cache, targets=["vocals"], seq_dur=0.25, samples_per_track=4, raw=True)
+    loader = ExcerptLoader(ds, batch_size=2, sampler=EpochSampler(len(ds), shuffle=False), num_workers=2)
+    with pytest.raises(DataError, match="simulated read error at sample 5"):
+        list(loader)
+    procs = list(loader._procs)
+    loader.close()
+    assert procs and not any(p.is_alive() for p in procs)

@@ -26,9 +26,12 @@ class TrainExcerpts(Dataset):
     """Random-mix training excerpts.
 
     Items are ``(mixture (C, L), targets (T, C, L))`` float32 tensors, targets in ``targets``
-    order. With ``raw=True`` items are ``(sources int16 (S, C, L), gains float32 (S,),
-    swaps bool (S,))`` over ``sources`` order, to be mixed on the training device by
-    :func:`mix_batch` (a quarter of the bytes of the float path through the DataLoader).
+    order. With ``raw=True`` items are ``(sources int16 (S, C, L), gains float32 (S,))`` over
+    ``sources`` order (channel swaps already applied, gains including the cache's scale), to be
+    mixed on the training device by :func:`mix_batch`: a quarter of the bytes of the float path.
+    The DataLoader fetches whole batches (:meth:`__getitems__`): a worker copies each excerpt
+    once, from the memory-mapped cache straight into a shared-memory batch; use
+    ``collate_fn=collate_batch``.
     """
 
     def __init__(
@@ -67,6 +70,11 @@ class TrainExcerpts(Dataset):
         """Excerpts per epoch: samples_per_track per track."""
         return self.nb_tracks * self.samples_per_track
 
+    @property
+    def target_rows(self) -> list[int]:
+        """Rows of the targets among the sources, in target order."""
+        return [self.sources.index(t) for t in self.targets]
+
     def draw(self, index: int) -> list[tuple[int, int, float, bool]]:
         """(entry, offset, gain, swap) per source for sample ``index`` (any index >= 0)."""
         rng = np.random.default_rng([self.seed, index])
@@ -86,45 +94,60 @@ class TrainExcerpts(Dataset):
             plan.append((entry, offset, gain, swap))
         return plan
 
-    def raw_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        plan = self.draw(index)
-        sources = np.empty((len(self.sources), self.cache.nb_channels, self.length), dtype=np.int16)
-        gains = np.empty(len(self.sources), dtype=np.float32)
-        swaps = np.empty(len(self.sources), dtype=bool)
-        for k, (source, (entry, offset, gain, swap)) in enumerate(zip(self.sources, plan, strict=True)):
-            sources[k] = self.cache.read(entry, source, offset, self.length)
+    def _fill(self, index: int, sources: np.ndarray, gains: np.ndarray) -> None:
+        """Write sample ``index``'s int16 sources (S, C, L) and gains (S,) into the given arrays."""
+        for k, (source, (entry, offset, gain, swap)) in enumerate(zip(self.sources, self.draw(index), strict=True)):
+            excerpt = self.cache.read(entry, source, offset, self.length)
+            sources[k] = excerpt[::-1] if swap else excerpt
             gains[k] = gain * self.cache.entries[entry].scale / FULL_SCALE
-            swaps[k] = swap
-        return torch.from_numpy(sources), torch.from_numpy(gains), torch.from_numpy(swaps)
+
+    def __getitems__(self, indices: Sequence[int]):
+        """A whole batch: raw (sources (B, S, C, L) int16, gains (B, S)) or float (mixture, targets)."""
+        shape = (len(indices), len(self.sources), self.cache.nb_channels, self.length)
+        sources = _batch_buffer(shape, torch.int16)
+        gains = torch.empty(shape[:2], dtype=torch.float32)
+        src_np, gains_np = sources.numpy(), gains.numpy()
+        for b, index in enumerate(indices):
+            self._fill(int(index), src_np[b], gains_np[b])
+        if self.raw:
+            return sources, gains
+        return mix_batch((sources, gains), self.target_rows)
 
     def __getitem__(self, index: int):
-        raw = self.raw_item(index)
-        if self.raw:
-            return raw
-        mixture, targets = mix_batch(tuple(t[None] for t in raw), self.target_rows)
-        return mixture[0], targets[0]
+        batch = self.__getitems__([index])
+        return tuple(t[0] for t in batch)
 
-    @property
-    def target_rows(self) -> list[int]:
-        return [self.sources.index(t) for t in self.targets]
+
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor, allocated in shared memory inside a DataLoader worker (no copy on return)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.tensor([], dtype=dtype).set_(storage).view(shape)
+
+
+def collate_batch(batch):
+    """``collate_fn`` for datasets that return whole batches from ``__getitems__``."""
+    return batch
 
 
 def mix_batch(
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
     target_rows: Sequence[int],
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw excerpts -> (mixture (B, C, L), targets (B, T, C, L)) float32, on ``device``.
 
     Args:
-        batch: (sources int16 (B, S, C, L), gains (B, S), swaps bool (B, S)) from raw items
+        batch: (sources int16 (B, S, C, L), gains (B, S)) from raw items
         target_rows: source rows of the targets, in output order
     """
-    sources, gains, swaps = (t.to(device, non_blocking=True) if device is not None else t for t in batch)
-    x = sources.to(torch.float32) * gains[..., None, None]
-    if swaps.any():
-        x = torch.where(swaps[..., None, None], x.flip(-2), x)
-    return x.sum(1), x[:, list(target_rows)]
+    sources, gains = (t.to(device, non_blocking=True) if device is not None else t for t in batch)
+    x = torch.mul(sources, gains[..., None, None])  # int16 * float32 -> float32 in one pass
+    rows = list(target_rows)
+    targets = x if rows == list(range(x.shape[1])) else x[:, rows]
+    return x.sum(1), targets
 
 
 class ValidTracks(Dataset):
