@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable
@@ -79,19 +80,16 @@ def separate_file(
     x = torch.from_numpy(audio)[None]
     channels = max(audio.shape[0], separator.nb_channels)
     paths = {t: out_dir / f"{t}.{ext}" for t in separator.targets}
-    writers = [StemWriter(p, int(separator.sample_rate), channels, ext) for p in paths.values()]
     nb_chunks = len(separator.plan(audio.shape[1]))
-    try:
-        with torch.inference_mode(), tqdm(total=nb_chunks, desc=path.name, unit="chunk", disable=not progress) as bar:
-            for _, wave in separator.iter_chunks(x):
-                block = wave[0].float().cpu().numpy()
-                for k, writer in enumerate(writers):
-                    writer.write(block[k])
-                bar.update(1)
-    except BaseException as e:
-        for w in writers:
-            w.__exit__(type(e), e, None)
-        raise
-    for w in writers:
-        w.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:  # on any error every writer discards its temporary file
+        writers = [
+            stack.enter_context(StemWriter(p, int(separator.sample_rate), channels, ext)) for p in paths.values()
+        ]
+        bar = stack.enter_context(tqdm(total=nb_chunks, desc=path.name, unit="chunk", disable=not progress))
+        stack.enter_context(torch.inference_mode())
+        for _, wave in separator.iter_chunks(x):
+            block = wave[0].float().cpu().numpy()
+            for k, writer in enumerate(writers):
+                writer.write(block[k])
+            bar.update(1)
     return paths

@@ -84,3 +84,20 @@ def test_console_script_runs(model_dir, inputs, tmp_path):
     result = subprocess.run([sys.executable, "-m", "distunmix.cli", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "tiny" / "song" / "vocals.wav").is_file()
+
+
+def test_a_failure_mid_separation_leaves_no_partial_stems(model_dir, inputs, tmp_path, monkeypatch):
+    from distunmix.separate import separate_file
+
+    separator = load_separator(model_dir, chunk_seconds=1.0, context_seconds=0.5)
+    real = separator.iter_chunks
+
+    def fail_after_first(x):
+        it = real(x)
+        yield next(it)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(separator, "iter_chunks", fail_after_first)
+    with pytest.raises(RuntimeError, match="device lost"):
+        separate_file(separator, inputs / "song.wav", tmp_path / "out", progress=False)
+    assert list((tmp_path / "out").iterdir()) == []

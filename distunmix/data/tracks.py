@@ -6,14 +6,11 @@ Errors name the folder, track or file and what was expected (:class:`DataError`)
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AUDIO_EXTENSIONS
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("vocals", "drums", "bass", "other")
 
@@ -26,8 +23,8 @@ class DataError(ValueError):
 class TrackFiles:
     """One entry of a dataset: a track's files per source (and its mixture, when there is one).
 
-    A source-folder entry holds a single source. ``stem`` entries are (file, stream index) in a
-    ``.stem.mp4`` container, which :func:`distunmix.data.musdb.prepare` decodes once to WAV.
+    A source-folder entry holds a single source. A ``.stem.mp4`` track maps every source to its
+    container, which :func:`distunmix.data.musdb.decode_stems` decodes once into WAV files.
     """
 
     name: str
