@@ -237,8 +237,14 @@ def load_target_model(model_dir: str | os.PathLike, target: str, device: str | t
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")
+    return _load_target(model_dir, target)[0].to(device)
+
+
+def _load_target(model_dir: Path, target: str) -> tuple[OpenUnmix, float | None]:
+    """A target model and the legacy ``sample_rate`` its weight file carries (if any)."""
     path = find_weights(model_dir, target)
     state = read_state_dict(path)
+    legacy_rate = float(state["sample_rate"]) if "sample_rate" in state else None
     state = {k: v for k, v in state.items() if k not in LEGACY_KEYS}
     config = infer_config(state, path)
     json_path = model_dir / f"{target}.json"
@@ -261,12 +267,13 @@ def load_target_model(model_dir: str | os.PathLike, target: str, device: str | t
                 f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} for {config}"
             )
     model.load_state_dict(state, strict=False)
-    return model.to(device).freeze()
+    return model.freeze(), legacy_rate
 
 
-def read_separator_config(model_dir: Path, targets: Iterable[str]) -> dict[str, Any]:
+def read_separator_config(model_dir: Path, targets: Iterable[str], legacy_rate: float | None = None) -> dict[str, Any]:
     """sample_rate, nfft, nhop, nb_channels of a folder: separator.json, else a target JSON, else
-    the legacy ``sample_rate`` weight key, else open-unmix's defaults (44.1 kHz, hop 1024)."""
+    ``legacy_rate`` (a weight file's ``sample_rate`` key), else open-unmix's defaults (44.1 kHz,
+    hop 1024)."""
     conf: dict[str, Any] = {}
     sep_json = model_dir / "separator.json"
     if sep_json.is_file():
@@ -278,15 +285,8 @@ def read_separator_config(model_dir: Path, targets: Iterable[str]) -> dict[str, 
             for key in ("sample_rate", "nhop"):
                 if key not in conf and isinstance(args, dict) and key in args:
                     conf[key] = args[key]
-    if "sample_rate" not in conf:
-        for target in targets:
-            try:
-                state = read_state_dict(find_weights(model_dir, target))
-            except CheckpointError:
-                continue
-            if "sample_rate" in state:
-                conf["sample_rate"] = float(state["sample_rate"])
-                break
+    if "sample_rate" not in conf and legacy_rate is not None:
+        conf["sample_rate"] = legacy_rate
     conf.setdefault("sample_rate", DEFAULT_SAMPLE_RATE)
     conf.setdefault("nhop", DEFAULT_HOP)
     for key in ("sample_rate", "nhop"):
@@ -332,8 +332,10 @@ def load_separator(
         raise CheckpointError(
             f"{model_dir}: unknown target(s) {', '.join(unknown)}; this folder has: {', '.join(found) or 'none'}"
         )
-    models = {t: load_target_model(model_dir, t) for t in targets}
-    conf = read_separator_config(model_dir, targets)
+    loaded = {t: _load_target(model_dir, t) for t in targets}
+    models = {t: model for t, (model, _) in loaded.items()}
+    legacy_rate = next((rate for _, rate in loaded.values() if rate is not None), None)
+    conf = read_separator_config(model_dir, targets, legacy_rate)
     n_fft = next(iter(models.values())).config.n_fft
     if "nfft" in conf and conf["nfft"] != n_fft:
         raise CheckpointError(f"{model_dir / 'separator.json'}: nfft is {conf['nfft']} but the weights have {n_fft}")

@@ -150,12 +150,7 @@ def _load_rows(entry: TrackFiles, sample_rate: int, nb_channels: int) -> tuple[d
         if channels > 2:
             raise DataError(f"{where}: {entry.files[row]}: {channels} channels; expected mono or stereo")
     rates = {rate for _, rate, _ in probes.values()}
-    if len(rates) == 1 and rates == {sample_rate}:
-        lengths = {row: frames for row, (frames, _, _) in probes.items()}
-        if len(set(lengths.values())) > 1:
-            detail = ", ".join(f"{entry.files[r].name}: {n}" for r, n in lengths.items())
-            raise DataError(f"{where}: sources have different lengths ({detail} samples); expected equal lengths")
-    elif len(rates) > 1:
+    if len(rates) > 1:
         detail = ", ".join(f"{entry.files[r].name}: {rate} Hz" for r, (_, rate, _) in probes.items())
         fixes.append(f"sample rates differ ({detail}); all resampled to {sample_rate} Hz")
     rows = {}
@@ -179,10 +174,12 @@ def _load_rows(entry: TrackFiles, sample_rate: int, nb_channels: int) -> tuple[d
     lengths = {r: a.shape[1] for r, a in rows.items()}
     shortest, longest = min(lengths.values()), max(lengths.values())
     if longest != shortest:
-        # only resampling can get here: allow its rounding, nothing more
-        if longest - shortest > max(2, longest // 1000):
+        # equal lengths are required; resampling may add its rounding, nothing more
+        resampled = rates != {sample_rate}
+        if not resampled or longest - shortest > max(2, longest // 1000):
             detail = ", ".join(f"{entry.files[r].name}: {n}" for r, n in lengths.items())
-            raise DataError(f"{where}: sources have different lengths after resampling ({detail} samples)")
+            after = " after resampling" if resampled else ""
+            raise DataError(f"{where}: sources have different lengths{after} ({detail} samples); expected equal lengths")
         rows = {r: a[:, :shortest] for r, a in rows.items()}
         fixes.append(f"trimmed to {shortest} samples after resampling")
     return rows, fixes
