@@ -268,6 +268,129 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train --------------------------------------------------------------------------------------
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.config import LOGGERS, PRECISIONS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train one model per target with Ray Train (DDP); generated data when --root is omitted",
+        description="Train Open-Unmix models for all targets in one job, data-parallel over --num-workers ranks. "
+        "Defaults are open-unmix's. The run folder is <storage-path>/<name>/.",
+    )
+    add_data_flags(p)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="excerpts per batch and worker")
+    g.add_argument("--lr", type=_positive_float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--patience", type=_positive_int, default=d.patience, help="early stopping, in epochs")
+    g.add_argument("--lr-decay-patience", type=_positive_int, default=d.lr_decay_patience)
+    g.add_argument("--lr-decay-gamma", type=float, default=d.lr_decay_gamma)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="tf32/bf16/fp16 on GPUs (default fp32)")
+    g = p.add_argument_group("model")
+    g.add_argument("--targets", type=_targets, default=list(d.targets), help="default: vocals,drums,bass,other")
+    g.add_argument("--hidden-size", type=_positive_int, default=d.hidden_size)
+    g.add_argument("--nb-layers", type=_positive_int, default=d.nb_layers)
+    g.add_argument("--unidirectional", action="store_true", help="causal LSTM (streaming-capable)")
+    g.add_argument("--bandwidth", type=_positive_float, default=d.bandwidth, help="Hz seen by the LSTM")
+    g.add_argument("--nb-channels", type=int, choices=(1, 2), default=2)
+    g.add_argument("--nfft", type=_positive_int, default=d.nfft)
+    g.add_argument("--nhop", type=_positive_int, default=d.nhop)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--samples-per-track", type=_positive_int, default=d.samples_per_track)
+    g.add_argument("--seq-dur", type=_positive_float, default=d.seq_dur, help="excerpt length in seconds")
+    g.add_argument("--nb-workers", type=_non_negative_int, default=d.nb_workers, help="data loading processes per rank")
+    g = p.add_argument_group("distribution and run")
+    g.add_argument("--num-workers", type=_positive_int, default=d.num_workers, help="DDP ranks (default 1)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per rank (NCCL); default CPU (gloo)")
+    g.add_argument("--cpus-per-worker", type=_positive_float, default=d.cpus_per_worker)
+    g.add_argument("--storage-path", default=d.storage_path, help="local folder or URI (s3://, gs://...) for runs")
+    g.add_argument("--name", default=None, help="run name (default train-<date>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run <storage-path>/<name> from its last epoch")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts (default 0)")
+    g.add_argument("--logger", choices=LOGGERS, default=d.logger, help="wandb: offline unless WANDB_API_KEY is set")
+    g.add_argument("--address", help="join a running Ray cluster (e.g. auto, or ray://host:10001)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+
+
+def train_config(args: argparse.Namespace):
+    """The :class:`TrainConfig` of parsed ``train`` flags."""
+    import time
+    from dataclasses import replace
+
+    from .train.config import TrainConfig
+
+    if args.resume and not args.name:
+        from .train.config import ConfigError
+
+        raise ConfigError("--resume needs --name (the run to continue)")
+    return TrainConfig(
+        data=replace(data_config(args), progress=not args.quiet),
+        targets=tuple(args.targets),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        lr_decay_patience=args.lr_decay_patience,
+        lr_decay_gamma=args.lr_decay_gamma,
+        seed=args.seed,
+        hidden_size=args.hidden_size,
+        nb_layers=args.nb_layers,
+        unidirectional=args.unidirectional,
+        bandwidth=args.bandwidth,
+        nfft=args.nfft,
+        nhop=args.nhop,
+        samples_per_track=args.samples_per_track,
+        seq_dur=args.seq_dur,
+        nb_workers=args.nb_workers,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=args.storage_path,
+        name=args.name or time.strftime("train-%Y%m%d-%H%M%S"),
+        resume=args.resume,
+        max_failures=args.max_failures,
+        precision=args.precision,
+        logger=args.logger,
+        address=args.address,
+        progress=not args.quiet,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .data.tracks import DataError
+    from .train.config import ConfigError
+
+    try:
+        config = train_config(args)
+        from .train.loop import prepare
+        from .train.ray_trainer import check_storage, fit
+
+        check_storage(config)
+        prepared = prepare(config)  # data problems surface here, before Ray starts
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = fit(config, prepared)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    last = result.history[-1] if result.history else {}
+    print(
+        f"trained {len(result.history)} epoch(s): valid loss {last.get('valid_loss', float('nan')):.4g}"
+        + (f", valid SDR {last['valid_sdr']:.2f} dB" if "valid_sdr" in last else "")
+    )
+    print(f"run folder: {result.run_dir}/ (best/, history.json, history.csv, loss.png, config.json)")
+    print(f"separate with: distunmix separate -m {result.run_dir}/best SONG.wav")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distunmix", description="Open-Unmix source separation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (resampling, chunking)")
@@ -277,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_clip(sub)
     add_synth(sub)
     add_prepare(sub)
+    add_train(sub)
     return parser
 
 

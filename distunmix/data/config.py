@@ -68,9 +68,14 @@ class DataConfig:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
 
     def resolved(self) -> DataConfig:
-        """The config with ``root`` set: the generated dataset is written if needed."""
+        """The config with ``root`` set and every path absolute (other processes may run in other
+        folders): the generated dataset is written if needed."""
+        paths = {
+            "cache_dir": str(self.cache_root.resolve()),
+            "valid_tracks": str(Path(self.valid_tracks).resolve()) if self.valid_tracks else None,
+        }
         if self.root is not None:
-            return self
+            return replace(self, root=str(Path(self.root).expanduser().resolve()), **paths)
         from .synth import write_dataset
 
         folder = self.cache_root / f"synth-{self.synth_tracks}x{self.synth_duration:g}s-seed{self.synth_seed}"
@@ -79,7 +84,7 @@ class DataConfig:
             tmp = folder.with_name(folder.name + ".partial")
             write_dataset(tmp, self.synth_tracks, self.synth_duration, self.synth_seed, self.sample_rate)
             tmp.rename(folder)
-        return replace(self, root=str(folder), dataset="musdb", is_wav=True)
+        return replace(self, root=str(folder.resolve()), dataset="musdb", is_wav=True, **paths)
 
 
 def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:

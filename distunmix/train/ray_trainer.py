@@ -1,0 +1,285 @@
+"""Ray Train (V2) edge: a TorchTrainer over :func:`distunmix.train.loop.run_worker`.
+
+The driver checks every setting and prepares the data before Ray starts; each worker runs the
+torch-only loop with a :class:`RaySession` (rank, device, ``ray.train.get_checkpoint()`` and
+``ray.train.report``); rank 0 streams progress events through a Ray queue to the driver's progress
+bar. Faults: ``FailureConfig(max_failures)`` restarts the worker group from the last registered
+checkpoint. Resume: Ray restores a run from ``<storage_path>/<name>/``'s snapshot; the driver
+allows that only with ``--resume`` and the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, TrainConfig, load_config
+from .loop import prepare
+from .outputs import publish, stage_outputs
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "DISTUNMIX_FAULT"  # test hook: "epoch,batch,rank" kills that worker once
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+# -- worker side ---------------------------------------------------------------------------------
+class RaySession:
+    """A Ray Train worker's rank, device, checkpoint and report."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_fn_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point."""
+    import torch
+
+    from .loop import run_worker
+
+    config = TrainConfig.from_dict(payload["config"])
+    session = RaySession()
+    if session.device.type == "cuda":
+        torch.cuda.set_device(session.device)
+    queue = payload.get("progress")
+    sink = (lambda event: queue.actor.put_nowait.remote(event)) if queue is not None else None
+    stats = (np.asarray(payload["mean"], np.float32), np.asarray(payload["std"], np.float32))
+    run_worker(config, stats, session, progress=sink, fault=payload.get("fault"))
+
+
+# -- driver side ---------------------------------------------------------------------------------
+def check_storage(config: TrainConfig) -> None:
+    """The run folder can be written, and exists exactly when ``--resume`` is asked."""
+    run_dir = config.run_dir
+    if "://" in run_dir:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = pafs.FileSystem.from_uri(run_dir)
+            info = fs.get_file_info(f"{path}/config.json")
+        except Exception as e:
+            raise ConfigError(f"--storage-path {config.storage_path}: cannot be used ({e})") from None
+        exists = info.type != pafs.FileType.NotFound
+    else:
+        folder = Path(run_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"--storage-path {config.storage_path}: cannot write {folder} ({e.strerror})") from None
+        exists = (folder / "config.json").is_file()
+    if exists and not config.resume:
+        raise ConfigError(f"--name {config.name}: {run_dir} already holds a run; pass --resume to continue it")
+    if config.resume and not exists:
+        raise ConfigError(f"--resume: no run to resume in {run_dir} (no config.json)")
+    if config.resume and "://" not in run_dir:
+        saved = load_config(Path(run_dir) / "config.json")
+        diffs = saved.differences(config)
+        if diffs:
+            raise ConfigError(
+                f"--resume: {run_dir} was started with other settings ({'; '.join(diffs)}); "
+                "pass the same flags (see its config.json)"
+            )
+
+
+def _ray_init(config: TrainConfig) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.address:
+        ray.init(address=config.address, log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True)
+    return True
+
+
+def _check_resources(config: TrainConfig) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = config.num_workers * config.cpus_per_worker
+    if config.address is None and have.get("CPU", 0) < need_cpu:
+        raise ConfigError(
+            f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker:g} needs {need_cpu:g} "
+            f"CPUs; this machine's Ray has {have.get('CPU', 0):g}"
+        )
+    if config.use_gpu and config.address is None and have.get("GPU", 0) < config.num_workers:
+        raise ConfigError(f"--use-gpu with --num-workers {config.num_workers}: Ray sees {have.get('GPU', 0):g} GPU(s)")
+
+
+class _ProgressBar:
+    """Driver-side progress bar fed by rank 0 through a Ray queue."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.enabled = config.progress
+        self.epochs = config.epochs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+        from tqdm import tqdm
+
+        bar = None
+        while not self._stop.is_set() or not self.queue.empty():
+            try:
+                ev = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor went away
+                return
+            if not self.enabled:
+                continue
+            if ev["event"] == "batch":
+                if bar is None or bar.desc != f"epoch {ev['epoch']}/{self.epochs}":
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=ev["batches"], desc=f"epoch {ev['epoch']}/{self.epochs}", unit="batch")
+                bar.n = ev["batch"]
+                bar.set_postfix(loss=f"{ev['loss']:.4g}", samples_s=f"{ev['samples_per_s']:.1f}")
+            elif ev["event"] == "epoch" and bar is not None:
+                post = {"valid_loss": f"{ev['valid_loss']:.4g}", "samples_s": f"{ev['samples_per_s']:.1f}"}
+                if "valid_sdr" in ev:
+                    post["valid_sdr"] = f"{ev['valid_sdr']:.2f} dB"
+                bar.set_postfix(post)
+                bar.close()
+                bar = None
+        if bar is not None:
+            bar.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.queue.shutdown()
+
+
+def fit(config: TrainConfig, prepared: tuple[TrainConfig, np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Run ``distunmix train``: checks, data, Ray Train, then the run folder's outputs.
+
+    ``prepared``: :func:`check_storage` has passed and this is :func:`prepare`'s result (the CLI
+    does both before Ray starts).
+    """
+    if prepared is None:
+        check_storage(config)
+        prepared = prepare(config)
+    resolved, mean, std = prepared
+    resolved = replace(resolved, storage_path=_absolute(config.storage_path))  # workers run elsewhere
+    started = _ray_init(config)
+    try:
+        _check_resources(config)
+        return _fit(config, resolved, mean, std)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.ndarray) -> TrainResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = config.run_dir
+    if not config.resume:
+        publish_text(run_dir, "config.json", config.to_json())
+    bar = _ProgressBar(config)
+    payload: dict[str, Any] = {
+        "config": resolved.to_dict(),
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "progress": bar.queue,
+    }
+    fault = os.environ.get(FAULT_ENV)
+    if fault:
+        epoch, batch, rank = (int(x) for x in fault.split(","))
+        marker = Path(resolved.run_dir) / f".fault-{uuid.uuid4().hex[:8]}"
+        payload["fault"] = {"epoch": epoch, "batch": batch, "rank": rank, "marker": str(marker)}
+    resources = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=_absolute(config.storage_path),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        bar.close()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_dir}: training reported no checkpoint")
+    import torch
+
+    from .loop import STATE_FILE
+
+    with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        history = list(state["history"])
+        stage_outputs(Path(staging), Path(folder), history, config.name)
+        publish(Path(staging), run_dir)
+    return TrainResult(run_dir, history, dict(result.metrics or {}))
+
+
+def publish_text(run_dir: str, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory() as staging:
+        (Path(staging) / name).write_text(text)
+        publish(Path(staging), run_dir)
+
+
+def _absolute(storage_path: str) -> str:
+    """Ray wants an absolute local path (or a URI)."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
