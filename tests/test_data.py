@@ -22,7 +22,7 @@ from distunmix.data.datasets import EpochSampler, TrainExcerpts, ValidTracks, co
 from distunmix.data.loader import ExcerptLoader
 from distunmix.data.stats import input_statistics
 from distunmix.data.synth import split_counts, synth_track, write_dataset
-from distunmix.data.tracks import SOURCES, DataError, sourcefolder, trackfolder
+from distunmix.data.tracks import SOURCES, DataError, musdb_tracks, sourcefolder, trackfolder
 
 RATE = 44100
 
@@ -448,3 +448,29 @@ def test_excerpt_loader_reports_worker_errors_and_stops(config):
     procs = list(loader._procs)
     loader.close()
     assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_wav_tree_is_listed_without_musdb_where_ffmpeg_is_missing(synth_root, monkeypatch):
+    """GPU workers may lack ffmpeg (so ``import musdb`` raises): WAV trees are listed directly."""
+    import builtins
+    import sys
+
+    with_musdb = {
+        (subset, split): musdb_tracks(synth_root, subset, split, True)
+        for subset, split in (("train", "train"), ("train", "valid"), ("test", None))
+    }
+    real_import = builtins.__import__
+
+    def no_musdb(name, *args, **kwargs):
+        if name == "musdb":
+            raise RuntimeError("ffmpeg or ffprobe could not be found")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "musdb", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_musdb)
+    for (subset, split), expected in with_musdb.items():
+        got = musdb_tracks(synth_root, subset, split, True)
+        assert [(t.name, t.files) for t in got] == [(t.name, t.files) for t in expected]
+    with pytest.raises(DataError, match="needs musdb and ffmpeg"):
+        musdb_tracks(synth_root, "train", "train", False)
+    write_dataset(synth_root.parent / "again", tracks=3, duration=1.0)  # the generator needs no musdb import

@@ -12,6 +12,8 @@ numpy and vectorised: a 10 s stereo song takes well under a second.
 
 from __future__ import annotations
 
+import importlib.util
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -344,9 +346,10 @@ def write_dataset(root, tracks: int = 12, duration: float = 20.0, seed: int = 0,
         for source, q in {**quantised, "mixture": mixture}.items():
             sf.write(folder / f"{source}.wav", q.T.astype(np.int16), sample_rate, subtype="PCM_16")
     (root / "valid_tracks.txt").write_text("".join(f"{n}\n" for n in valid_names))
-    import musdb  # for its default configuration; the setup keeps its keys and names our validation tracks
-
-    with open(Path(musdb.__file__).parent / "configs" / "mus.yaml") as f:
+    # musdb's default configuration, found without importing musdb (whose import needs ffmpeg);
+    # the setup keeps its keys and names our validation tracks
+    spec = importlib.util.find_spec("musdb")
+    with open(Path(spec.submodule_search_locations[0]) / "configs" / "mus.yaml") as f:
         setup = yaml.safe_load(f)
     setup["validation_tracks"] = valid_names
     (root / "setup.yaml").write_text(yaml.safe_dump(setup, sort_keys=False))

@@ -124,9 +124,13 @@ def musdb_tracks(root: Path, subset: str, split: str | None, is_wav: bool) -> li
     _check_root(root)
     if not (root / subset).is_dir():
         raise DataError(f"{root}: no '{subset}' folder (expected MUSDB18's {root}/train and {root}/test)")
-    import musdb
-
     setup = "setup.yaml" if (root / "setup.yaml").is_file() else None
+    try:
+        import musdb
+    except Exception as e:  # stempeg raises at import when ffmpeg is missing
+        if is_wav and (setup or split is None):
+            return _wav_tracks(root, subset, split, setup)
+        raise DataError(f"{root}: reading MUSDB18 needs musdb and ffmpeg ({type(e).__name__}: {e})") from e
     try:
         db = musdb.DB(root=str(root), is_wav=is_wav, subsets=subset, split=split, setup_file=setup)
     except Exception as e:  # musdb raises bare RuntimeError / yaml errors / stempeg errors
@@ -146,6 +150,27 @@ def musdb_tracks(root: Path, subset: str, split: str | None, is_wav: bool) -> li
     if not tracks:
         kind = "WAV track folders" if is_wav else ".stem.mp4 files"
         raise DataError(f"{root / subset}: no {kind} found for split {split or 'all'}")
+    return tracks
+
+
+def _wav_tracks(root: Path, subset: str, split: str | None, setup: str | None) -> list[TrackFiles]:
+    """MUSDB18-HQ folders listed without musdb (no ffmpeg here); the split from ``setup.yaml``."""
+    import yaml
+
+    valid = set()
+    if setup:
+        valid = set(yaml.safe_load((root / setup).read_text()).get("validation_tracks") or [])
+    tracks = []
+    for folder in sorted(p for p in (root / subset).iterdir() if p.is_dir()):
+        if split == "valid" and folder.name not in valid or split == "train" and folder.name in valid:
+            continue
+        files = {s: folder / f"{s}.wav" for s in (*SOURCES, "mixture")}
+        missing = [s for s, f in files.items() if not f.is_file()]
+        if missing:
+            raise DataError(f"{folder}: track lacks {', '.join(f'{s}.wav' for s in missing)}")
+        tracks.append(TrackFiles(folder.name, files, subset))
+    if not tracks:
+        raise DataError(f"{root / subset}: no WAV track folders found for split {split or 'all'}")
     return tracks
 
 
