@@ -183,9 +183,9 @@ class Precision:
         self.name = name
         self.device = device
         if device.type == "cuda":
-            tf32 = name == "tf32"
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+            # fp32 is PyTorch's default (full-precision matmuls; cuDNN may use TF32), tf32 adds matmuls
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            torch.backends.cudnn.allow_tf32 = True
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
 
