@@ -222,7 +222,7 @@ def fit(config: TrainConfig, prepared: tuple[TrainConfig, np.ndarray, np.ndarray
 
 
 def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.ndarray) -> TrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = config.run_dir
@@ -254,6 +254,8 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
             storage_path=_absolute(config.storage_path),
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's per-report INFO lines would drown the progress bar; -v brings them back
+            logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
     )
     try:
