@@ -108,6 +108,144 @@ def run_separate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- evaluate -------------------------------------------------------------------------------------
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="separate the test split with model folders and score them with museval (parallel over tracks)",
+        description="BSSEval v4 (museval) SDR/SIR/ISR/SAR per track and target, aggregated as the median over "
+        "1 s frames and then the median over tracks, plus the global SDR (mean over tracks). Tracks run as "
+        "parallel Ray tasks (--serial: in this process).",
+    )
+    p.add_argument("-m", "--model", required=True, help="model folder (or 'mixture': the mixture as every estimate)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help="more model folders (or 'mixture')")
+    add_data_flags(p)
+    p.add_argument("--subset", choices=("test", "valid", "train"), default="test", help="split to score (default test)")
+    p.add_argument("--targets", type=_targets, help="targets to score (default: the first model's)")
+    p.add_argument("--niter", type=_non_negative_int, default=1, help="Wiener EM iterations (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("-o", "--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)")
+    p.add_argument("--serial", action="store_true", help="no Ray: one track after another in this process")
+    p.add_argument("--address", help="join a running Ray cluster")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_evaluate)
+
+
+def _model_labels(models: Sequence[str]) -> list[str]:
+    """Short unique labels: folder names, with the parent folder where names repeat."""
+    names = [Path(m).name if m != "mixture" else "mixture" for m in models]
+    labels = []
+    for m, n in zip(models, names, strict=True):
+        labels.append(n if names.count(n) == 1 else f"{Path(m).resolve().parent.name}/{n}")
+    if len(set(labels)) != len(labels):
+        labels = [f"{k}:{label}" for k, label in enumerate(labels)]
+    return labels
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from .checkpoint import CheckpointError, available_targets, load_separator
+    from .data.config import load_split
+    from .data.tracks import DataError
+    from .evaluate import AGGREGATION, MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
+
+    models = [args.model, *args.compare]
+    try:
+        data = replace(data_config(args), progress=not args.quiet).resolved()
+        cache = load_split(data, args.subset)
+        first = next((m for m in models if m != MIXTURE), None)
+        targets = args.targets or (available_targets(first) if first else list(data.sources))
+        for m in models:
+            if m != MIXTURE:
+                load_separator(m, targets=targets, niter=args.niter)  # fail now, not in a Ray task
+        missing = [t for t in targets if any(t not in e.rows for e in cache.entries)]
+        if missing:
+            raise DataError(f"{cache.folder}: the {args.subset} split lacks target(s) {', '.join(missing)}")
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parallel = not args.serial
+    if parallel:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.address, log_to_driver=False) if args.address else ray.init(log_to_driver=False)
+    results = {}
+    for model, label in zip(models, _model_labels(models), strict=True):
+        spec = ModelSpec(model, label, niter=args.niter, device=args.device)
+        with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=args.quiet) as bar:
+            tracks = run_tracks(spec, cache, targets, str(args.out / label), parallel, on_done=lambda _: bar.update())
+        results[label] = {"model": model, "scores": aggregate(tracks, targets), "tracks": tracks}
+    paths = write_reports(args.out, results, targets)
+    print(f"{len(cache)} {args.subset} track(s); {AGGREGATION}")
+    print(f"{'model':>16} {'target':>8} {'SDR':>7} {'SIR':>7} {'ISR':>7} {'SAR':>7} {'global SDR':>10}")
+    for label, r in results.items():
+        for t in targets:
+            s = r["scores"][t]
+            metrics = " ".join(f"{s[m]:7.2f}" for m in ("SDR", "SIR", "ISR", "SAR"))
+            print(f"{label:>16} {t:>8} {metrics} {s['global_SDR']:10.2f}")
+    notes = sum(len(s.notes) for r in results.values() for s in r["tracks"])
+    if notes:
+        print(f"{notes} note(s) on silent or perfect signals: see {paths['md']}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} and per-track museval JSON in {args.out}/<model>/")
+    return 0
+
+
+# -- stream ---------------------------------------------------------------------------------------
+def add_stream(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="separate a file block by block, as a live input (unidirectional models)",
+        description="Feed a file through the streaming separator in blocks, as a live input would arrive, and "
+        "report latency and speed. Needs a model trained with --unidirectional; no Wiener EM (niter 0).",
+    )
+    p.add_argument("input", type=Path, help="audio file")
+    p.add_argument("-m", "--model", required=True, type=Path, help="model folder of unidirectional models")
+    p.add_argument("--block", type=_positive_int, default=1024, help="samples per block (default 1024)")
+    p.add_argument("--targets", type=_targets, help="comma-separated subset of the model's targets")
+    p.add_argument("--residual", action="store_true", help="add a 'residual' stem: mixture minus the targets")
+    p.add_argument("--softmask", action="store_true", help="soft-mask estimates instead of the mixture phase")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    p.add_argument("-o", "--outdir", type=Path, default=Path("separated"), help="output root (default separated/)")
+    p.add_argument("--ext", choices=("wav", "flac"), default="wav")
+    p.set_defaults(func=run_stream)
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    from .audio import AudioError
+    from .checkpoint import CheckpointError, load_separator
+    from .separate import resolve_device, stream_file
+
+    try:
+        separator = load_separator(
+            args.model,
+            targets=args.targets,
+            device=resolve_device(args.device),
+            niter=0,
+            residual=args.residual,
+            softmask=args.softmask,
+        )
+        out_dir = args.outdir / args.model.resolve().name / args.input.stem
+        paths, stats = stream_file(separator, args.input, out_dir, block=args.block, ext=args.ext)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (AudioError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.input} -> {out_dir}/ ({', '.join(p.name for p in paths.values())})")
+    print(
+        f"latency {stats['latency_ms']:.1f} ms (STFT {stats['latency_ms'] - stats['block_ms']:.1f} ms + one block "
+        f"{stats['block_ms']:.1f} ms); {stats['realtime_factor']:.1f}x real time; per block p50 "
+        f"{stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms, max {stats['max_ms']:.2f} ms; "
+        f"{stats['late_blocks']} of {stats['blocks']} blocks late"
+    )
+    return 0
+
+
 # -- init-model -----------------------------------------------------------------------------------
 def add_init_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init-model", help="write a freshly initialised (untrained) model folder")
@@ -401,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth(sub)
     add_prepare(sub)
     add_train(sub)
+    add_stream(sub)
+    add_evaluate(sub)
     return parser
 
 

@@ -159,7 +159,7 @@ class OpenUnmix(nn.Module):
             target magnitude, (nb_samples, nb_channels, nb_bins, nb_frames)
         """
         if self._inference(x):
-            return self._forward_folded(x, out)
+            return self._forward_folded(x, out)[0]
         y = self._forward_graph(x)
         return y if out is None else out.copy_(y)
 
@@ -194,34 +194,73 @@ class OpenUnmix(nn.Module):
         # back to (nb_samples, nb_channels, nb_bins, nb_frames), masking the mixture
         return x.permute(1, 2, 3, 0) * mix
 
-    def _forward_folded(self, x: Tensor, out: Tensor | None) -> Tensor:
+    def forward_stream(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Inference on the next frames of a stream, carrying the LSTM state (unidirectional only).
+
+        Args:
+            x: mixture magnitude of the new frames, (nb_samples, nb_channels, nb_bins, nb_frames)
+            state: the LSTM's (h, c) after the previous frames (None: start of the stream)
+        Returns:
+            target magnitude of the new frames, and the state after them. Feeding a signal's
+            frames in any number of pieces gives what one call on all of them gives.
+        """
+        if not self.unidirectional:
+            raise ValueError("a bidirectional LSTM reads future frames and cannot stream")
+        if self.training or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise ValueError("forward_stream is for inference: call freeze() (eval mode, no gradients) first")
+        return self._forward_folded(x, None, state)
+
+    def _forward_folded(
+        self, x: Tensor, out: Tensor | None, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The same function with eval-mode BatchNorm and the input/output affine maps folded
         into the three linear layers: one matrix product each, results in place. Less memory
         traffic and far fewer full-size temporaries, which bounds a long separation's memory."""
         # (nb_frames, nb_samples, nb_channels, nb_bins)
         xt = x.permute(3, 0, 1, 2)
         nb_frames, nb_samples, nb_channels, _ = xt.shape
-        in_scale = self.input_scale.repeat(nb_channels)  # channel-major, like the flatten
-        in_shift = self.input_mean.repeat(nb_channels) * in_scale
-        g1, b1 = _bn_affine(self.bn1)
-        w1 = self.fc1.weight * in_scale * g1[:, None]
-        c1 = b1 + g1 * (self.fc1.weight @ in_shift)
+        w1, c1, w2, b2, w3, c3 = self._folded_weights(nb_channels)
         flat = xt[..., : self.nb_bins].reshape(-1, nb_channels * self.nb_bins)
         h = torch.addmm(c1, flat, w1.t()).tanh_().reshape(nb_frames, nb_samples, self.hidden_size)
-        lstm_out, _ = self.lstm(h)
+        lstm_out, state = self.lstm(h, hx)
         h = torch.cat([h, lstm_out], -1).reshape(nb_frames * nb_samples, -1)
-        g2, b2 = _bn_affine(self.bn2)
-        h = torch.addmm(b2, h, (self.fc2.weight * g2[:, None]).t()).relu_()
-        g3, b3 = _bn_affine(self.bn3)
-        out_scale = self.output_scale.repeat(nb_channels)
-        w3 = self.fc3.weight * (g3 * out_scale)[:, None]
-        c3 = b3 * out_scale + self.output_mean.repeat(nb_channels)
+        h = torch.addmm(b2, h, w2.t()).relu_()
         y = torch.addmm(c3, h, w3.t()).relu_()
         # (nb_frames, nb_samples, nb_channels, nb_bins) seen as (nb_samples, nb_channels, nb_bins, nb_frames)
         y = y.reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins).permute(1, 2, 3, 0)
         if out is None:
-            return y.mul_(x)
-        return torch.mul(y, x, out=out)
+            return y.mul_(x), state
+        return torch.mul(y, x, out=out), state
+
+    def _folded_weights(self, nb_channels: int) -> tuple[Tensor, ...]:
+        """(w1, c1, w2, b2, w3, c3) of the folded layers, cached until a parameter or buffer
+        changes (in place, or by moving the model): streaming calls this once per frame."""
+        tensors = [*self.parameters(), *self.buffers()]
+        # inference tensors (a model built under inference_mode) have no version counter: no cache
+        key = None
+        if not any(t.is_inference() for t in tensors):
+            key = (nb_channels, *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+        cached = getattr(self, "_folded_cache", None)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            in_scale = self.input_scale.repeat(nb_channels)  # channel-major, like the flatten
+            in_shift = self.input_mean.repeat(nb_channels) * in_scale
+            g1, b1 = _bn_affine(self.bn1)
+            w1 = self.fc1.weight * in_scale * g1[:, None]
+            c1 = b1 + g1 * (self.fc1.weight @ in_shift)
+            g2, b2 = _bn_affine(self.bn2)
+            w2 = self.fc2.weight * g2[:, None]
+            g3, b3 = _bn_affine(self.bn3)
+            out_scale = self.output_scale.repeat(nb_channels)
+            w3 = self.fc3.weight * (g3 * out_scale)[:, None]
+            c3 = b3 * out_scale + self.output_mean.repeat(nb_channels)
+        weights = (w1, c1, w2, b2, w3, c3)
+        if key is not None:
+            self._folded_cache = (key, weights)
+        return weights
 
 
 def _bn_affine(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:

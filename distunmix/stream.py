@@ -1,0 +1,142 @@
+"""Real-time separation with unidirectional models: audio in blocks, separated blocks out.
+
+A unidirectional (causal) LSTM can run frame by frame with its state carried over, so a stream can
+be separated as it arrives. The STFT overlap, the LSTM state and the overlap-add ISTFT are kept
+between blocks; the Wiener filter runs without EM iterations (``niter=0``: the mixture phase, or a
+soft mask), which is frame-local. EM iterations average over a window of future frames and cannot
+stream.
+
+Latency: an STFT frame can be transformed once its last sample has arrived, and an output sample
+is final once every frame overlapping it has been added, so output lags input by
+``n_fft - n_hop`` samples (3072 at the defaults: 69.7 ms at 44.1 kHz), plus the wait for a block
+to fill. The concatenated output of :meth:`StreamingSeparator.process` and
+:meth:`StreamingSeparator.flush` equals ``Separator(..., niter=0, chunk_seconds=None)`` on the whole
+signal to float32 rounding (tested at >= 100 dB SNR).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import spectral
+from .separator import Separator, _OverlapAdd
+
+_UNBOUNDED = 1 << 62  # frames / samples of a stream whose end is not known yet
+
+
+class StreamingSeparator:
+    """Separate a live signal block by block with a :class:`Separator` of unidirectional models.
+
+    ``process(block)`` takes (nb_channels, n) or (nb_samples, nb_channels, n) at the separator's
+    rate and returns the newly finished output, (nb_samples, nb_targets, nb_channels, m) — empty
+    until the first ``latency`` samples have gone by. ``flush()`` ends the stream and returns the
+    rest. Blocks may have any length; ``n_hop`` (1024) is the natural one.
+    """
+
+    def __init__(self, separator: Separator) -> None:
+        bidirectional = [t for t, m in separator.target_models.items() if not m.unidirectional]
+        if bidirectional:
+            raise ValueError(
+                f"target(s) {', '.join(bidirectional)} use a bidirectional LSTM, which reads future frames and "
+                "cannot stream; train with --unidirectional (distunmix train) for real-time separation"
+            )
+        if separator.niter != 0:
+            raise ValueError(
+                f"streaming needs niter=0 (got {separator.niter}): Wiener EM iterations average over future frames"
+            )
+        self.separator = separator.freeze()
+        self.n_fft, self.n_hop = separator.n_fft, separator.n_hop
+        self.reset()
+
+    @property
+    def latency(self) -> int:
+        """Algorithmic delay in samples between a sample in and its separated sample out."""
+        return self.n_fft - self.n_hop
+
+    @property
+    def targets(self) -> list[str]:
+        return self.separator.targets
+
+    def reset(self) -> None:
+        """Forget the stream: the next block starts a new signal."""
+        self._head: Tensor | None = None  # input before the left reflect pad can be built
+        self._tail: Tensor | None = None  # the last n_fft // 2 + 1 input samples (the right pad)
+        self._buf: Tensor | None = None  # padded samples from frame self._frame's start on
+        self._frame = 0  # next STFT frame to compute
+        self._received = 0
+        self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.separator.target_models)
+        self._ola = _OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
+        self._done = False
+
+    def _prepare(self, block: Tensor) -> Tensor:
+        if block.dim() == 2:
+            block = block[None]
+        if block.dim() != 3 or block.shape[1] not in (1, 2):
+            raise ValueError(f"blocks must be (channels, n) or (batch, channels, n), got {tuple(block.shape)}")
+        if self.separator.nb_channels == 2 and block.shape[1] == 1:
+            block = block.expand(-1, 2, -1)
+        return block.to(device=self.separator.device, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def process(self, block: Tensor) -> Tensor:
+        """Feed the next samples; returns the separated samples finished so far."""
+        if self._done:
+            raise RuntimeError("the stream was flushed: call reset() to start a new one")
+        block = self._prepare(block)
+        self._received += block.shape[-1]
+        pad = self.n_fft // 2
+        self._tail = (block if self._tail is None else torch.cat([self._tail, block], -1))[..., -pad - 1 :]
+        if self._buf is None:
+            self._head = block if self._head is None else torch.cat([self._head, block], -1)
+            if self._head.shape[-1] <= pad:
+                return self._empty(block)
+            # left reflect pad of a centred STFT: samples pad..1 mirrored before sample 0
+            self._buf = torch.cat([self._head[..., 1 : pad + 1].flip(-1), self._head], -1)
+            self._head = None
+        else:
+            self._buf = torch.cat([self._buf, block], -1)
+        nb = (self._buf.shape[-1] - self.n_fft) // self.n_hop + 1
+        return self._frames(nb, final=False) if nb > 0 else self._empty(block)
+
+    @torch.inference_mode()
+    def flush(self) -> Tensor:
+        """End the stream: the remaining output (the signal's end is reflect-padded as offline)."""
+        if self._done:
+            raise RuntimeError("the stream was already flushed")
+        self._done = True
+        pad = self.n_fft // 2
+        if self._buf is None:
+            n = 0 if self._head is None else self._head.shape[-1]
+            raise ValueError(f"stream too short to separate: {n} samples, need more than {pad}")
+        length = self._received
+        nb_frames = length // self.n_hop + 1
+        # right reflect pad: samples N-2 .. N-pad-1
+        self._buf = torch.cat([self._buf, self._tail[..., :-1].flip(-1)], -1)
+        self._ola.nb_frames, self._ola.length = nb_frames, length
+        return self._frames(nb_frames - self._frame, final=True)
+
+    def _frames(self, nb: int, final: bool) -> Tensor:
+        """Transform, separate and overlap-add the next ``nb`` frames; return finished samples."""
+        seg = self._buf[..., : (nb - 1) * self.n_hop + self.n_fft]
+        mix = spectral.stft(seg, self.n_fft, self.n_hop, center=False)  # (B, C, F, nb)
+        mag = spectral.magnitude(mix, mono=self.separator.nb_channels == 1)
+        specs = []
+        for k, model in enumerate(self.separator.target_models.values()):
+            y, self._states[k] = model.forward_stream(mag, self._states[k])
+            specs.append(y)
+        est = spectral.wiener(
+            torch.stack(specs, 1),
+            mix,
+            0,
+            softmask=self.separator.softmask,
+            residual=self.separator.residual,
+            wiener_win_len=None,
+        )
+        _, wave = self._ola.add(est, self._frame, final=final)
+        self._frame += nb
+        self._buf = self._buf[..., nb * self.n_hop :]
+        return wave
+
+    def _empty(self, block: Tensor) -> Tensor:
+        return block.new_zeros(block.shape[0], len(self.targets), self.separator.nb_channels, 0)

@@ -1,0 +1,138 @@
+"""museval scoring: agreement with museval, its traps, parallel == serial, the evaluate command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import ray
+
+from distunmix.cli import main
+from distunmix.data.config import DataConfig, load_split
+from distunmix.data.synth import write_dataset
+from distunmix.evaluate import ModelSpec, aggregate, global_sdr, museval_json, run_tracks, score_track
+
+RATE = 8000  # museval's cost grows with the rate; its windows are 1 s whatever the rate
+TARGETS = ("vocals", "drums", "bass")
+
+
+def _track(seed: int, seconds: float = 4.0, noise: float = 0.3):
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    refs = {t: rng.standard_normal((n, 2)) * (k + 1) * 0.1 for k, t in enumerate(TARGETS)}
+    ests = {t: r + noise * rng.standard_normal(r.shape) * r.std() for t, r in refs.items()}
+    return refs, ests
+
+
+def test_global_sdr_values_and_edge_cases():
+    s = np.ones((100, 2))
+    assert global_sdr(s, s * 0.9) == pytest.approx(20.0)
+    assert math.isnan(global_sdr(np.zeros((100, 2)), s))
+    assert global_sdr(s, s) == math.inf
+
+
+def test_frames_equal_museval_evaluate_on_the_same_arrays():
+    import museval
+
+    refs, ests = _track(0)
+    scores = score_track("t", refs, ests, RATE)
+    sdr, isr, sir, sar = museval.evaluate(
+        np.stack([refs[t] for t in TARGETS]), np.stack([ests[t] for t in TARGETS]), win=RATE, hop=RATE
+    )
+    for k, t in enumerate(TARGETS):
+        for metric, values in (("SDR", sdr), ("SIR", sir), ("ISR", isr), ("SAR", sar)):
+            np.testing.assert_allclose(scores.frames[t][metric], values[k])
+    assert scores.notes == [] and scores.duration == 4.0
+
+
+def test_aggregation_matches_museval_evalstore():
+    """Median over frames (NaN frames left out), then median over tracks, as museval's EvalStore."""
+    import museval
+
+    tracks = []
+    for seed in range(3):
+        refs, ests = _track(seed, noise=0.2 + 0.2 * seed)
+        refs["drums"][: RATE * (seed + 1)] = 0  # silent frames: NaN
+        tracks.append(score_track(f"track{seed}", refs, ests, RATE))
+    ours = aggregate(tracks, TARGETS)
+    store = museval.EvalStore(frames_agg="median", tracks_agg="median")
+    for s in tracks:
+        ts = museval.TrackStore(track_name=s.track, win=1, hop=1)
+        for t in TARGETS:
+            ts.add_target(t, s.frames[t])
+        store.add_track(ts)
+    theirs = store.agg_frames_tracks_scores()
+    for t in TARGETS:
+        for m in ("SDR", "SIR", "ISR", "SAR"):
+            assert ours[t][m] == pytest.approx(theirs[t][m], abs=1e-4), (t, m)
+    assert any("frames silent" in n for s in tracks for n in s.notes)
+
+
+def test_silent_and_perfect_signals_are_explained_not_fatal():
+    refs, ests = _track(1)
+    refs["bass"][:] = 0  # a silent target: museval would raise
+    ests["drums"][:] = 0  # a silent estimate: museval would raise
+    ests["vocals"] = refs["vocals"].copy()  # perfect: +inf
+    s = score_track("odd", refs, ests, RATE)
+    assert s.frames["bass"]["SDR"] == [] and s.frames["drums"]["SDR"] == []
+    assert all(math.isinf(v) for v in s.frames["vocals"]["SDR"])
+    text = " | ".join(s.notes)
+    assert "bass: reference silent" in text and "drums: estimate silent" in text and "vocals: perfect" in text
+    agg = aggregate([s], TARGETS)
+    assert agg["vocals"]["SDR"] == math.inf and math.isnan(agg["bass"]["SDR"]) and math.isnan(agg["bass"]["global_SDR"])
+    doc = json.loads(museval_json(s).replace("NaN", "null"))
+    assert [t["name"] for t in doc["targets"]] == ["vocals"]
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    write_dataset(tmp / "musdb", tracks=6, duration=3.0, seed=4)  # 1 test track... plus valid
+    return DataConfig(root=str(tmp / "musdb"), cache_dir=str(tmp / "cache"), progress=False), tmp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    mp.undo()
+
+
+def test_ray_tasks_give_the_serial_numbers(test_split, ray_cluster):
+    config, tmp = test_split
+    assert main(["init-model", str(tmp / "m"), "--hidden-size", "8", "--targets", ",".join(TARGETS)]) == 0
+    cache = load_split(config, "valid")  # 1 track; with the test track below, 2 tracks in all
+    spec = ModelSpec(str(tmp / "m"), "m")
+    for c in (cache, load_split(config, "test")):
+        serial = run_tracks(spec, c, TARGETS, None, parallel=False)
+        parallel = run_tracks(spec, c, TARGETS, None, parallel=True)
+        for a, b in zip(serial, parallel, strict=True):
+            assert a.track == b.track and a.frames == b.frames and a.global_sdr == b.global_sdr
+
+
+def test_evaluate_command_writes_tables_chart_and_museval_json(test_split, capsys):
+    config, tmp = test_split
+    model = tmp / "cmd-model"
+    assert main(["init-model", str(model), "--hidden-size", "8"]) == 0
+    out = tmp / "evaluation"
+    flags = ["--root", config.root, "--cache-dir", config.cache_dir, "-o", str(out), "--serial", "-q"]
+    assert main(["evaluate", "-m", str(model), "--compare", "mixture", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "median over 1 s frames, then median over tracks" in printed and "global SDR" in printed
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0] == "model,target,SDR,SIR,ISR,SAR,global_SDR,tracks" and len(rows) == 1 + 2 * 4
+    assert rows[1].startswith("cmd-model,vocals,") and rows[5].startswith("mixture,vocals,")
+    summary = json.loads((out / "scores.json").read_text())
+    sdr = float(rows[1].split(",")[2])
+    assert summary["models"]["cmd-model"]["scores"]["vocals"]["SDR"] == pytest.approx(sdr, abs=1e-3)
+    assert "| cmd-model | vocals |" in (out / "scores.md").read_text()
+    assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
+    track_json = list((out / "cmd-model").glob("*.json"))
+    assert len(track_json) == 1 and json.loads(track_json[0].read_text().replace("NaN", "null"))["targets"]
+    assert main(["evaluate", "-m", str(tmp / "nope"), *flags]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Streaming separation: block by block equals offline, fixed latency, bidirectional refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import make_models, snr_db
+
+from distunmix.cli import main
+from distunmix.separator import Separator
+from distunmix.stream import StreamingSeparator
+
+TARGETS = ("vocals", "drums", "bass")
+
+
+def _stream(streamer: StreamingSeparator, x: torch.Tensor, block: int) -> tuple[torch.Tensor, list[int]]:
+    pieces = [streamer.process(x[..., i : i + block]) for i in range(0, x.shape[-1], block)]
+    sizes = [p.shape[-1] for p in pieces]
+    pieces.append(streamer.flush())
+    return torch.cat(pieces, -1), sizes
+
+
+@pytest.mark.parametrize("block", [1024, 333, 5000])
+@pytest.mark.parametrize("residual, softmask", [(False, False), (True, False), (False, True)])
+def test_streaming_equals_offline_separation(block, residual, softmask):
+    models = make_models(TARGETS, hidden_size=24, unidirectional=True)
+    separator = Separator(models, niter=0, residual=residual, softmask=softmask, chunk_seconds=None)
+    x = torch.randn(1, 2, 44100 + 777, generator=torch.Generator().manual_seed(block)) * 0.2
+    with torch.inference_mode():
+        offline = separator(x)
+    streamed, _ = _stream(StreamingSeparator(separator), x, block)
+    assert streamed.shape == offline.shape
+    assert snr_db(offline, streamed) > 100
+
+
+def test_mono_model_streams_like_offline():
+    models = make_models(("vocals",), hidden_size=16, nb_channels=1, unidirectional=True)
+    separator = Separator(models, niter=0, residual=True, chunk_seconds=None)
+    x = torch.randn(1, 1, 30000, generator=torch.Generator().manual_seed(2)) * 0.2
+    with torch.inference_mode():
+        offline = separator(x)
+    streamed, _ = _stream(StreamingSeparator(separator), x, 1024)
+    assert snr_db(offline, streamed) > 100
+
+
+def test_output_lags_input_by_the_documented_latency():
+    separator = Separator(make_models(TARGETS, hidden_size=8, unidirectional=True), niter=0, chunk_seconds=None)
+    streamer = StreamingSeparator(separator)
+    assert streamer.latency == 4096 - 1024
+    x = torch.randn(1, 2, 1024 * 20) * 0.1
+    _, sizes = _stream(streamer, x, 1024)
+    emitted = np.cumsum(sizes)
+    received = 1024 * np.arange(1, 21)
+    assert (emitted == np.maximum(0, received - streamer.latency)).all()
+
+
+def test_bidirectional_models_and_wiener_iterations_are_refused():
+    bi = Separator(make_models(TARGETS, hidden_size=8), niter=0)
+    with pytest.raises(ValueError, match="bidirectional LSTM.*--unidirectional"):
+        StreamingSeparator(bi)
+    uni = Separator(make_models(TARGETS, hidden_size=8, unidirectional=True), niter=1)
+    with pytest.raises(ValueError, match="niter=0"):
+        StreamingSeparator(uni)
+    with pytest.raises(ValueError, match="cannot stream"):
+        make_models(("vocals",), hidden_size=8)["vocals"].freeze().forward_stream(torch.rand(1, 2, 2049, 3))
+
+
+def test_a_flushed_stream_must_be_reset_and_too_short_streams_are_refused():
+    separator = Separator(make_models(("vocals",), hidden_size=8, unidirectional=True), niter=0)
+    streamer = StreamingSeparator(separator)
+    streamer.process(torch.zeros(2, 1000))
+    with pytest.raises(ValueError, match="stream too short"):
+        streamer.flush()
+    with pytest.raises(RuntimeError, match="reset"):
+        streamer.process(torch.zeros(2, 1000))
+    streamer.reset()
+    out, _ = _stream(streamer, torch.zeros(1, 2, 5000), 1024)
+    assert out.shape == (1, 1, 2, 5000) and torch.isfinite(out).all() and not out.any()  # silence in, silence out
+
+
+def test_forward_stream_pieces_equal_one_call_and_the_folded_cache_follows_new_weights():
+    model = make_models(("vocals",), hidden_size=16, unidirectional=True)["vocals"].freeze()
+    x = torch.rand(1, 2, 2049, 12)
+    whole, _ = model.forward_stream(x)
+    a, state = model.forward_stream(x[..., :5])
+    b, _ = model.forward_stream(x[..., 5:], state)
+    torch.testing.assert_close(torch.cat([a, b], -1), whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(x), whole, rtol=1e-5, atol=1e-6)
+    other = make_models(("vocals",), hidden_size=16, unidirectional=True, seed=9)["vocals"]
+    model.load_state_dict(other.state_dict())  # in place: the cached folded weights must go
+    torch.testing.assert_close(model(x), other.freeze()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_stream_command_writes_stems_equal_to_offline_and_reports_latency(tmp_path, audio, capsys):
+    model_dir = tmp_path / "uni"
+    flags = ["--hidden-size", "16", "--unidirectional", "--targets", "vocals,bass"]
+    assert main(["init-model", str(model_dir), *flags]) == 0
+    wav = tmp_path / "song.wav"
+    sf.write(wav, audio(seconds=2.0)[0].T.numpy(), 44100, subtype="FLOAT")
+    assert main(["stream", str(wav), "-m", str(model_dir), "-o", str(tmp_path / "s"), "--block", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "latency 92.9 ms (STFT 69.7 ms + one block 23.2 ms)" in out and "x real time" in out
+    assert main(["separate", str(wav), "-m", str(model_dir), "-o", str(tmp_path / "o"), "--niter", "0", "-q"]) == 0
+    for target in ("vocals", "bass"):
+        streamed, _ = sf.read(tmp_path / "s" / "uni" / "song" / f"{target}.wav")
+        offline, _ = sf.read(tmp_path / "o" / "uni" / "song" / f"{target}.wav")
+        assert streamed.shape == offline.shape and snr_db(torch.from_numpy(offline), torch.from_numpy(streamed)) > 100
+    bi = tmp_path / "bi"
+    main(["init-model", str(bi), "--hidden-size", "16"])
+    assert main(["stream", str(wav), "-m", str(bi)]) == 2
+    assert "bidirectional LSTM" in capsys.readouterr().err
