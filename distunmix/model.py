@@ -210,10 +210,10 @@ class OpenUnmix(nn.Module):
             raise ValueError("a bidirectional LSTM reads future frames and cannot stream")
         if self.training or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             raise ValueError("forward_stream is for inference: call freeze() (eval mode, no gradients) first")
-        return self._forward_folded(x, None, state)
+        return self._forward_folded(x, None, state, stepwise=x.shape[-1] <= _STEPWISE_FRAMES)
 
     def _forward_folded(
-        self, x: Tensor, out: Tensor | None, hx: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, out: Tensor | None, hx: tuple[Tensor, Tensor] | None = None, stepwise: bool = False
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The same function with eval-mode BatchNorm and the input/output affine maps folded
         into the three linear layers: one matrix product each, results in place. Less memory
@@ -224,7 +224,7 @@ class OpenUnmix(nn.Module):
         w1, c1, w2, b2, w3, c3 = self._folded_weights(nb_channels)
         flat = xt[..., : self.nb_bins].reshape(-1, nb_channels * self.nb_bins)
         h = torch.addmm(c1, flat, w1.t()).tanh_().reshape(nb_frames, nb_samples, self.hidden_size)
-        lstm_out, state = self.lstm(h, hx)
+        lstm_out, state = _lstm_steps(self.lstm, h, hx) if stepwise else self.lstm(h, hx)
         h = torch.cat([h, lstm_out], -1).reshape(nb_frames * nb_samples, -1)
         h = torch.addmm(b2, h, w2.t()).relu_()
         y = torch.addmm(c3, h, w3.t()).relu_()
@@ -261,6 +261,44 @@ class OpenUnmix(nn.Module):
         if key is not None:
             self._folded_cache = (key, weights)
         return weights
+
+
+_STEPWISE_FRAMES = 8  # up to this many frames, a unidirectional LSTM runs as plain matrix products
+
+
+def _lstm_steps(lstm: nn.LSTM, x: Tensor, hx: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """A unidirectional, eval-mode ``nn.LSTM`` over a few frames with plain matrix products.
+
+    For one frame (streaming), the library LSTM's per-call set-up costs more than the arithmetic
+    (about 1.3 ms per layer on a CPU against microseconds here). Gate order i, f, g, o, as torch.
+
+    Args:
+        x: (nb_frames, nb_samples, input_size)
+        hx: (h, c), each (nb_layers, nb_samples, hidden_size), or None for zeros
+    """
+    nb_frames, nb_samples, _ = x.shape
+    size = lstm.hidden_size
+    if hx is None:
+        zeros = x.new_zeros(lstm.num_layers, nb_samples, size)
+        hx = (zeros, zeros)
+    hs, cs = [], []
+    for layer in range(lstm.num_layers):
+        w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
+        bias = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+        # input projections of all frames at once: (nb_frames, nb_samples, 4 * size)
+        pre = torch.addmm(bias, x.reshape(-1, x.shape[-1]), w_ih.t()).reshape(nb_frames, nb_samples, 4 * size)
+        h, c = hx[0][layer], hx[1][layer]
+        outs = []
+        for t in range(nb_frames):
+            gates = torch.addmm(pre[t], h, w_hh.t())
+            i, f, g, o = gates.chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        x = torch.stack(outs)
+        hs.append(h)
+        cs.append(c)
+    return x, (torch.stack(hs), torch.stack(cs))
 
 
 def _bn_affine(bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,190 @@
+"""Evaluation wall time (serial vs Ray tasks) and separation speed (bi vs uni, offline vs streaming).
+
+    .venv/bin/python benchmarks/evaluate.py                     # both sections, ~4 min on 2 cores
+    python benchmarks/evaluate.py --skip-eval --device cuda     # speed on a GPU
+
+eval:  the generated test split (``--tracks`` songs of ``--seconds`` s; 20% are test tracks) scored
+       with museval by an untrained hidden-512 model, one track after another in this process, then
+       as Ray tasks (1 CPU each) on this machine's cores; wall times and the ratio. Also checks that
+       both give the same numbers.
+speed: x real time of offline separation (niter 1 and 0) for BiLSTM and LSTM models at several
+       hidden sizes, and of streaming (blocks of 1024 and 4096 samples, niter 0) for the LSTM ones, with
+       the per-block compute time against the block's duration (23.2 ms for 1024 samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distunmix.data.synth import synth_track  # noqa: E402
+from distunmix.model import ModelConfig, OpenUnmix  # noqa: E402
+from distunmix.separator import Separator  # noqa: E402
+from distunmix.stream import StreamingSeparator  # noqa: E402
+
+TARGETS = ("vocals", "drums", "bass", "other")
+
+
+def eval_section(args) -> dict:
+    import ray
+
+    from distunmix.checkpoint import save_model_dir
+    from distunmix.data.config import DataConfig, load_split
+    from distunmix.evaluate import ModelSpec, run_tracks
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    config = DataConfig(
+        cache_dir=str(tmp / "cache"), synth_tracks=args.tracks, synth_duration=args.seconds, progress=False
+    )
+    cache = load_split(config, "test")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_bandwidth(hidden_size=512)
+    save_model_dir(tmp / "model", {t: OpenUnmix.from_config(cfg) for t in TARGETS}, bandwidth=16000.0)
+    spec = ModelSpec(str(tmp / "model"), "model")
+    t0 = time.perf_counter()
+    serial = run_tracks(spec, cache, TARGETS, None, parallel=False)
+    t_serial = time.perf_counter() - t0
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        run_tracks(spec, cache, TARGETS, None, parallel=True)  # warm the workers (imports, museval)
+        t0 = time.perf_counter()
+        parallel = run_tracks(spec, cache, TARGETS, None, parallel=True)
+        t_parallel = time.perf_counter() - t0
+        cpus = ray.cluster_resources().get("CPU", 0)
+    finally:
+        ray.shutdown()
+    # Ray tasks run torch on 1 thread, this process on all cores: float rounding differs slightly
+    diff = max(
+        float(np.nanmax(np.abs(np.subtract(a.frames[t][m], b.frames[t][m]), dtype=float), initial=0.0))
+        for a, b in zip(serial, parallel, strict=True)
+        for t in TARGETS
+        for m in ("SDR", "SIR", "ISR", "SAR")
+    )
+    per_track = np.mean([s.separation_seconds + s.scoring_seconds for s in serial])
+    scoring = np.mean([s.scoring_seconds for s in serial])
+    print(
+        f"  {len(cache)} test tracks of {args.seconds:g} s: serial {t_serial:.1f} s ({per_track:.1f} s per track, "
+        f"museval {scoring:.1f} s of it), Ray tasks on {cpus:g} CPUs {t_parallel:.1f} s: "
+        f"{t_serial / t_parallel:.2f}x; largest score difference {diff:.1e} dB"
+    )
+    return {
+        "tracks": len(cache),
+        "seconds": args.seconds,
+        "serial_s": t_serial,
+        "ray_s": t_parallel,
+        "ratio": t_serial / t_parallel,
+        "cpus": cpus,
+        "max_diff_db": diff,
+    }
+
+
+def _models(hidden: int, uni: bool, device) -> dict[str, OpenUnmix]:
+    torch.manual_seed(hidden + uni)
+    cfg = ModelConfig.from_bandwidth(hidden_size=hidden, unidirectional=uni)
+    return {t: OpenUnmix.from_config(cfg).to(device).freeze() for t in TARGETS}
+
+
+def _time(fn, device) -> float:
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def speed_section(args, device) -> list[dict]:
+    song = torch.from_numpy(sum(synth_track(args.speed_seconds, 44100, seed=1).values()))[None].to(device)
+    seconds = song.shape[-1] / 44100
+    rows = []
+    for hidden in args.hidden:
+        for uni in (False, True):
+            models = _models(hidden, uni, device)
+            for niter in (1, 0):
+                sep = Separator(models, niter=niter, chunk_seconds=None)
+                with torch.inference_mode():
+                    t = _time(lambda sep=sep: sep(song), device)
+                kind = "uni" if uni else "bi"
+                rows.append({"hidden": hidden, "lstm": kind, "mode": f"offline niter {niter}", "x_rt": seconds / t})
+                label = "LSTM  " if uni else "BiLSTM"
+                print(f"  hidden {hidden:4d} {label} offline niter {niter}: {seconds / t:7.1f}x real time")
+            for block in args.blocks if uni else ():
+                streamer = StreamingSeparator(Separator(models, niter=0))
+                x = song[0]
+                pieces = [x[:, i : i + block] for i in range(0, min(x.shape[-1], 44100 * args.stream_seconds), block)]
+                streamer.process(pieces[0])
+                times = []
+                for p in pieces[1:]:
+                    t0 = time.perf_counter()
+                    out = streamer.process(p)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    else:
+                        out.sum()
+                    times.append(time.perf_counter() - t0)
+                streamer.flush()
+                ms = 1000 * np.array(times)
+                deadline = 1000 * block / 44100
+                row = {
+                    "hidden": hidden,
+                    "lstm": "uni",
+                    "mode": f"streaming niter 0, block {block}",
+                    "x_rt": deadline / ms.mean(),
+                    "p50_ms": float(np.median(ms)),
+                    "p99_ms": float(np.percentile(ms, 99)),
+                    "late": int((ms > deadline).sum()),
+                    "blocks": len(ms),
+                    "latency_ms": 1000 * (streamer.latency + block) / 44100,
+                }
+                rows.append(row)
+                print(
+                    f"  hidden {hidden:4d} LSTM   streaming block {block}: {row['x_rt']:7.1f}x real time, p50 "
+                    f"{row['p50_ms']:.2f} ms / p99 {row['p99_ms']:.2f} ms (deadline {deadline:.1f} ms, "
+                    f"{row['late']} of {row['blocks']} late), latency {row['latency_ms']:.1f} ms"
+                )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tracks", type=int, default=20, help="generated songs (20%% test tracks)")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--speed-seconds", type=float, default=20.0)
+    p.add_argument("--stream-seconds", type=int, default=10)
+    p.add_argument("--blocks", type=int, nargs="+", default=[1024, 4096], help="streaming block sizes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}")
+    figures: dict = {"device": name}
+    if not args.skip_eval:
+        print("evaluation of the generated test split (museval, untrained hidden-512 model):")
+        figures["eval"] = eval_section(args)
+    if not args.skip_speed:
+        print(f"separation speed, {args.speed_seconds:g} s stereo, 4 targets, Wiener window 300:")
+        figures["speed"] = speed_section(args, device)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
