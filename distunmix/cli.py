@@ -108,6 +108,108 @@ def run_separate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- tune -----------------------------------------------------------------------------------------
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m tune`` / ``distunmix tune``: the search, then the base training config."""
+    from .tuning.runner import TuneSettings
+
+    d = TuneSettings()
+    g = p.add_argument_group("search")
+    g.add_argument("--space", default=d.space, help="quick | seed | a YAML file (see tune/spaces/)")
+    g.add_argument("--metric", choices=("valid_loss", "valid_sdr"), default=d.metric)
+    g.add_argument("--num-samples", type=_positive_int, default=d.num_samples, help="samples of the space (x grids)")
+    g.add_argument("--max-epochs", type=_positive_int, default=d.max_epochs)
+    g.add_argument("--grace-period", type=_positive_int, default=d.grace_period, help="ASHA: epochs before a stop")
+    g.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA: keep 1/N per rung")
+    g.add_argument("--scheduler", choices=("asha", "none"), default=d.scheduler, help="none: run every trial out")
+    g.add_argument("--max-concurrent-trials", type=_non_negative_int, default=0, help="0: as resources allow")
+    g.add_argument("--cpus-per-trial", type=_positive_float, default=d.cpus_per_trial, help="per worker of a trial")
+    g.add_argument("--gpus-per-trial", type=float, default=d.gpus_per_trial, help="per worker; fractions share a GPU")
+    g.add_argument("--workers-per-trial", type=_positive_int, default=d.workers_per_trial, help="DDP ranks per trial")
+    g.add_argument("--storage-path", default=d.storage_path, help="local folder or URI for experiments")
+    g.add_argument("--name", default=None, help="experiment name (default tune-<date>-<time>)")
+    g.add_argument("--resume", action="store_true", help="finish the interrupted experiment <storage-path>/<name>")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="retries of a crashed trial")
+    g.add_argument("--logger", choices=("none", "wandb"), default=d.logger, help="wandb: every trial")
+    g.add_argument("--address", help="join a running Ray cluster")
+    g.add_argument("--speed-seconds", type=_positive_float, default=d.speed_seconds, help="audio timed per trial")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars while preparing data")
+    add_data_flags(p)
+    add_training_flags(p)
+
+
+def add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="search training settings with Ray Tune and ASHA (same as python -m tune)",
+        description="Train one trial per point of a search space, stop weak trials early with ASHA, and write "
+        "results.csv/.md, loss_curves.png, sdr_vs_speed.png and the best trial's model (best/).",
+    )
+    add_tune_args(p)
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.tracks import DataError
+    from .train.config import ConfigError
+    from .tuning.runner import TuneSettings, run_experiment
+    from .tuning.space import SpaceError, load_space
+
+    if args.resume and not args.name:
+        print("error: --resume needs --name (the experiment to finish)", file=sys.stderr)
+        return 2
+    try:
+        settings = TuneSettings(
+            space=args.space,
+            metric=args.metric,
+            num_samples=args.num_samples,
+            max_epochs=args.max_epochs,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            scheduler=args.scheduler,
+            max_concurrent_trials=args.max_concurrent_trials,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            workers_per_trial=args.workers_per_trial,
+            storage_path=args.storage_path,
+            name=args.name or time.strftime("tune-%Y%m%d-%H%M%S"),
+            resume=args.resume,
+            max_failures=args.max_failures,
+            logger=args.logger,
+            address=args.address,
+            speed_seconds=args.speed_seconds,
+        )
+        base = train_config(args)
+        space = load_space(settings.space, base)
+        from .tuning.runner import check_experiment_dir
+
+        check_experiment_dir(settings)
+    except (ConfigError, DataError, SpaceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = run_experiment(base, space, settings)
+    folder = Path(settings.experiment_dir)
+    if summary.get("interrupted"):
+        print(
+            f"interrupted with {summary['pending']} of {summary['trials']} trials unfinished; finish it with: "
+            f"python -m tune --resume --name {settings.name} --storage-path {settings.storage_path}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{summary['trials']} trials, {summary['trial_epochs']} trial-epochs ({settings.scheduler})")
+    best = summary["best"]
+    if best:
+        print(
+            f"best trial {best['trial']}: hidden {best['hidden_size']}, batch {best['batch_size']}, {best['lstm']}, "
+            f"valid loss {best['best_valid_loss']:.4g}, valid SDR {best['valid_sdr']:.2f} dB"
+        )
+        print(f"best model: {folder}/best/ (distunmix separate -m {folder}/best SONG.wav)")
+    print(f"results: {folder}/results.md, results.csv, loss_curves.png, sdr_vs_speed.png")
+    return 0 if best else 1
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -407,19 +509,12 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 # -- train --------------------------------------------------------------------------------------
-def add_train(sub: argparse._SubParsersAction) -> None:
-    from .train.config import LOGGERS, PRECISIONS, TrainConfig
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """The optimisation, model and sampling flags of :class:`distunmix.train.config.TrainConfig`."""
+    from .train.config import PRECISIONS, TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser(
-        "train",
-        help="train one model per target with Ray Train (DDP); generated data when --root is omitted",
-        description="Train Open-Unmix models for all targets in one job, data-parallel over --num-workers ranks. "
-        "Defaults are open-unmix's. The run folder is <storage-path>/<name>/.",
-    )
-    add_data_flags(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="excerpts per batch and worker")
     g.add_argument("--lr", type=_positive_float, default=d.lr)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -441,7 +536,22 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples-per-track", type=_positive_int, default=d.samples_per_track)
     g.add_argument("--seq-dur", type=_positive_float, default=d.seq_dur, help="excerpt length in seconds")
     g.add_argument("--nb-workers", type=_non_negative_int, default=d.nb_workers, help="data loading processes per rank")
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.config import LOGGERS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train one model per target with Ray Train (DDP); generated data when --root is omitted",
+        description="Train Open-Unmix models for all targets in one job, data-parallel over --num-workers ranks. "
+        "Defaults are open-unmix's. The run folder is <storage-path>/<name>/.",
+    )
+    add_data_flags(p)
+    add_training_flags(p)
     g = p.add_argument_group("distribution and run")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
     g.add_argument("--num-workers", type=_positive_int, default=d.num_workers, help="DDP ranks (default 1)")
     g.add_argument("--use-gpu", action="store_true", help="one GPU per rank (NCCL); default CPU (gloo)")
     g.add_argument("--cpus-per-worker", type=_positive_float, default=d.cpus_per_worker)
@@ -462,14 +572,14 @@ def train_config(args: argparse.Namespace):
 
     from .train.config import TrainConfig
 
-    if args.resume and not args.name:
+    if getattr(args, "resume", False) and not args.name:
         from .train.config import ConfigError
 
         raise ConfigError("--resume needs --name (the run to continue)")
     return TrainConfig(
         data=replace(data_config(args), progress=not args.quiet),
         targets=tuple(args.targets),
-        epochs=args.epochs,
+        epochs=getattr(args, "epochs", TrainConfig.epochs),
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
@@ -486,16 +596,16 @@ def train_config(args: argparse.Namespace):
         samples_per_track=args.samples_per_track,
         seq_dur=args.seq_dur,
         nb_workers=args.nb_workers,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        storage_path=args.storage_path,
-        name=args.name or time.strftime("train-%Y%m%d-%H%M%S"),
-        resume=args.resume,
-        max_failures=args.max_failures,
+        num_workers=getattr(args, "num_workers", 1),
+        use_gpu=getattr(args, "use_gpu", False),
+        cpus_per_worker=getattr(args, "cpus_per_worker", 2.0),
+        storage_path=getattr(args, "storage_path", "runs"),
+        name=getattr(args, "name", None) or time.strftime("train-%Y%m%d-%H%M%S"),
+        resume=getattr(args, "resume", False),
+        max_failures=getattr(args, "max_failures", 0),
         precision=args.precision,
-        logger=args.logger,
-        address=args.address,
+        logger=getattr(args, "logger", "none"),
+        address=getattr(args, "address", None),
         progress=not args.quiet,
     )
 
@@ -541,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_stream(sub)
     add_evaluate(sub)
+    add_tune(sub)
     return parser
 
 

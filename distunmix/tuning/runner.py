@@ -1,0 +1,309 @@
+"""Ray Tune edge: the search experiment, its trials, ASHA, resume, and the exported best model.
+
+A trial with one worker trains in the trial's own process (the torch-only loop of
+:mod:`distunmix.train.loop`, reporting through ``ray.tune.report``); with ``workers_per_trial`` > 1
+the trial launches a Ray Train TorchTrainer running the same loop on that many DDP ranks and
+forwards its reports to Tune with ``TuneReportCallback`` (Ray 2.60's pattern for Tune with Train
+V2, not the deprecated ``Tuner(trainer)``). Every report is one epoch; ASHA stops trials on the
+``epoch`` attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..train.config import ConfigError, TrainConfig
+from ..train.loop import STATE_FILE, prepare, run_worker
+from .space import SearchSpace
+
+METRICS = {"valid_loss": "min", "valid_sdr": "max"}
+INTERRUPT_ENV = "DISTUNMIX_TUNE_INTERRUPT_AFTER"  # test hook: SIGINT the driver after N finished trials
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """The experiment's settings; field ``x_y`` is flag ``--x-y`` of ``python -m tune``."""
+
+    space: str = "quick"
+    metric: str = "valid_loss"
+    num_samples: int = 1
+    max_epochs: int = 4
+    grace_period: int = 1
+    reduction_factor: int = 2
+    scheduler: str = "asha"
+    max_concurrent_trials: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    storage_path: str = "runs"
+    name: str = "tune"
+    resume: bool = False
+    max_failures: int = 0
+    logger: str = "none"
+    address: str | None = None
+    speed_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.metric in METRICS, "--metric", self.metric, " | ".join(METRICS)),
+            (self.num_samples >= 1, "--num-samples", self.num_samples, "an integer >= 1"),
+            (self.max_epochs >= 1, "--max-epochs", self.max_epochs, "an integer >= 1"),
+            (1 <= self.grace_period <= self.max_epochs, "--grace-period", self.grace_period, "in [1, --max-epochs]"),
+            (self.reduction_factor >= 2, "--reduction-factor", self.reduction_factor, "an integer >= 2"),
+            (self.scheduler in ("asha", "none"), "--scheduler", self.scheduler, "asha | none"),
+            (self.max_concurrent_trials >= 0, "--max-concurrent-trials", self.max_concurrent_trials, ">= 0"),
+            (self.cpus_per_trial > 0, "--cpus-per-trial", self.cpus_per_trial, "a number > 0"),
+            (self.gpus_per_trial >= 0, "--gpus-per-trial", self.gpus_per_trial, "a number >= 0 (fractions share)"),
+            (self.workers_per_trial >= 1, "--workers-per-trial", self.workers_per_trial, "an integer >= 1"),
+            (self.max_failures >= -1, "--max-failures", self.max_failures, "an integer >= 0 (-1: unlimited)"),
+            (self.logger in ("none", "wandb"), "--logger", self.logger, "none | wandb"),
+            (self.speed_seconds > 0, "--speed-seconds", self.speed_seconds, "seconds > 0"),
+        ]
+        for ok, flag, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {value}: expected {expected}")
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric]
+
+    @property
+    def experiment_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+# -- trials --------------------------------------------------------------------------------------
+class TuneSession:
+    """A single-process trial: Tune's checkpoint and report."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(metrics, checkpoint=ckpt)
+
+
+def trial_config(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any]) -> TrainConfig:
+    """One trial's TrainConfig: the base, the space's fixed settings, the trial's values."""
+    searched = {k: v for k, v in values.items() if k in base}
+    return replace(TrainConfig.from_dict(base), **fixed, **searched)
+
+
+def trainable(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], workers: int, gpu: bool) -> None:
+    """Tune's function trainable: one trial."""
+    from ray import tune
+
+    config = trial_config(values, base, fixed)
+    context = tune.get_context()
+    config = replace(config, name=context.get_trial_id(), progress=False, data=replace(config.data, progress=False))
+    resolved, mean, std = prepare(config)
+    if workers == 1:
+        device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        run_worker(resolved, (mean, std), TuneSession(device))
+        return
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train.ray_trainer import train_fn_per_worker
+
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": resolved.to_dict(), "mean": mean.tolist(), "std": std.tolist()},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        run_config=RunConfig(
+            name=f"ddp-{context.get_trial_id()}",
+            storage_path=str(Path(context.get_trial_dir()).parent / "ddp"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# -- the experiment ------------------------------------------------------------------------------
+def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if settings.workers_per_trial == 1:
+        resources: Any = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+    else:  # the trial itself only waits; its TorchTrainer asks for the workers
+        resources = tune.PlacementGroupFactory(
+            [{"CPU": 0.01}]
+            + [{"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}] * settings.workers_per_trial
+        )
+    fn = tune.with_resources(
+        tune.with_parameters(
+            trainable,
+            base=base.to_dict(),
+            fixed=space.fixed,
+            workers=settings.workers_per_trial,
+            gpu=settings.gpus_per_trial > 0,
+        ),
+        resources,
+    )
+    if settings.resume:
+        return tune.Tuner.restore(str(experiment), trainable=fn, resume_unfinished=True, resume_errored=True)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",
+            max_t=settings.max_epochs,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        if settings.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    callbacks: list = []
+    if os.environ.get(INTERRUPT_ENV):
+        callbacks.append(_interrupt_after(int(os.environ[INTERRUPT_ENV])))
+    if settings.logger == "wandb":
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "distunmix"), mode=mode))
+    return tune.Tuner(
+        fn,
+        param_space=space.to_param_space(),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=base.seed),  # the same trials for the same seed
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials or None,
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=str(experiment.parent),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def _interrupt_after(count: int):
+    """A Tune callback that interrupts the experiment (as Ctrl-C would) after ``count`` trials finish."""
+    import signal
+
+    from ray.tune import Callback
+
+    class InterruptAfter(Callback):
+        def __init__(self) -> None:
+            self.finished = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.finished += 1
+            # read again: Tune pickles its callbacks with the experiment, and a resumed run unpickles it
+            if self.finished == count and os.environ.get(INTERRUPT_ENV):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return InterruptAfter()
+
+
+def check_experiment_dir(settings: TuneSettings) -> Path:
+    """The experiment folder: writable, and existing exactly when ``--resume`` is asked."""
+    folder = Path(settings.experiment_dir).expanduser().resolve()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--storage-path {settings.storage_path}: cannot write ({e.strerror})") from None
+    exists = (folder / "tune_settings.json").is_file()
+    if exists and not settings.resume:
+        raise ConfigError(f"--name {settings.name}: {folder} already holds an experiment; pass --resume to finish it")
+    if settings.resume and not exists:
+        raise ConfigError(f"--resume: no experiment in {folder}")
+    return folder
+
+
+def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings) -> dict[str, Any]:
+    """Run (or finish) the experiment and write its results; returns the summary."""
+    import json
+
+    import ray
+
+    from ..checkpoint import atomic_write_json
+    from .report import trial_rows, write_results
+
+    experiment = check_experiment_dir(settings)
+    base = replace(base, epochs=settings.max_epochs, progress=False)
+    resolved, _, _ = prepare(base)  # build caches and statistics once, before the trials
+    base = replace(base, data=resolved.data)
+    if settings.resume:
+        saved = json.loads((experiment / "tune_settings.json").read_text())
+        base = TrainConfig.from_dict(saved["base"])
+    # one snapshot per reported checkpoint is what resuming needs; Tune warns about it otherwise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=settings.address) if settings.address else ray.init()
+        started = True
+    try:
+        if not settings.resume:
+            experiment.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                experiment / "tune_settings.json",
+                {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed},
+            )
+        grid = _tuner(base, space, settings, experiment).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    pending = sum(1 for r in grid if r.config is None or r.metrics_dataframe is None and r.error is None)
+    if pending:  # interrupted (Ctrl-C, or the driver's end): the state on disk lets --resume finish it
+        return {"interrupted": True, "pending": pending, "trials": len(grid)}
+    rows = trial_rows(grid, space, base, settings)
+    return write_results(experiment, rows, settings)
+
+
+def best_checkpoint_dir(result) -> Path | None:
+    """The folder of a trial's last checkpoint (single-process or DDP trial)."""
+    if result.checkpoint is not None:
+        return Path(result.checkpoint.path)
+    path = (result.metrics or {}).get("checkpoint_path")
+    return Path(path) if path else None
+
+
+def export_best(checkpoint_dir: Path, dest: Path) -> Path:
+    """Copy a trial checkpoint's ``best/`` model folder to ``dest`` (replacing it)."""
+    if not (checkpoint_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a complete training checkpoint")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / "best", tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest

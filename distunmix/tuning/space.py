@@ -1,0 +1,184 @@
+"""Search spaces as YAML files, validated against :class:`~distunmix.train.config.TrainConfig`.
+
+A space file has ``params`` (searched) and optionally ``fixed`` (set for every trial) and
+``description``::
+
+    params:
+      batch_size: {grid: [4, 8, 16, 32]}     # every value, crossed with the other grids
+      hidden_size: {choice: [256, 512]}      # one value drawn per sample
+      lr: {loguniform: [0.0001, 0.01]}       # also uniform: [lo, hi], randint: [lo, hi)
+    fixed:
+      seq_dur: 6.0
+
+Keys are ``distunmix train`` settings (``batch_size`` is ``--batch-size``). Every value is checked
+before Ray starts: an unknown key, a bad range, or a value ``distunmix train`` would refuse is an
+error naming the file and the key. ``quick`` and ``seed`` name the files in ``tune/spaces/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..train.config import ConfigError, TrainConfig
+
+SPACES_DIR = Path(__file__).resolve().parents[2] / "tune" / "spaces"
+# settings a trial may vary, with their types
+TUNABLE: dict[str, type] = {
+    "batch_size": int,
+    "hidden_size": int,
+    "nb_layers": int,
+    "unidirectional": bool,
+    "samples_per_track": int,
+    "seq_dur": float,
+    "lr": float,
+    "weight_decay": float,
+    "lr_decay_gamma": float,
+    "lr_decay_patience": int,
+    "patience": int,
+    "nfft": int,
+    "nhop": int,
+    "bandwidth": float,
+    "precision": str,
+}
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class SpaceError(ValueError):
+    """A search space file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    description: str
+    params: tuple[Param, ...]
+    fixed: dict[str, Any]
+
+    @property
+    def grid_size(self) -> int:
+        """Trials per sample: the product of the grids' lengths."""
+        return math.prod(len(p.values) for p in self.params if p.kind == "grid")
+
+    def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+        """``base`` with the fixed settings and one trial's sampled values."""
+        return replace(base, **self.fixed, **values)
+
+    def to_param_space(self) -> dict[str, Any]:
+        """Ray Tune's ``param_space`` for the searched parameters."""
+        from ray import tune
+
+        make = {
+            "grid": lambda v: tune.grid_search(list(v)),
+            "choice": lambda v: tune.choice(list(v)),
+            "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v),
+        }
+        return {p.name: make[p.kind](p.values) for p in self.params}
+
+
+def resolve_path(space: str) -> Path:
+    """``quick`` / ``seed`` (built-in) or a path to a YAML file."""
+    path = Path(space)
+    if not path.suffix and (SPACES_DIR / f"{space}.yaml").is_file():
+        return SPACES_DIR / f"{space}.yaml"
+    if not path.is_file():
+        builtin = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        raise SpaceError(f"--space {space}: no such file, and not a built-in space ({builtin})")
+    return path
+
+
+def load_space(space: str, base: TrainConfig) -> SearchSpace:
+    """Read and check a space file against ``base`` (every choice and range end must train)."""
+    path = resolve_path(space)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SpaceError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(doc, dict):
+        raise SpaceError(f"{path}: expected a mapping with 'params' (and optionally 'fixed', 'description')")
+    unknown = sorted(set(doc) - {"params", "fixed", "description"})
+    if unknown:
+        raise SpaceError(f"{path}: unknown top-level key(s) {', '.join(unknown)} (expected params, fixed, description)")
+    raw_params, fixed = doc.get("params") or {}, doc.get("fixed") or {}
+    if not isinstance(raw_params, dict) or not raw_params:
+        raise SpaceError(f"{path}: 'params' must map settings to searches, e.g. hidden_size: {{grid: [256]}}")
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{path}: 'fixed' must map settings to values")
+    for key in [*raw_params, *fixed]:
+        if key not in TUNABLE:
+            raise SpaceError(f"{path}: unknown setting {key!r}; searchable: {', '.join(TUNABLE)}")
+    both = sorted(set(raw_params) & set(fixed))
+    if both:
+        raise SpaceError(f"{path}: {', '.join(both)} both searched and fixed")
+    params = tuple(_param(path, k, v) for k, v in raw_params.items())
+    fixed = {k: _typed(path, k, v) for k, v in fixed.items()}
+    space = SearchSpace(str(path), str(doc.get("description", "")), params, fixed)
+    _check_values(space, base)
+    return space
+
+
+def _typed(path: Path, key: str, value: Any) -> Any:
+    kind = TUNABLE[key]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SpaceError(f"{path}: {key} must be true or false, got {value!r}")
+        return value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise SpaceError(f"{path}: {key} must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise SpaceError(f"{path}: {key} must be a number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise SpaceError(f"{path}: {key} must be a string, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _param(path: Path, key: str, spec: Any) -> Param:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise SpaceError(f"{path}: {key} must be one of {{{': ..., '.join(KINDS)}: ...}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise SpaceError(f"{path}: {key}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("grid", "choice"):
+        return Param(key, kind, tuple(_typed(path, key, v) for v in values))
+    if len(values) != 2:
+        raise SpaceError(f"{path}: {key}: {kind} needs [low, high], got {values!r}")
+    if TUNABLE[key] is bool or TUNABLE[key] is str:
+        raise SpaceError(f"{path}: {key} takes grid or choice, not {kind}")
+    if kind == "randint" and TUNABLE[key] is not int:
+        raise SpaceError(f"{path}: {key} is a number: use uniform or loguniform, not randint")
+    if kind != "randint" and TUNABLE[key] is int:
+        raise SpaceError(f"{path}: {key} is an integer: use randint, grid or choice, not {kind}")
+    lo, hi = (float(_typed(path, key, v)) for v in values)
+    if not lo < hi:
+        raise SpaceError(f"{path}: {key}: {kind} needs low < high, got {values!r}")
+    if kind == "loguniform" and lo <= 0:
+        raise SpaceError(f"{path}: {key}: loguniform needs low > 0, got {values!r}")
+    return Param(key, kind, (int(lo), int(hi)) if kind == "randint" else (lo, hi))
+
+
+def _check_values(space: SearchSpace, base: TrainConfig) -> None:
+    """Every grid/choice value and range end must make a config ``distunmix train`` accepts."""
+    options = []
+    for p in space.params:
+        ends = p.values if p.kind in ("grid", "choice") else (p.values[0], p.values[1] - (p.kind == "randint"))
+        options.append([(p.name, v) for v in ends])
+    for combo in itertools.islice(itertools.product(*options), 4096):
+        try:
+            space.apply(base, dict(combo))
+        except ConfigError as e:
+            setting = ", ".join(f"{k}={v!r}" for k, v in combo)
+            raise SpaceError(f"{space.path}: the trial {setting} would fail: {e}") from None
