@@ -1,0 +1,161 @@
+"""Ray Tune search: space files, an ASHA experiment on the quick space, results, best/, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from distunmix.checkpoint import load_separator
+from distunmix.cli import main
+from distunmix.data.config import DataConfig
+from distunmix.data.synth import write_dataset
+from distunmix.train.config import TrainConfig
+from distunmix.tuning.runner import INTERRUPT_ENV
+from distunmix.tuning.space import SpaceError, load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- spaces (no Ray) -----------------------------------------------------------------------------
+def test_builtin_spaces_load_with_the_seed_grid():
+    seed = load_space("seed", TrainConfig())
+    assert seed.grid_size == 48
+    assert {p.name: p.values for p in seed.params} == {
+        "batch_size": (4, 8, 16, 32),
+        "hidden_size": (256, 512),
+        "samples_per_track": (16, 32, 64),
+        "unidirectional": (False, True),
+    }
+    quick = load_space("quick", TrainConfig())
+    assert quick.grid_size == 4 and quick.fixed["nfft"] == 1024
+    config = quick.apply(TrainConfig(), {"hidden_size": 32, "lr": 0.002})
+    assert (config.hidden_size, config.lr, config.seq_dur, config.batch_size) == (32, 0.002, 1.0, 4)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("params: {dropout: {grid: [0.1]}}", "unknown setting 'dropout'"),
+        ("params: {lr: {uniform: [0.1, 0.01]}}", "lr: uniform needs low < high"),
+        ("params: {lr: {loguniform: [0, 0.01]}}", "loguniform needs low > 0"),
+        ("params: {batch_size: {uniform: [4, 32]}}", "batch_size is an integer: use randint"),
+        ("params: {batch_size: {grid: [8, 0]}}", "batch_size=0 would fail: --batch-size 0"),
+        ("params: {hidden_size: {choice: [255]}}", "hidden_size=255 would fail"),
+        ("params: {unidirectional: {grid: [yes, 2]}}", "unidirectional must be true or false"),
+        ("params: {lr: {grid: [0.1]}}\nsearch: random", "unknown top-level key(s) search"),
+        ("params: {lr: {grid: [0.1]}}\nfixed: {lr: 0.2}", "lr both searched and fixed"),
+        ("params: {}", "'params' must map settings"),
+        ("params: [", "not a readable YAML file"),
+    ],
+)
+def test_bad_space_files_name_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError) as e:
+        load_space(str(path), TrainConfig())
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_a_bad_space_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    path = tmp_path / "bad.yaml"
+    path.write_text("params: {hidden_size: {grid: [0]}}\n")
+    assert main(["tune", "--space", str(path), "--storage-path", str(tmp_path), "--name", "x"]) == 2
+    assert f"{path}: the trial hidden_size=0 would fail" in capsys.readouterr().err
+    assert main(["tune", "--space", "nonexistent", "--storage-path", str(tmp_path)]) == 2
+    assert "not a built-in space (quick, seed)" in capsys.readouterr().err
+
+
+def test_python_m_tune_runs_from_the_repo_root():
+    out = subprocess.run([sys.executable, "-m", "tune", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--grace-period" in out.stdout and "--workers-per-trial" in out.stdout
+
+
+# -- experiments ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    write_dataset(tmp / "musdb", tracks=5, duration=6.0, seed=2)
+    return DataConfig(root=str(tmp / "musdb"), cache_dir=str(tmp / "cache"), progress=False), tmp
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+    mp.undo()
+
+
+def _flags(data: DataConfig, tmp: Path, name: str, *extra: str) -> list[str]:
+    return ["tune", "--space", "quick", "--root", data.root, "--cache-dir", data.cache_dir,
+            "--storage-path", str(tmp / "exp"), "--name", name, "-q", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def asha_experiment(data, ray_cluster):
+    config, tmp = data
+    assert main(_flags(config, tmp, "asha", "--num-samples", "2", "--max-epochs", "4")) == 0
+    return tmp / "exp" / "asha"
+
+
+def test_asha_stops_trials_and_the_results_hold_one_row_per_trial(asha_experiment):
+    with open(asha_experiment / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    epochs = [int(r["epochs"]) for r in rows]
+    assert min(epochs) < 4 and max(epochs) == 4  # ASHA stopped some, others ran out
+    assert [r["stopped_early"] == "True" for r in rows] == [e < 4 for e in epochs]
+    assert {(r["hidden_size"], r["lstm"]) for r in rows} == {("16", "bi"), ("16", "uni"), ("32", "bi"), ("32", "uni")}
+    assert all(float(r["speed_x_rt"]) > 0 and float(r["params_m"]) > 0 for r in rows)
+    summary = json.loads((asha_experiment / "results.json").read_text())
+    assert summary["trial_epochs"] == sum(epochs) < 8 * 4
+    best = min(rows, key=lambda r: float(r["best_valid_loss"]))
+    assert summary["best"]["trial"] == best["trial"]
+    md = (asha_experiment / "results.md").read_text()
+    assert md.count("\n| ") == 2 + 8 and f"{best['trial']} **best**" in md
+    for png in ("loss_curves.png", "sdr_vs_speed.png"):
+        assert (asha_experiment / png).read_bytes()[:4] == b"\x89PNG"
+    assert list(asha_experiment.glob("trainable_*/events.out.tfevents.*"))  # TensorBoard
+
+
+def test_the_best_trials_model_is_exported_and_separates(asha_experiment):
+    separator = load_separator(asha_experiment / "best")
+    assert separator.targets == ["vocals", "drums", "bass", "other"]
+    args = json.loads((asha_experiment / "best" / "vocals.json").read_text())["args"]
+    assert args["nfft"] == 1024 and args["hidden_size"] in (16, 32)
+    with torch.inference_mode():
+        out = separator(torch.randn(1, 2, 44100) * 0.1)
+    assert out.shape == (1, 4, 2, 44100) and torch.isfinite(out).all()
+
+
+def test_a_resumed_experiment_does_not_rerun_finished_trials(data, ray_cluster, monkeypatch, capsys):
+    config, tmp = data
+    flags = _flags(config, tmp, "resumed", "--max-epochs", "2")
+    monkeypatch.setenv(INTERRUPT_ENV, "2")  # Ctrl-C after two trials finish
+    assert main(flags) == 1
+    assert "finish it with: python -m tune --resume" in capsys.readouterr().err
+    folder = tmp / "exp" / "resumed"
+    done = {p.parent.name: p.read_text() for p in folder.glob("trainable_*/progress.csv")}
+    finished = {k: v for k, v in done.items() if v.count("\n") == 1 + 2}  # header + both epochs
+    assert finished and len(done) < 4 + 1 and not (folder / "results.csv").exists()
+    monkeypatch.delenv(INTERRUPT_ENV)
+    assert main([*flags, "--resume"]) == 0
+    for name, text in finished.items():
+        assert (folder / name / "progress.csv").read_text() == text  # not run again
+    with open(folder / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert main(flags) == 2  # the experiment exists: a new run with the same name is refused
+    assert "already holds an experiment; pass --resume" in capsys.readouterr().err
