@@ -115,7 +115,9 @@ def trial_config(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, 
     return replace(TrainConfig.from_dict(base), **fixed, **searched)
 
 
-def trainable(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], workers: int, gpu: bool) -> None:
+def trainable(
+    values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], workers: int, worker_resources: dict
+) -> None:
     """Tune's function trainable: one trial."""
     from ray import tune
 
@@ -123,6 +125,7 @@ def trainable(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any
     context = tune.get_context()
     config = replace(config, name=context.get_trial_id(), progress=False, data=replace(config.data, progress=False))
     resolved, mean, std = prepare(config)
+    gpu = worker_resources.get("GPU", 0) > 0
     if workers == 1:
         device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         run_worker(resolved, (mean, std), TuneSession(device))
@@ -136,7 +139,7 @@ def trainable(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": resolved.to_dict(), "mean": mean.tolist(), "std": std.tolist()},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=worker_resources),
         run_config=RunConfig(
             name=f"ddp-{context.get_trial_id()}",
             storage_path=str(Path(context.get_trial_dir()).parent / "ddp"),
@@ -155,18 +158,15 @@ def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experi
 
     if settings.workers_per_trial == 1:
         resources: Any = {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
-    else:  # the trial itself only waits; its TorchTrainer asks for the workers
-        resources = tune.PlacementGroupFactory(
-            [{"CPU": 0.01}]
-            + [{"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial}] * settings.workers_per_trial
-        )
+    else:  # the trial only waits on its TorchTrainer, which asks Ray for the workers itself
+        resources = {"cpu": 0.01}
     fn = tune.with_resources(
         tune.with_parameters(
             trainable,
             base=base.to_dict(),
             fixed=space.fixed,
             workers=settings.workers_per_trial,
-            gpu=settings.gpus_per_trial > 0,
+            worker_resources={"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial},
         ),
         resources,
     )
