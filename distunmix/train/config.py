@@ -157,6 +157,18 @@ def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{flag} {value}: expected {expected}")
 
 
+def check_writable(folder: Path, storage_path: str) -> None:
+    """Create ``folder`` and write a probe file in it: a ConfigError naming ``--storage-path`` if not."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--storage-path {storage_path}: cannot write {folder} ({e.strerror})") from None
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """A ``config.json`` written by a run."""
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, check_writable, load_config
 from .loop import prepare
 from .outputs import publish, stage_outputs
 
@@ -100,12 +100,7 @@ def check_storage(config: TrainConfig) -> None:
         exists = info.type != pafs.FileType.NotFound
     else:
         folder = Path(run_dir)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
-                pass
-        except OSError as e:
-            raise ConfigError(f"--storage-path {config.storage_path}: cannot write {folder} ({e.strerror})") from None
+        check_writable(folder, config.storage_path)
         exists = (folder / "config.json").is_file()
     if exists and not config.resume:
         raise ConfigError(f"--name {config.name}: {run_dir} already holds a run; pass --resume to continue it")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..train.config import ConfigError, TrainConfig
+from ..train.config import ConfigError, TrainConfig, check_writable
 from ..train.loop import STATE_FILE, prepare, run_worker
 from .space import SearchSpace
 
@@ -234,12 +233,7 @@ def _interrupt_after(count: int):
 def check_experiment_dir(settings: TuneSettings) -> Path:
     """The experiment folder: writable, and existing exactly when ``--resume`` is asked."""
     folder = Path(settings.experiment_dir).expanduser().resolve()
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder.parent, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--storage-path {settings.storage_path}: cannot write ({e.strerror})") from None
+    check_writable(folder.parent, settings.storage_path)
     exists = (folder / "tune_settings.json").is_file()
     if exists and not settings.resume:
         raise ConfigError(f"--name {settings.name}: {folder} already holds an experiment; pass --resume to finish it")
