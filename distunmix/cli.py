@@ -210,6 +210,107 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0 if best else 1
 
 
+# -- serve / client -------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model folder over HTTP with Ray Serve (foreground; Ctrl-C stops)",
+        description="Start the serve/ application (run from the repository root). Same settings as serve/config.yaml.",
+    )
+    p.add_argument("--model", help="model folder (default: the newest runs/*/best, else a generated default model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--replicas", type=_positive_int, default=1)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (fractions share a GPU)")
+    p.add_argument("--max-upload-mb", type=_positive_float, default=100.0)
+    p.add_argument("--max-seconds", type=_positive_float, default=600.0, help="longest audio accepted")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="short clips separated together")
+    p.add_argument("--address", help="a running Ray cluster")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from .checkpoint import CheckpointError, load_separator
+
+    try:
+        sys.path.insert(0, str(Path.cwd()))
+        from serve.app import SeparatorDeployment, default_model
+    except ImportError:
+        print("error: run distunmix serve from the repository root (it serves the serve/ application)", file=sys.stderr)
+        return 2
+    model = args.model or default_model()
+    try:
+        load_separator(model)
+    except CheckpointError as e:
+        print(f"error: --model {model}: {e}", file=sys.stderr)
+        return 2
+    ray.init(address=args.address) if args.address else ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    deployment = SeparatorDeployment.options(
+        num_replicas=args.replicas, ray_actor_options={"num_cpus": 1, "num_gpus": args.num_gpus}
+    )
+    serve.run(
+        deployment.bind(
+            model=str(Path(model).resolve()),
+            device="cuda" if args.num_gpus > 0 else "cpu",
+            max_upload_mb=args.max_upload_mb,
+            max_seconds=args.max_seconds,
+            batch_size=args.batch_size,
+        ),
+        name="distunmix",
+        route_prefix="/",
+    )
+    print(f"serving {model} at http://{args.host}:{args.port}/ (POST /separate, /jobs; GET /models, /healthz)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="separate files through a running server; stems go to separated/ like separate")
+    p.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("inputs", nargs="+", help="audio files or folders")
+    p.add_argument("--targets", help="comma-separated subset of the server's targets")
+    p.add_argument("--format", choices=("wav", "flac"), default="wav")
+    p.add_argument("--niter", type=_non_negative_int, default=1)
+    p.add_argument("-o", "--outdir", type=Path, default=Path("separated"))
+    p.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds per request")
+    p.set_defaults(func=run_client)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from .client import ClientError, separate_remote
+    from .separate import find_audio_files
+
+    files = find_audio_files(args.inputs)
+    if not files:
+        print(f"error: no audio files found in {', '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in files:
+        try:
+            out_dir, written = separate_remote(
+                args.url, path, args.outdir, args.targets, args.format, args.niter, args.timeout
+            )
+        except ClientError as e:
+            failed += 1
+            print(f"error: {path}: {e}", file=sys.stderr)
+            continue
+        print(f"{path} -> {out_dir}/ ({', '.join(p.name for p in written)})")
+    return 1 if failed else 0
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -652,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream(sub)
     add_evaluate(sub)
     add_tune(sub)
+    add_serve(sub)
+    add_client(sub)
     return parser
 
 

@@ -1,0 +1,66 @@
+"""HTTP client of the serve/ application: upload a file, write the returned stems like ``separate``."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes
+
+
+class ClientError(RuntimeError):
+    """The server refused or failed a request; the message is the server's."""
+
+
+def _request(url: str, data: bytes | None = None, timeout: float = 600.0) -> tuple[bytes, str]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", "application/octet-stream")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            message = json.loads(body)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:200].decode(errors="replace")
+        raise ClientError(f"HTTP {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise ClientError(f"cannot reach {url}: {e}") from None
+
+
+def separate_remote(
+    base_url: str,
+    path: Path,
+    outdir: Path,
+    targets: str | None = None,
+    fmt: str = "wav",
+    niter: int = 1,
+    timeout: float = 600.0,
+) -> tuple[Path, list[Path]]:
+    """POST ``path`` to ``/separate``; stems go to ``outdir/<model>/<track>/<target>.<fmt>``."""
+    base = base_url.rstrip("/")
+    info = json.loads(_request(f"{base}/models", timeout=timeout)[0])
+    query = {"format": fmt, "niter": str(niter)}
+    if targets:
+        query["targets"] = targets
+    body, ctype = _request(f"{base}/separate?{urllib.parse.urlencode(query)}", Path(path).read_bytes(), timeout)
+    out_dir = Path(outdir) / info["model"] / Path(path).stem
+    written = []
+    if ctype.startswith("application/zip"):
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            for name in z.namelist():
+                stem = Path(name).name  # never a path from the server
+                atomic_write_bytes(out_dir / stem, z.read(name))
+                written.append(out_dir / stem)
+    else:
+        target = (targets or info["targets"][0]).split(",")[0]
+        atomic_write_bytes(out_dir / f"{target}.{fmt}", body)
+        written.append(out_dir / f"{target}.{fmt}")
+    return out_dir, written

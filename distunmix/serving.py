@@ -1,0 +1,289 @@
+"""The separation service behind the HTTP endpoint: no Ray, no web framework, only bytes in and out.
+
+:class:`SeparationService` decodes an upload (anything libsndfile reads; any rate, mono or stereo),
+checks it (size, duration, finite samples), separates it with a model folder's separator and
+encodes the stems (WAV or FLAC, at the model's sample rate). Every problem a client can cause is a
+:class:`ServiceError` with an HTTP status and a message a person can act on; nothing from a request
+is used as a file path. :class:`JobStore` keeps long jobs' stems on disk for a while. ``serve/``
+wraps both in a Ray Serve deployment.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from .audio import resample
+from .checkpoint import CheckpointError, load_separator
+
+FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
+
+
+class ServiceError(Exception):
+    """A request that cannot be served: ``status`` is the HTTP status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Limits and defaults of the service (all settable in serve/config.yaml)."""
+
+    model: str
+    device: str = "cpu"
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_seconds: float = 600.0
+    max_niter: int = 3
+    job_dir: str | None = None
+    job_ttl_seconds: float = 3600.0
+
+
+@dataclass
+class Clip:
+    """A decoded, checked upload at the model's rate: (channels, samples) float32."""
+
+    audio: np.ndarray
+    input_rate: int
+    seconds: float
+
+
+class SeparationService:
+    """A loaded model folder and the checks and codecs around it."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        try:
+            self.separator = load_separator(config.model, device=config.device, niter=1).freeze()
+        except CheckpointError as e:
+            raise RuntimeError(f"model {config.model}: {e}") from e
+        self.targets = list(self.separator.targets)
+        self.rate = int(self.separator.sample_rate)
+        self._lock = threading.Lock()  # one separation at a time (batches and background jobs)
+
+    # -- requests ----------------------------------------------------------------------------
+    def parse_targets(self, text: str | None) -> list[str]:
+        if not text:
+            return list(self.targets)
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in names if t not in self.targets]
+        if unknown or not names:
+            raise ServiceError(422, f"targets={text!r}: expected a comma-separated subset of {','.join(self.targets)}")
+        return list(dict.fromkeys(names))
+
+    def parse_format(self, fmt: str | None) -> str:
+        fmt = (fmt or "wav").lower()
+        if fmt not in FORMATS:
+            raise ServiceError(422, f"format={fmt!r}: expected wav or flac")
+        return fmt
+
+    def parse_niter(self, niter: str | int | None) -> int:
+        try:
+            value = 1 if niter is None else int(niter)
+        except (TypeError, ValueError):
+            raise ServiceError(422, f"niter={niter!r}: expected an integer 0..{self.config.max_niter}") from None
+        if not 0 <= value <= self.config.max_niter:
+            raise ServiceError(422, f"niter={value}: expected an integer 0..{self.config.max_niter}")
+        return value
+
+    def decode(self, data: bytes) -> Clip:
+        """Upload bytes -> a checked clip at the model's rate."""
+        if len(data) > self.config.max_upload_bytes:
+            raise ServiceError(413, f"upload of {len(data)} bytes exceeds the limit of {self.config.max_upload_bytes}")
+        if not data:
+            raise ServiceError(400, "empty upload: send the audio file as the request body or as the form field 'file'")
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                seconds = f.frames / f.samplerate
+                if seconds > self.config.max_seconds:
+                    raise ServiceError(
+                        413, f"audio of {seconds:.1f} s exceeds the limit of {self.config.max_seconds:g} s"
+                    )
+                audio = f.read(dtype="float32", always_2d=True).T
+                rate = f.samplerate
+        except ServiceError:
+            raise
+        except sf.LibsndfileError as e:
+            text = str(e).lower()
+            if "format" in text or "recognised" in text or "unknown" in text:
+                raise ServiceError(415, f"unsupported audio format ({e}); send WAV, FLAC or OGG") from None
+            raise ServiceError(400, f"corrupt audio ({e})") from None
+        except (RuntimeError, ValueError) as e:
+            raise ServiceError(400, f"corrupt audio ({e})") from None
+        if audio.shape[0] not in (1, 2):
+            raise ServiceError(422, f"audio has {audio.shape[0]} channels; expected mono or stereo")
+        if not np.isfinite(audio).all():
+            raise ServiceError(422, "audio holds NaN or infinite samples")
+        if rate != self.rate:
+            audio = resample(audio, rate, self.rate)
+        min_len = self.separator.n_fft // 2 + 1
+        if audio.shape[1] < min_len:
+            raise ServiceError(422, f"audio is too short ({audio.shape[1] / self.rate:.3f} s); need more than "
+                                    f"{min_len / self.rate:.3f} s")  # fmt: skip
+        return Clip(np.ascontiguousarray(audio), rate, audio.shape[1] / self.rate)
+
+    # -- separation --------------------------------------------------------------------------
+    def separate_batch(self, clips: list[Clip], niter: list[int]) -> list[np.ndarray]:
+        """Separate clips; those of equal length and niter run as one batch. (S, C, N) each."""
+        out: list[np.ndarray | None] = [None] * len(clips)
+        groups: dict[tuple, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault((clip.audio.shape, niter[i]), []).append(i)
+        for (shape, n), members in groups.items():
+            x = torch.from_numpy(np.stack([clips[i].audio for i in members]))
+            if shape[0] == 1 and self.separator.nb_channels == 2:
+                x = x.expand(-1, 2, -1)
+            with self._lock, torch.inference_mode():
+                self.separator.niter = n
+                y = self.separator(x.to(self.separator.device)).cpu().numpy()
+            y = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)  # silence in gives silence out
+            for k, i in enumerate(members):
+                out[i] = y[k]
+        return out  # type: ignore[return-value]
+
+    def encode(self, stem: np.ndarray, fmt: str) -> bytes:
+        container, subtype, _ = FORMATS[fmt]
+        buf = io.BytesIO()
+        sf.write(buf, stem.T, self.rate, format=container, subtype=subtype)
+        return buf.getvalue()
+
+    def package(self, stems: np.ndarray, targets: list[str], fmt: str) -> tuple[bytes, str, str]:
+        """(body, media type, file name): one stem file, or a ZIP of several."""
+        rows = [self.targets.index(t) for t in targets]
+        if len(targets) == 1:
+            return self.encode(stems[rows[0]], fmt), FORMATS[fmt][2], f"{targets[0]}.{fmt}"
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+            for t, r in zip(targets, rows, strict=True):
+                z.writestr(f"{t}.{fmt}", self.encode(stems[r], fmt))
+        return buf.getvalue(), "application/zip", "stems.zip"
+
+    def model_info(self) -> dict[str, Any]:
+        models = self.separator.target_models
+        first = next(iter(models.values()))
+        return {
+            "model": Path(self.config.model).name,
+            "targets": self.targets,
+            "sample_rate": self.rate,
+            "nb_channels": self.separator.nb_channels,
+            "hidden_size": first.hidden_size,
+            "unidirectional": first.unidirectional,
+            "parameters": sum(p.numel() for m in models.values() for p in m.parameters()),
+            "limits": {
+                "max_upload_bytes": self.config.max_upload_bytes,
+                "max_seconds": self.config.max_seconds,
+                "max_niter": self.config.max_niter,
+            },
+        }
+
+    def healthy(self) -> None:
+        """Raise if the model no longer gives finite output (the health check)."""
+        x = torch.zeros(1, self.separator.nb_channels, self.separator.n_fft)
+        x[..., ::97] = 0.1
+        with torch.inference_mode():
+            y = self.separator(x.to(self.separator.device))
+        if not torch.isfinite(y).all():
+            raise RuntimeError("the model returns non-finite output")
+
+
+class JobStore:
+    """Finished and running jobs on disk: ``<root>/<uuid>/{status.json, <target>.<ext>}``.
+
+    Job ids are random UUIDs, checked against that form before any path is built from them.
+    """
+
+    def __init__(self, root: str | Path, ttl_seconds: float) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ttl = ttl_seconds
+        self._lock = threading.Lock()
+
+    def _folder(self, job_id: str) -> Path:
+        try:
+            canonical = str(uuid.UUID(job_id, version=4))
+        except (ValueError, AttributeError, TypeError):
+            raise ServiceError(404, f"no job {job_id!r}") from None
+        if canonical.replace("-", "") != job_id.replace("-", "").lower():
+            raise ServiceError(404, f"no job {job_id!r}")
+        return self.root / canonical
+
+    def create(self, info: dict[str, Any]) -> str:
+        job_id = str(uuid.uuid4())
+        folder = self.root / job_id
+        folder.mkdir()
+        self.update(job_id, {"status": "queued", "progress": 0.0, "created": time.time(), **info})
+        return job_id
+
+    def update(self, job_id: str, fields: dict[str, Any]) -> None:
+        folder = self._folder(job_id)
+        with self._lock:
+            path = folder / "status.json"
+            state = json.loads(path.read_text()) if path.is_file() else {}
+            state.update(fields)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(path)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        path = self._folder(job_id) / "status.json"
+        if not path.is_file():
+            raise ServiceError(404, f"no job {job_id!r} (unknown, or removed after it expired)")
+        return {"id": job_id, **json.loads(path.read_text())}
+
+    def write_stem(self, job_id: str, target: str, fmt: str, data: bytes) -> None:
+        folder = self._folder(job_id)
+        tmp = folder / f".{target}.{fmt}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(folder / f"{target}.{fmt}")
+
+    def stem(self, job_id: str, target: str) -> tuple[bytes, str]:
+        state = self.status(job_id)
+        if state["status"] != "done":
+            raise ServiceError(409, f"job {job_id} is {state['status']}; poll GET /jobs/{job_id} until it is done")
+        if target not in state["targets"]:
+            raise ServiceError(404, f"job {job_id} has no target {target!r}; it has {','.join(state['targets'])}")
+        fmt = state["format"]
+        return (self._folder(job_id) / f"{target}.{fmt}").read_bytes(), fmt
+
+    def expire(self, now: float | None = None) -> int:
+        """Remove jobs older than the TTL; returns how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        for folder in self.root.iterdir():
+            path = folder / "status.json"
+            try:
+                created = json.loads(path.read_text())["created"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if now - created > self.ttl:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def multipart_file(body: bytes, content_type: str) -> bytes:
+    """The ``file`` field of a multipart/form-data body."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ServiceError(400, "malformed multipart body")
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "file":
+            return part.get_payload(decode=True) or b""
+    raise ServiceError(422, "multipart upload without a 'file' field")

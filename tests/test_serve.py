@@ -1,0 +1,197 @@
+"""Ray Serve app over HTTP on 127.0.0.1: same output as in-process, jobs, limits, replicas, client."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import soundfile as sf
+import torch
+from conftest import snr_db
+from ray import serve
+
+from distunmix.checkpoint import load_separator
+from distunmix.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve.app import SeparatorDeployment  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    model = tmp / "model"
+    assert main(["init-model", str(model), "--hidden-size", "16"]) == 0
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = SeparatorDeployment.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(
+        model=str(model), max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs")
+    )
+    serve.run(app, name="distunmix", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", model, tmp
+    serve.shutdown()
+    ray.shutdown()
+    mp.undo()
+
+
+def _call(url: str, data: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body) of a request; HTTP errors are returned, not raised."""
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def _wav(audio: np.ndarray, rate: int = 44100, subtype: str = "FLOAT") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio.T, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def _clip(seconds: float = 2.0, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((2, int(44100 * seconds))) * 0.1).astype(np.float32)
+
+
+def _stems(body: bytes) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        return {Path(n).stem: sf.read(io.BytesIO(z.read(n)), dtype="float32")[0].T for n in z.namelist()}
+
+
+def test_http_separation_equals_the_in_process_separator(server):
+    url, model, _ = server
+    clip = _clip()
+    status, headers, body = _call(f"{url}/separate", _wav(clip))
+    assert status == 200 and headers["content-type"] == "application/zip", body[:300]
+    stems = _stems(body)
+    assert list(stems) == ["vocals", "drums", "bass", "other"]
+    with torch.inference_mode():
+        local = load_separator(model, niter=1)(torch.from_numpy(clip)[None])[0].numpy()
+    for k, t in enumerate(stems):
+        assert stems[t].shape == clip.shape
+        assert snr_db(torch.from_numpy(local[k]), torch.from_numpy(stems[t])) > 100
+
+
+def test_one_target_flac_and_multipart_upload(server):
+    url, _, _ = server
+    clip = _clip(1.0, seed=1)
+    status, headers, body = _call(f"{url}/separate?targets=bass&format=flac&niter=0", _wav(clip))
+    assert status == 200 and headers["content-type"] == "audio/flac", body[:500]
+    bass, rate = sf.read(io.BytesIO(body))
+    assert rate == 44100 and bass.shape == (clip.shape[1], 2)
+    boundary = "xYz"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + _wav(clip)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    ctype = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, body2 = _call(f"{url}/separate?targets=bass&format=flac&niter=0", form, ctype)
+    assert status == 200 and body2 == body
+
+
+def test_mono_any_rate_and_silence(server):
+    url, _, _ = server
+    mono = _clip(1.5)[:1]
+    status, _, body = _call(f"{url}/separate", _wav(mono, rate=22050))
+    stems = _stems(body)
+    assert status == 200 and stems["vocals"].shape == (2, 2 * mono.shape[1])  # to 44.1 kHz, stereo model
+    status, _, body = _call(f"{url}/separate", _wav(np.zeros((2, 44100), np.float32)))
+    assert status == 200 and all(np.isfinite(s).all() and not s.any() for s in _stems(body).values())
+
+
+@pytest.mark.parametrize(
+    "make, query, status, message",
+    [
+        (lambda: b"\0" * (1024 * 1024 + 70 * 1024), "", 413, "exceeds the limit"),
+        (lambda: _wav(_clip(6.0 * 8000 / 44100)[:1], 8000, "PCM_16"), "", 413, "6.0 s exceeds the limit of 5 s"),
+        (lambda: b"this is not audio" * 50, "", 415, "unsupported audio format"),
+        (lambda: _wav(np.full((2, 4000), np.nan, np.float32)), "", 422, "NaN or infinite"),
+        (lambda: _wav(_clip(0.01)), "", 422, "too short"),
+        (lambda: b"", "", 400, "empty upload"),
+        (lambda: _wav(_clip(0.5)), "?targets=piano", 422, "targets='piano'"),
+        (lambda: _wav(_clip(0.5)), "?niter=9", 422, "niter=9"),
+        (lambda: _wav(_clip(0.5)), "?niter=x", 422, "niter='x'"),
+        (lambda: _wav(_clip(0.5)), "?format=mp3", 422, "format='mp3'"),
+    ],
+)
+def test_bad_requests_get_their_status_and_the_server_stays_up(server, make, query, status, message):
+    url, _, _ = server
+    code, headers, body = _call(f"{url}/separate{query}", make())
+    assert code == status and message in json.loads(body)["error"]
+    assert _call(f"{url}/healthz")[0] == 200
+
+
+def test_job_round_trip_and_unknown_jobs(server):
+    url, _, _ = server
+    clip = _clip(2.0, seed=3)
+    status, _, body = _call(f"{url}/jobs?targets=vocals,other", _wav(clip))
+    assert status == 202
+    job = json.loads(body)["id"]
+    for _ in range(200):
+        state = json.loads(_call(f"{url}/jobs/{job}")[2])
+        if state["status"] in ("done", "failed"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "done" and state["progress"] == 1.0 and state["targets"] == ["vocals", "other"]
+    status, _, vocals = _call(f"{url}/jobs/{job}/vocals")
+    direct = _stems(_call(f"{url}/separate?targets=vocals,other", _wav(clip))[2])
+    assert status == 200 and np.array_equal(sf.read(io.BytesIO(vocals), dtype="float32")[0].T, direct["vocals"])
+    assert _call(f"{url}/jobs/{job}/drums")[0] == 404
+    for bad in ("..%2F..%2Fetc", "not-a-job", "00000000-0000-4000-8000-000000000000"):
+        assert _call(f"{url}/jobs/{bad}")[0] == 404
+
+
+def test_models_endpoint_and_two_replicas_serve(server):
+    url, _, _ = server
+    info = json.loads(_call(f"{url}/models")[2])
+    assert info["targets"] == ["vocals", "drums", "bass", "other"] and info["hidden_size"] == 16
+    assert info["unidirectional"] is False and info["parameters"] > 0 and info["sample_rate"] == 44100
+    seen = set()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda _: _call(f"{url}/separate?targets=vocals", _wav(_clip(0.5))), range(8)))
+            assert all(r[0] == 200 for r in results)
+            seen |= {r[1]["x-replica"] for r in results}
+            if len(seen) == 2:
+                break
+    assert len(seen) == 2
+
+
+def test_client_writes_stems_like_separate(server, tmp_path, capsys):
+    url, _, _ = server
+    wav = tmp_path / "song.wav"
+    sf.write(wav, _clip(1.0).T, 44100, subtype="FLOAT")
+    assert main(["client", url, str(wav), "-o", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "model" / "song"
+    assert sorted(p.name for p in folder.iterdir()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"nonsense" * 100)
+    assert main(["client", url, str(bad), "-o", str(tmp_path / "out")]) == 1
+    assert "HTTP 415" in capsys.readouterr().err
