@@ -109,8 +109,8 @@ case "$cmd" in
         ;;
     test)
         setup
-        "$VENV/bin/ruff" check distunmix tests benchmarks tune
-        "$VENV/bin/ruff" format --check distunmix tests benchmarks tune
+        "$VENV/bin/ruff" check distunmix tests benchmarks tune serve
+        "$VENV/bin/ruff" format --check distunmix tests benchmarks tune serve
         "$PY" -m pytest -q "$@"
         ;;
     *)

@@ -1,0 +1,191 @@
+"""Load on the Ray Serve app over loopback: batching on vs off, 1 vs 2 replicas, a replica killed.
+
+    .venv/bin/python benchmarks/serve.py                      # ~4 min on 2 cores
+    python benchmarks/serve.py --device cuda --num-gpus 0.5   # GPU replicas
+
+``--clients`` threads each POST one ``--clip-seconds`` clip to /separate on 127.0.0.1 again and
+again for ``--seconds`` (bounded in time and count), per configuration:
+  batch on, 1 replica | batch off (batch size 1), 1 replica | batch on, 2 replicas
+then, with 2 replicas under the same load, one replica is killed after a third of the time:
+failed requests, and the seconds until the deployment has 2 running replicas again.
+Prints requests/s, p50/p95/p99 latency and error counts, and the batching ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None) -> dict:
+    """Closed-loop load: ``clients`` threads, each waiting for its answer before the next request."""
+    latencies, errors, codes = [], [], {}
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+    count = [0]
+
+    def client() -> None:
+        while time.perf_counter() < deadline:
+            with lock:
+                if count[0] >= max_requests:
+                    return
+                count[0] += 1
+            t0 = time.perf_counter()
+            try:
+                req = urllib.request.Request(f"{url}/separate?targets=vocals", data=body, method="POST")
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    r.read()
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            except OSError:
+                code = -1
+            with lock:
+                codes[code] = codes.get(code, 0) + 1
+                (latencies if code == 200 else errors).append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    extra = during() if during else None
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "requests_per_s": len(latencies) / wall,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "codes": {str(k): v for k, v in codes.items()},
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "extra": extra,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clip-seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=30.0, help="load time per configuration")
+    p.add_argument("--max-requests", type=int, default=2000)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import torch
+    from ray import serve
+
+    from distunmix.checkpoint import STANDARD_TARGETS, save_model_dir
+    from distunmix.data.synth import synth_track
+    from distunmix.model import ModelConfig, OpenUnmix
+    from serve.app import SeparatorDeployment
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_bandwidth(hidden_size=args.hidden_size)
+    save_model_dir(tmp / "model", {t: OpenUnmix.from_config(cfg) for t in STANDARD_TARGETS}, bandwidth=16000.0)
+    buf = io.BytesIO()
+    sf.write(buf, sum(synth_track(args.clip_seconds, 44100, seed=4).values()).T, 44100, format="WAV", subtype="PCM_16")
+    body = buf.getvalue()
+    cpus = os.cpu_count() or 2
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    gpu = "" if args.num_gpus == 0 else f", {args.num_gpus:g} GPU per replica"
+    print(
+        f"{args.clients} clients, {args.clip_seconds:g} s clips, {args.seconds:g} s per configuration, hidden "
+        f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
+    )
+    results = {}
+
+    def deploy(replicas: int, batch: int) -> None:
+        serve.delete("distunmix")  # free the old replicas' CPUs before asking for new ones
+        app = SeparatorDeployment.options(
+            num_replicas=replicas,
+            max_ongoing_requests=args.clients,
+            ray_actor_options={"num_cpus": cpus / replicas, "num_gpus": args.num_gpus},
+        ).bind(model=str(tmp / "model"), device=args.device, batch_size=batch, batch_wait_s=0.05)
+        serve.run(app, name="distunmix", route_prefix="/")
+        load(url, body, 2, 3.0, 4)  # warm-up
+
+    try:
+        for name, replicas, batch in (("batch on, 1 replica", 1, 8), ("batch off, 1 replica", 1, 1),
+                                      ("batch on, 2 replicas", 2, 8)):  # fmt: skip
+            deploy(replicas, batch)
+            r = load(url, body, args.clients, args.seconds, args.max_requests)
+            results[name] = r
+            print(
+                f"  {name:22s} {r['requests_per_s']:6.2f} req/s ({r['requests_per_s'] * args.clip_seconds:6.1f}x real "
+                f"time), p50 {r['p50_ms']:7.0f} ms, p95 {r['p95_ms']:7.0f} ms, p99 {r['p99_ms']:7.0f} ms, "
+                f"errors {r['errors']} {r['codes']}",
+                flush=True,
+            )
+        ratio = results["batch on, 1 replica"]["requests_per_s"] / results["batch off, 1 replica"]["requests_per_s"]
+        scale = results["batch on, 2 replicas"]["requests_per_s"] / results["batch on, 1 replica"]["requests_per_s"]
+        print(f"  batching: {ratio:.2f}x throughput; 2 replicas vs 1: {scale:.2f}x")
+        results["batching_ratio"], results["replica_ratio"] = ratio, scale
+
+        def kill_one() -> dict:
+            time.sleep(args.seconds / 3)
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+            victim = ray.get_actor(names[0], namespace="serve")
+            t0 = time.perf_counter()
+            ray.kill(victim, no_restart=True)
+            while time.perf_counter() - t0 < 120:
+                status = serve.status().applications["distunmix"].deployments["Separator"]
+                if status.replica_states.get("RUNNING", 0) == 2 and status.status == "HEALTHY":
+                    # a replica counts as back once it answers too
+                    break
+                time.sleep(0.2)
+            return {"recovered_s": time.perf_counter() - t0}
+
+        r = load(url, body, args.clients, args.seconds, args.max_requests, during=kill_one)
+        results["replica killed"] = r
+        print(
+            f"  replica killed under load: {r['ok']} ok, {r['errors']} failed {r['codes']}; 2 replicas running again "
+            f"after {r['extra']['recovered_s']:.1f} s"
+        )
+        for _ in range(20):
+            ok = urllib.request.urlopen(f"{url}/healthz", timeout=5).status == 200
+            if ok:
+                break
+            time.sleep(0.5)
+        print(f"  /healthz afterwards: {'200' if ok else 'failing'}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
