@@ -10,6 +10,7 @@ import asyncio
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,7 +56,8 @@ class SeparatorDeployment:
                 job_ttl_seconds=job_ttl_s,
             )
         )
-        self.jobs = JobStore(job_dir or tempfile.mkdtemp(prefix="distunmix-jobs-"), job_ttl_s)
+        # one folder for every replica on this node, so any replica can answer for any job
+        self.jobs = JobStore(job_dir or Path(tempfile.gettempdir()) / "distunmix-jobs", job_ttl_s)
         self.batch_max_seconds = batch_max_seconds
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._separate_batch.set_max_batch_size(batch_size)
