@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size when batching is on")
+    p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits to fill")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -133,13 +135,14 @@ def main() -> None:
             num_replicas=replicas,
             max_ongoing_requests=args.clients,
             ray_actor_options={"num_cpus": cpus / replicas, "num_gpus": args.num_gpus},
-        ).bind(model=str(tmp / "model"), device=args.device, batch_size=batch, batch_wait_s=0.05)
+        ).bind(model=str(tmp / "model"), device=args.device, batch_size=batch, batch_wait_s=args.batch_wait_s)
         serve.run(app, name="distunmix", route_prefix="/")
         load(url, body, 2, 3.0, 4)  # warm-up
 
     try:
-        for name, replicas, batch in (("batch on, 1 replica", 1, 8), ("batch off, 1 replica", 1, 1),
-                                      ("batch on, 2 replicas", 2, 8)):  # fmt: skip
+        b = args.batch_size
+        for name, replicas, batch in (("batch on, 1 replica", 1, b), ("batch off, 1 replica", 1, 1),
+                                      ("batch on, 2 replicas", 2, b)):  # fmt: skip
             deploy(replicas, batch)
             r = load(url, body, args.clients, args.seconds, args.max_requests)
             results[name] = r

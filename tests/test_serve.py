@@ -195,3 +195,17 @@ def test_client_writes_stems_like_separate(server, tmp_path, capsys):
     bad.write_bytes(b"nonsense" * 100)
     assert main(["client", url, str(bad), "-o", str(tmp_path / "out")]) == 1
     assert "HTTP 415" in capsys.readouterr().err
+
+
+def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
+    url, model, _ = server
+    tight = SeparatorDeployment.options(
+        name="Tight", num_replicas=1, max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0.5}
+    ).bind(model=str(model), batch_size=1)
+    serve.run(tight, name="tight", route_prefix="/tight")
+    body = _wav(_clip(3.0))
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: _call(f"{url}/tight/separate", body)[0], range(8)))
+    assert set(codes) == {200, 503} and codes.count(200) >= 2
+    assert _call(f"{url}/tight/healthz")[0] == 200
+    serve.delete("tight")
