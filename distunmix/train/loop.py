@@ -56,6 +56,16 @@ class Session(Protocol):
         """Report one epoch; every rank calls it, rank 0 with the checkpoint folder."""
 
 
+@contextlib.contextmanager
+def checkpoint_folder(checkpoint) -> Iterator[Path | None]:
+    """A Ray ``Checkpoint`` (Train or Tune) as a local folder for the context; None passes through."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
 @dataclass
 class LocalSession:
     """A single process: checkpoints are kept in ``folder`` (latest in ``folder/latest``)."""

@@ -16,7 +16,6 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, TrainConfig, check_writable, load_config
-from .loop import prepare
+from .loop import checkpoint_folder, prepare
 from .outputs import publish, stage_outputs
 
 log = logging.getLogger(__name__)
@@ -51,16 +50,10 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[Path | None]:
+    def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as folder:
-            yield Path(folder)
+        return checkpoint_folder(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..train.config import ConfigError, TrainConfig, check_writable
-from ..train.loop import STATE_FILE, prepare, run_worker
+from ..train.loop import STATE_FILE, checkpoint_folder, prepare, run_worker
 from .space import SearchSpace
 
 METRICS = {"valid_loss": "min", "valid_sdr": "max"}
@@ -90,16 +89,10 @@ class TuneSession:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    @contextlib.contextmanager
-    def checkpoint(self) -> Iterator[Path | None]:
+    def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
 
-        ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-            return
-        with ckpt.as_directory() as folder:
-            yield Path(folder)
+        return checkpoint_folder(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         from ray import tune
