@@ -87,6 +87,13 @@ class SeparatorDeployment:
             return multipart_file(bytes(body), ctype)
         return bytes(body)
 
+    async def _parse(self, request: Request, targets: str | None, fmt: str | None, niter: str | None):
+        """Checked (targets, format, niter, clip) of a separation request; parameters before the upload."""
+        names = self.service.parse_targets(targets)
+        fmt = self.service.parse_format(fmt)
+        n = self.service.parse_niter(niter)
+        return names, fmt, n, self.service.decode(await self._read_upload(request))
+
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"X-Replica": self.replica, **(extra or {})}
 
@@ -94,10 +101,7 @@ class SeparatorDeployment:
     async def separate(
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> Response:
-        names = self.service.parse_targets(targets)
-        fmt = self.service.parse_format(format)
-        n = self.service.parse_niter(niter)
-        clip = self.service.decode(await self._read_upload(request))
+        names, fmt, n, clip = await self._parse(request, targets, format, niter)
         if clip.seconds <= self.batch_max_seconds:
             stems = await self._separate_batch((clip, n))
         else:
@@ -110,10 +114,7 @@ class SeparatorDeployment:
     async def create_job(
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> JSONResponse:
-        names = self.service.parse_targets(targets)
-        fmt = self.service.parse_format(format)
-        n = self.service.parse_niter(niter)
-        clip = self.service.decode(await self._read_upload(request))
+        names, fmt, n, clip = await self._parse(request, targets, format, niter)
         self.jobs.expire()
         job_id = self.jobs.create({"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica})
         asyncio.get_running_loop().create_task(self._run_job(job_id, clip, names, fmt, n))

@@ -152,9 +152,13 @@ class TrainConfig:
         return replace(self, data=data)
 
 
-def _check(ok: bool, flag: str, value: Any, expected: str) -> None:
+def check_setting(ok: bool, flag: str, value: Any, expected: str) -> None:
+    """Raise a ConfigError naming ``flag`` and ``value`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{flag} {value}: expected {expected}")
+
+
+_check = check_setting
 
 
 def check_writable(folder: Path, storage_path: str) -> None:

@@ -243,9 +243,10 @@ def train_epoch(
                 losses.append(F.mse_loss(t.module(X).float(), Y[:, k]))
         for t in active:
             t.optimizer.zero_grad(set_to_none=True)
-        precision.backward(torch.stack(losses).sum())
+        stacked = torch.stack(losses)
+        precision.backward(stacked.sum())
         precision.step([t.optimizer for t in active])
-        sums += torch.stack(losses).detach()
+        sums += stacked.detach()
         batches += 1
         samples += mixture.shape[0]
         if on_batch is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..train.config import ConfigError, TrainConfig, check_writable
+from ..train.config import ConfigError, TrainConfig, check_setting, check_writable
 from ..train.loop import STATE_FILE, checkpoint_folder, prepare, run_worker
 from .space import SearchSpace
 
@@ -66,9 +66,8 @@ class TuneSettings:
             (self.logger in ("none", "wandb"), "--logger", self.logger, "none | wandb"),
             (self.speed_seconds > 0, "--speed-seconds", self.speed_seconds, "seconds > 0"),
         ]
-        for ok, flag, value, expected in checks:
-            if not ok:
-                raise ConfigError(f"{flag} {value}: expected {expected}")
+        for check in checks:
+            check_setting(*check)
 
     @property
     def mode(self) -> str:
