@@ -20,6 +20,7 @@ from distunmix.train.loop import (
     Precision,
     build_targets,
     load_checkpoint,
+    prepare,
     save_checkpoint,
     spectrograms,
     train_epoch,
@@ -217,6 +218,41 @@ def test_in_process_run_resumes_to_the_same_weights(synth_root, tmp_path):
         a = torch.load(tmp_path / "straight" / "latest" / "last" / f"{target}.pth", weights_only=True)
         b = torch.load(tmp_path / "split" / "latest" / "last" / f"{target}.pth", weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), target
+
+
+def test_init_from_starts_every_target_from_a_model_folder(synth_root, tmp_path):
+    from distunmix.checkpoint import load_target_model
+
+    config = tiny(synth_root, tmp_path / "cache", epochs=1)
+    train_local(config, tmp_path / "first")
+    folder = tmp_path / "first" / "latest" / "best"
+    resolved, mean, std = prepare(replace(config, init_from=str(folder)))
+    assert resolved.init_from == str(folder.resolve())
+    fresh = build_targets(config, mean, std, torch.device("cpu"))
+    started = build_targets(resolved, mean, std, torch.device("cpu"))
+    for fresh_t, t in zip(fresh, started, strict=True):
+        want = load_target_model(folder, t.name).state_dict()
+        assert all(torch.equal(t.model.state_dict()[k], want[k]) for k in want), t.name
+        assert not torch.equal(fresh_t.model.fc1.weight, t.model.fc1.weight)
+    history = train_local(replace(config, init_from=str(folder)), tmp_path / "second")
+    assert history[0]["valid_loss"] < train_local(config, tmp_path / "third")[0]["valid_loss"]
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"hidden_size": 32}, "hidden_size=16"), ({"targets": ("vocals", "bass")}, "no weights for target 'bass'")],
+)
+def test_init_from_refuses_another_architecture(synth_root, tmp_path, kw, message):
+    from distunmix.checkpoint import STANDARD_TARGETS, save_model_dir
+    from distunmix.model import OpenUnmix
+
+    config = tiny(synth_root, tmp_path / "cache", targets=("vocals",))
+    folder = tmp_path / "model"
+    save_model_dir(folder, {"vocals": OpenUnmix.from_config(config.model_config())}, 44100, 256)
+    assert "bass" in STANDARD_TARGETS
+    with pytest.raises(ConfigError, match="--init-from") as e:
+        prepare(replace(config, init_from=str(folder), **kw))
+    assert message in str(e.value)
 
 
 def test_wandb_logs_offline_without_an_account(synth_root, tmp_path, monkeypatch):

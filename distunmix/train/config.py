@@ -53,6 +53,7 @@ class TrainConfig:
     bandwidth: float = 16000.0
     nfft: int = 4096
     nhop: int = 1024
+    init_from: str | None = None  # a model folder whose weights start the run (fine-tuning)
     # data sampling
     samples_per_track: int = 64
     seq_dur: float = 6.0

@@ -20,7 +20,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,12 +30,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import spectral
-from ..checkpoint import CheckpointError, atomic_torch_save, save_model_dir
+from ..checkpoint import CheckpointError, atomic_torch_save, load_target_model, save_model_dir
 from ..data.config import load_split
 from ..data.datasets import EpochSampler, TrainExcerpts, ValidTracks, mix_batch
 from ..data.loader import ExcerptLoader
 from ..model import OpenUnmix
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,15 @@ class Target:
 
 
 def build_targets(config: TrainConfig, mean: np.ndarray, std: np.ndarray, device: torch.device) -> list[Target]:
-    """Fresh models (the same weights on every rank: seeded), optimisers and schedulers."""
+    """Models (seeded, or ``config.init_from``'s weights: the same on every rank), optimisers and
+    schedulers."""
     torch.manual_seed(config.seed)
     out = []
     for name in config.targets:
-        model = OpenUnmix.from_config(config.model_config(), input_mean=mean, input_scale=std).to(device)
+        model = OpenUnmix.from_config(config.model_config(), input_mean=mean, input_scale=std)
+        if config.init_from:
+            model.load_state_dict(load_target_model(config.init_from, name).state_dict())
+        model = model.to(device)
         module = model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -386,10 +390,30 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, np.ndarray, np.ndarray]:
     from ..data.stats import input_statistics
 
     data = config.data.resolved()
+    if config.init_from:
+        config = replace(config, init_from=check_init_from(config))
     train_cache = load_split(data, "train")
     load_split(data, "valid")
     mean, std = input_statistics(train_cache, config.nfft, config.nhop, progress=config.data.progress)
     return config.with_data(data), mean, std
+
+
+def check_init_from(config: TrainConfig) -> str:
+    """The absolute path of ``--init-from``, after checking that it holds every target with this
+    run's architecture (a ConfigError naming the flag otherwise)."""
+    folder = Path(config.init_from).expanduser().resolve()
+    want = config.model_config()
+    for name in config.targets:
+        try:
+            got = load_target_model(folder, name).config
+        except CheckpointError as e:
+            raise ConfigError(f"--init-from {config.init_from}: {e}") from None
+        if got != want:
+            raise ConfigError(
+                f"--init-from {config.init_from}: the {name} model is {got}, but this run builds {want} "
+                "(set --hidden-size, --nb-layers, --unidirectional, --nfft, --bandwidth to match)"
+            )
+    return str(folder)
 
 
 def train_local(config: TrainConfig, folder: Path, device: str | torch.device = "cpu", **kwargs) -> list[dict]:
