@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # distunmix set-up and entry point.
 #
-#   ./run.sh demo    set up (ffmpeg, .venv) and run the main job
+#   ./run.sh demo    set up (ffmpeg, .venv) and run the main job (distunmix demo [flags])
 #   ./run.sh test    set up (ffmpeg, .venv) and run the whole test suite
 #   ./run.sh setup   set up only
 #
@@ -102,10 +102,7 @@ case "$cmd" in
         ;;
     demo)
         setup
-        out=${DISTUNMIX_DEMO_OUT:-runs/demo}
-        "$VENV/bin/distunmix" init-model "$out/model" --hidden-size 128 --seed 0
-        "$VENV/bin/distunmix" synth-clip "$out/clip.wav" --duration 20 --seed 0
-        "$VENV/bin/distunmix" separate "$out/clip.wav" -m "$out/model" -o "$out/separated" "$@"
+        "$VENV/bin/distunmix" demo "$@"   # e.g. --out DIR, --size tiny
         ;;
     test)
         setup

@@ -133,7 +133,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logger", choices=("none", "wandb"), default=d.logger, help="wandb: every trial")
     g.add_argument("--address", help="join a running Ray cluster")
     g.add_argument("--speed-seconds", type=_positive_float, default=d.speed_seconds, help="audio timed per trial")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars while preparing data")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_data_flags(p)
     add_training_flags(p)
 
@@ -377,10 +377,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not ray.is_initialized():
             ray.init(address=args.address, log_to_driver=False) if args.address else ray.init(log_to_driver=False)
     results = {}
+    out = args.out.resolve()  # Ray tasks may run in another folder, or on another node
     for model, label in zip(models, _model_labels(models), strict=True):
-        spec = ModelSpec(model, label, niter=args.niter, device=args.device)
+        path = model if model == MIXTURE else str(Path(model).resolve())
+        spec = ModelSpec(path, label, niter=args.niter, device=args.device)
         with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=args.quiet) as bar:
-            tracks = run_tracks(spec, cache, targets, str(args.out / label), parallel, on_done=lambda _: bar.update())
+            tracks = run_tracks(spec, cache, targets, str(out / label), parallel, on_done=lambda _: bar.update())
         results[label] = {"model": model, "scores": aggregate(tracks, targets), "tracks": tracks}
     paths = write_reports(args.out, results, targets)
     print(f"{len(cache)} {args.subset} track(s); {AGGREGATION}")
@@ -633,6 +635,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nb-channels", type=int, choices=(1, 2), default=2)
     g.add_argument("--nfft", type=_positive_int, default=d.nfft)
     g.add_argument("--nhop", type=_positive_int, default=d.nhop)
+    g.add_argument("--init-from", metavar="DIR", help="start from a model folder's weights (fine-tuning)")
     g = p.add_argument_group("sampling")
     g.add_argument("--samples-per-track", type=_positive_int, default=d.samples_per_track)
     g.add_argument("--seq-dur", type=_positive_float, default=d.seq_dur, help="excerpt length in seconds")
@@ -694,6 +697,7 @@ def train_config(args: argparse.Namespace):
         bandwidth=args.bandwidth,
         nfft=args.nfft,
         nhop=args.nhop,
+        init_from=args.init_from,
         samples_per_track=args.samples_per_track,
         seq_dur=args.seq_dur,
         nb_workers=args.nb_workers,
@@ -740,6 +744,52 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo ---------------------------------------------------------------------------------------
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    from .demo.pipeline import SIZES, DemoSettings
+
+    d = DemoSettings()
+    p = sub.add_parser(
+        "demo",
+        help="generated data -> ASHA search -> DDP training -> museval -> export -> Serve -> report, in one folder",
+        description="The whole product on one machine with no dataset: every stage is recorded in <out>/demo.json, "
+        "and running the command again reuses finished stages and resumes an interrupted one.",
+    )
+    p.add_argument("--out", default=d.out, help=f"the demo folder (default {d.out})")
+    p.add_argument("--size", choices=list(SIZES), default=d.size, help="full: ~10 min on 2 cores; tiny: ~2 min")
+    p.add_argument("--workers", type=_positive_int, default=d.workers, help="DDP ranks of the training stage")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=d.cpus_per_worker)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the generated dataset")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo.pipeline import DemoError, DemoSettings
+    from .demo.pipeline import run_demo as run
+
+    try:
+        settings = DemoSettings(args.out, args.size, args.workers, args.cpus_per_worker, args.seed, not args.quiet)
+        state = run(settings)
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume ({args.out}/demo.json)", file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    minutes, seconds = divmod(round(state["last_run_seconds"]), 60)
+    print(f"\ndemo finished in {minutes}m{seconds:02d}s; everything is in {out}/")
+    print(f"  report      {out}/report.md (loss_curves.png, sdr_vs_speed.png, scores.png)")
+    print(f"  model       {out}/model/   distunmix separate -m {out}/model SONG.wav")
+    print(f"  tuning      {out}/tune/results.md")
+    print(f"  training    {out}/train/ (history.csv, loss.png, best/)")
+    print(f"  evaluation  {out}/evaluation/scores.md")
+    print(f"  serving     {out}/serve.json   distunmix serve --model {out}/model")
+    print(f"  data        {state['stages']['data']['root']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distunmix", description="Open-Unmix source separation on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (resampling, chunking)")
@@ -755,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune(sub)
     add_serve(sub)
     add_client(sub)
+    add_demo(sub)
     return parser
 
 

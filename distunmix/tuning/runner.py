@@ -11,6 +11,7 @@ V2, not the deprecated ``Tuner(trainer)``). Every report is one epoch; ASHA stop
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -142,7 +143,7 @@ def trainable(
 
 
 # -- the experiment ------------------------------------------------------------------------------
-def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path):
+def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path, progress: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -162,6 +163,7 @@ def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experi
         resources,
     )
     if settings.resume:
+        # a restored experiment keeps the callbacks it was started with (its progress bar included)
         return tune.Tuner.restore(str(experiment), trainable=fn, resume_unfinished=True, resume_errored=True)
     scheduler = (
         ASHAScheduler(
@@ -173,7 +175,7 @@ def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experi
         if settings.scheduler == "asha"
         else FIFOScheduler()
     )
-    callbacks: list = []
+    callbacks: list = [_progress_bar(settings.max_epochs)] if progress else []
     if os.environ.get(INTERRUPT_ENV):
         callbacks.append(_interrupt_after(int(os.environ[INTERRUPT_ENV])))
     if settings.logger == "wandb":
@@ -201,6 +203,39 @@ def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experi
             verbose=0,
         ),
     )
+
+
+def _progress_bar(max_epochs: int):
+    """A Tune callback drawing one bar on the driver: trial-epochs reported, out of trials x max epochs
+    (ASHA's stops end it early)."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.finished = 0
+
+        def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment state
+            return {"bar": None, "finished": self.finished}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(desc="tune", unit="trial-epoch", dynamic_ncols=True)
+            self.bar.total = len(trials) * max_epochs
+            self.bar.update(1)
+            best = min((t.last_result.get("valid_loss", math.inf) for t in trials if t.last_result), default=math.inf)
+            self.bar.set_postfix_str(f"trials done {self.finished}/{len(trials)}, best valid loss {best:.4g}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.finished += 1
+
+        def on_experiment_end(self, trials, **info) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
 
 
 def _interrupt_after(count: int):
@@ -244,6 +279,7 @@ def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings
     from .report import trial_rows, write_results
 
     experiment = check_experiment_dir(settings)
+    progress = base.progress
     base = replace(base, epochs=settings.max_epochs, progress=False)
     resolved, _, _ = prepare(base)  # build caches and statistics once, before the trials
     base = replace(base, data=resolved.data)
@@ -263,7 +299,7 @@ def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings
                 experiment / "tune_settings.json",
                 {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed},
             )
-        grid = _tuner(base, space, settings, experiment).fit()
+        grid = _tuner(base, space, settings, experiment, progress).fit()
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,1 @@
+"""``distunmix demo``: the whole product in one command, and the report it writes."""

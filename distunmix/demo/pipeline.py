@@ -1,0 +1,478 @@
+"""The demo's stages, from nothing to a served model, each resumable.
+
+data -> tune -> train -> evaluate -> export -> serve -> report, all under one folder (``--out``):
+
+- ``data``: a generated MUSDB18-HQ-format dataset (``data/``), decoded caches and input statistics;
+- ``tune``: the ``quick`` space with ASHA (``tune/``: results.csv/.md/.json, plots, ``best/``);
+- ``train``: the best configuration, started from the tuned weights, for a few more epochs with
+  DDP workers under Ray Train (``train/``);
+- ``evaluate``: museval on the test split for the trained model, the tuned one, the untrained
+  model and the mixture baseline, plus separation and streaming speed (``evaluation/``);
+- ``export``: the trained model as a plain model folder (``model/``);
+- ``serve``: the Serve app on 127.0.0.1 answers one separation request, compared with local
+  separation (``serve.json``);
+- ``report``: ``report.md`` and its figures, computed from the files above.
+
+``demo.json`` records each finished stage; a second run reuses them, and an interrupted tuning
+experiment or training run is resumed where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import atomic_write_json
+
+STAGES = ("data", "tune", "train", "evaluate", "export", "serve", "report")
+STATE_FILE = "demo.json"
+MODELS = ("trained", "tuned", "untrained", "mixture")  # evaluated, in the report's order
+
+
+class DemoError(RuntimeError):
+    """A demo run that cannot go on; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big each stage is."""
+
+    synth_tracks: int  # generated tracks (train, validation and test splits)
+    synth_duration: float  # seconds per generated track
+    num_samples: int  # samples of the quick space (each is 4 trials: hidden size x uni/bi)
+    max_epochs: int  # ASHA's epochs per trial at most
+    grace_period: int  # ASHA's epochs before it may stop a trial
+    train_epochs: int  # epochs of the best configuration after tuning
+    speed_seconds: float  # audio timed for the x-real-time figures
+    clip_seconds: float  # the Serve request's clip
+
+
+SIZES = {
+    # about 5 minutes on a 2-core CPU: 12 tracks of 15 s, 8 trials of at most 8 epochs, 10 more epochs
+    "full": DemoSize(
+        12, 15.0, num_samples=2, max_epochs=8, grace_period=2, train_epochs=10, speed_seconds=10.0, clip_seconds=5.0
+    ),
+    # the test suite's size: about 2 minutes
+    "tiny": DemoSize(
+        5, 4.0, num_samples=1, max_epochs=2, grace_period=1, train_epochs=1, speed_seconds=1.0, clip_seconds=2.0
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """``distunmix demo``'s flags."""
+
+    out: str = "runs/demo"
+    size: str = "full"
+    workers: int = 2  # DDP ranks of the training stage
+    cpus_per_worker: float = 1.0
+    seed: int = 0  # of the generated dataset
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise DemoError(f"--size {self.size}: expected one of {', '.join(SIZES)}")
+        if self.workers < 1:
+            raise DemoError(f"--workers {self.workers}: expected an integer >= 1")
+        if self.cpus_per_worker <= 0:
+            raise DemoError(f"--cpus-per-worker {self.cpus_per_worker}: expected a number > 0")
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the first one."""
+        return {"size": self.size, "workers": self.workers, "cpus_per_worker": self.cpus_per_worker, "seed": self.seed}
+
+
+@dataclass
+class Context:
+    settings: DemoSettings
+    out: Path
+    state: dict[str, Any]
+    say: Callable[[str], None]
+
+    @property
+    def size(self) -> DemoSize:
+        return SIZES[self.settings.size]
+
+    def info(self, stage: str) -> dict[str, Any]:
+        return self.state["stages"][stage]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) the demo in ``settings.out``; returns ``demo.json``'s content."""
+    out = Path(settings.out).expanduser().resolve()
+    state = _load_state(out, settings)
+    ctx = Context(settings, out, state, say)
+    started = time.perf_counter()
+    ray_started = False
+    try:
+        for k, name in enumerate(STAGES, 1):
+            done = state["stages"].get(name)
+            if done and name != "report" and all((out / p).exists() for p in done.get("outputs", [])):
+                say(f"[{k}/{len(STAGES)}] {name}: reused ({done['seconds']:.0f} s when it ran)")
+                continue
+            say(f"[{k}/{len(STAGES)}] {name}: {STAGE_TITLES[name]}")
+            if name in RAY_STAGES and not ray_started:
+                ray_started = _ray_init()
+            t0 = time.perf_counter()
+            info = STAGE_FUNCTIONS[name](ctx)
+            state["stages"][name] = {**info, "seconds": time.perf_counter() - t0}
+            state["seconds"] = state.get("seconds", 0.0) + state["stages"][name]["seconds"]
+            atomic_write_json(out / STATE_FILE, state)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    state["last_run_seconds"] = time.perf_counter() - started
+    atomic_write_json(out / STATE_FILE, state)
+    return state
+
+
+def _load_state(out: Path, settings: DemoSettings) -> dict[str, Any]:
+    path = out / STATE_FILE
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DemoError(f"--out {settings.out}: {path} is unreadable ({e}); remove it to start over") from None
+        if state.get("settings") != settings.recorded():
+            raise DemoError(
+                f"--out {settings.out} holds a demo run with settings {state.get('settings')}, not "
+                f"{settings.recorded()}: give another --out, or the same settings to finish or reuse it"
+            )
+        return state
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {settings.out}: {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        raise DemoError(f"--out {settings.out}: {out} exists and is not a demo folder; give a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"--out {settings.out}: cannot create {out} ({e.strerror})") from None
+    state = {"settings": settings.recorded(), "stages": {}}
+    atomic_write_json(out / STATE_FILE, state)
+    return state
+
+
+def _ray_init() -> bool:
+    """Start Ray (or join the cluster RAY_ADDRESS names) unless this process already has it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(log_to_driver=False)
+    return True
+
+
+# -- shared settings -------------------------------------------------------------------------------
+def base_config(ctx: Context):
+    """The training settings every stage starts from: the demo's generated data, in-process loading."""
+    from ..data.config import DataConfig
+    from ..train.config import TrainConfig
+
+    size = ctx.size
+    data = DataConfig(
+        cache_dir=str(ctx.out / "data"),
+        synth_tracks=size.synth_tracks,
+        synth_duration=size.synth_duration,
+        synth_seed=ctx.settings.seed,
+        progress=ctx.settings.progress,
+    )
+    return TrainConfig(data=data, nb_workers=0, storage_path=str(ctx.out), progress=ctx.settings.progress)
+
+
+def _tune_summary(ctx: Context) -> dict[str, Any]:
+    return json.loads((ctx.out / "tune" / "results.json").read_text())
+
+
+def best_config(ctx: Context):
+    """The tuned best trial's training settings."""
+    from ..tuning.runner import trial_config
+    from ..tuning.space import load_space
+
+    best = _tune_summary(ctx)["best"]
+    base = base_config(ctx)
+    values = {
+        "batch_size": best["batch_size"],
+        "hidden_size": best["hidden_size"],
+        "samples_per_track": best["samples_per_track"],
+        "unidirectional": best["lstm"] == "uni",
+        "lr": best["lr"],
+    }
+    return trial_config({}, base.to_dict(), {**load_space("quick", base).fixed, **values})
+
+
+# -- stages ----------------------------------------------------------------------------------------
+def stage_data(ctx: Context) -> dict[str, Any]:
+    from ..data.config import load_split
+    from ..train.loop import prepare
+
+    resolved, _, _ = prepare(base_config(ctx))
+    counts = {split: len(load_split(resolved.data, split)) for split in ("train", "valid", "test")}
+    root = Path(resolved.data.root)
+    return {"root": str(root), "tracks": counts, "duration": ctx.size.synth_duration, "outputs": [_rel(ctx, root)]}
+
+
+def stage_tune(ctx: Context) -> dict[str, Any]:
+    from ..tuning.runner import TuneSettings, run_experiment
+    from ..tuning.space import load_space
+
+    folder = ctx.out / "tune"
+    if not (folder / "results.json").is_file():
+        base = base_config(ctx)
+        settings = TuneSettings(
+            space="quick",
+            metric="valid_sdr",
+            num_samples=ctx.size.num_samples,
+            max_epochs=ctx.size.max_epochs,
+            grace_period=ctx.size.grace_period,
+            reduction_factor=2,
+            cpus_per_trial=1.0,
+            storage_path=str(ctx.out),
+            name="tune",
+            resume=(folder / "tune_settings.json").is_file(),
+            speed_seconds=ctx.size.speed_seconds,
+        )
+        summary = run_experiment(base, load_space("quick", base), settings)
+        if summary.get("interrupted"):
+            pending = summary["pending"]
+            raise DemoError(f"tuning stopped with {pending} trial(s) unfinished; run the demo again to resume")
+    summary = _tune_summary(ctx)
+    if not summary["best"]:
+        raise DemoError(f"no tuning trial finished: see {folder}/results.md")
+    best = summary["best"]
+    ctx.say(
+        f"  best trial {best['trial']}: hidden {best['hidden_size']}, {best['lstm']}, lr {best['lr']:.3g}, "
+        f"valid SDR {best['valid_sdr']:.2f} dB; {summary['trial_epochs']} trial-epochs"
+    )
+    return {"trials": summary["trials"], "trial_epochs": summary["trial_epochs"],
+            "max_epochs": ctx.size.max_epochs, "best_trial": best["trial"],
+            "outputs": ["tune/results.json", "tune/best/separator.json"]}  # fmt: skip
+
+
+def stage_train(ctx: Context) -> dict[str, Any]:
+    from ..train.loop import prepare
+    from ..train.ray_trainer import check_storage, fit
+
+    folder = ctx.out / "train"
+    if not (folder / "history.json").is_file():
+        config = replace(
+            best_config(ctx),
+            epochs=ctx.size.train_epochs,
+            num_workers=ctx.settings.workers,
+            cpus_per_worker=ctx.settings.cpus_per_worker,
+            storage_path=str(ctx.out),
+            name="train",
+            init_from=str(ctx.out / "tune" / "best"),
+            resume=folder.exists(),
+            progress=ctx.settings.progress,
+        )
+        check_storage(config)
+        fit(config, prepare(config))
+    history = json.loads((folder / "history.json").read_text())
+    last = history[-1]
+    ctx.say(f"  {len(history)} epoch(s) with {ctx.settings.workers} DDP workers: valid SDR {last['valid_sdr']:.2f} dB")
+    return {"epochs": len(history), "workers": ctx.settings.workers,
+            "outputs": ["train/history.json", "train/best/separator.json"]}  # fmt: skip
+
+
+def write_untrained(ctx: Context, folder: Path) -> Path:
+    """The trained model's architecture, freshly initialised (seeded), with the data's input scaler."""
+    import torch
+
+    from ..checkpoint import save_model_dir
+    from ..model import OpenUnmix
+    from ..train.loop import prepare
+
+    config = best_config(ctx)
+    _, mean, std = prepare(replace(config, data=replace(config.data, progress=False)))
+    torch.manual_seed(config.seed)
+    models = {t: OpenUnmix.from_config(config.model_config(), input_mean=mean, input_scale=std) for t in config.targets}
+    return save_model_dir(folder, models, config.data.sample_rate, config.nhop, config.bandwidth)
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from ..checkpoint import available_targets
+    from ..data.config import load_split
+    from ..evaluate import MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
+    from ..tuning.report import separation_speed
+
+    folder = ctx.out / "evaluation"
+    untrained = write_untrained(ctx, ctx.out / "untrained")
+    paths = {"trained": ctx.out / "train" / "best", "tuned": ctx.out / "tune" / "best", "untrained": untrained}
+    cache = load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
+    targets = available_targets(paths["trained"])
+    specs = [ModelSpec(str(paths[label]) if label in paths else MIXTURE, label) for label in MODELS]
+    bar = tqdm(total=len(cache) * len(specs), desc="evaluate", unit="track", disable=not ctx.settings.progress)
+    # every model's tracks at once: Ray runs them as the CPUs allow
+    with ThreadPoolExecutor(len(specs)) as pool:
+        runs = [pool.submit(run_tracks, s, cache, targets, str(folder / s.label), True, lambda _: bar.update())
+                for s in specs]  # fmt: skip
+        tracks = {s.label: run.result() for s, run in zip(specs, runs, strict=True)}
+    bar.close()
+    results = {s.label: {"model": s.model, "scores": aggregate(tracks[s.label], targets), "tracks": tracks[s.label]}
+               for s in specs}  # fmt: skip
+    write_reports(folder, results, targets)
+    seconds = ctx.size.speed_seconds
+    speed = {"offline_x_rt": separation_speed(paths["trained"], seconds), "seconds": seconds}
+    speed["stream"] = stream_speed(ctx, cache, folder)
+    atomic_write_json(folder / "speed.json", speed)
+    sdr = {label: float(np.nanmean([results[label]["scores"][t]["SDR"] for t in targets])) for label in MODELS}
+    ctx.say("  median SDR over targets: " + ", ".join(f"{k} {v:.2f} dB" for k, v in sdr.items()))
+    return {"tracks": len(cache), "models": list(MODELS),
+            "outputs": ["evaluation/scores.json", "evaluation/speed.json"]}  # fmt: skip
+
+
+def stream_speed(ctx: Context, cache, folder: Path) -> dict[str, Any] | None:
+    """Streaming figures of the best unidirectional trial (None when no trial was unidirectional)."""
+    import soundfile as sf
+
+    from ..checkpoint import load_separator
+    from ..separate import stream_file
+
+    rows = [r for r in _tune_summary(ctx)["rows"] if r["status"] == "ok" and r["lstm"] == "uni" and r.get("checkpoint")]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["valid_sdr"] if np.isfinite(r["valid_sdr"]) else -np.inf)
+    separator = load_separator(Path(row["checkpoint"]) / "best", niter=0)
+    clip = folder / "stream" / "mixture.wav"
+    clip.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(clip, cache.mixture(0).T, cache.sample_rate, subtype="FLOAT")
+    block = 1024
+    _, figures = stream_file(separator, clip, clip.parent, block=block)
+    blocks = -(-cache.mixture(0).shape[1] // block)
+    return {"trial": row["trial"], "hidden_size": row["hidden_size"], "block": block, "blocks": blocks, **figures}
+
+
+def stage_export(ctx: Context) -> dict[str, Any]:
+    from ..checkpoint import load_separator
+
+    dest, tmp = ctx.out / "model", ctx.out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ctx.out / "train" / "best", tmp)
+    load_separator(tmp)  # a folder that loads, or no export
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    files = sorted(p.name for p in dest.iterdir())
+    size_mb = sum(p.stat().st_size for p in dest.iterdir()) / 1e6
+    ctx.say(f"  {dest}/: {', '.join(files)} ({size_mb:.1f} MB)")
+    return {"files": files, "size_mb": size_mb, "outputs": ["model/separator.json"]}
+
+
+def _serve_module():
+    """The repository's ``serve/app.py`` (the Serve application shipped beside the package)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "serve" / "app.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            import serve.app
+
+            return serve.app
+    raise DemoError("the serve stage needs the repository's serve/app.py: run the demo from a clone of distunmix")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_serve(ctx: Context) -> dict[str, Any]:
+    """One request to the Serve app on 127.0.0.1, checked against separating the same clip here."""
+    import soundfile as sf
+    import torch
+    from ray import serve
+    from tqdm import tqdm
+
+    from ..checkpoint import load_separator
+    from ..client import _request
+    from ..data.config import load_split
+
+    app = _serve_module()
+    cache = load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
+    clip = cache.mixture(0)[:, : int(ctx.size.clip_seconds * cache.sample_rate)]
+    buf = io.BytesIO()
+    sf.write(buf, clip.T, cache.sample_rate, format="WAV", subtype="FLOAT")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    bar = tqdm(total=4, desc="serve", unit="step", disable=not ctx.settings.progress)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deployment = app.SeparatorDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 1})
+        serve.run(deployment.bind(model=str(ctx.out / "model")), name="distunmix-demo", route_prefix="/")
+        bar.update()
+        info = json.loads(_request(f"{url}/models", timeout=60)[0])
+        bar.update()
+        t0 = time.perf_counter()
+        body, ctype = _request(f"{url}/separate?format=wav&niter=1", buf.getvalue(), timeout=300)
+        latency = time.perf_counter() - t0
+        bar.update()
+    finally:
+        serve.shutdown()
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        stems = {Path(n).stem: sf.read(io.BytesIO(z.read(n)), dtype="float32", always_2d=True)[0].T
+                 for n in z.namelist()}  # fmt: skip
+    separator = load_separator(ctx.out / "model", niter=1)
+    with torch.inference_mode():
+        local = separator(torch.from_numpy(clip)[None])[0].numpy()
+    diff = max(float(np.abs(stems[t] - local[k]).max()) for k, t in enumerate(separator.targets))
+    bar.update()
+    bar.close()
+    seconds = clip.shape[1] / cache.sample_rate
+    result = {"url": url, "model": info["model"], "targets": sorted(stems), "content_type": ctype,
+              "clip_seconds": seconds, "latency_s": latency, "max_abs_diff": diff}  # fmt: skip
+    atomic_write_json(ctx.out / "serve.json", result)
+    ctx.say(f"  POST /separate: {len(stems)} stems in {latency:.2f} s; largest difference to local: {diff:.1e}")
+    if sorted(stems) != sorted(separator.targets) or not diff < 1e-4:
+        raise DemoError(f"the served separation differs from the local one: see {ctx.out / 'serve.json'}")
+    return {"outputs": ["serve.json"]}
+
+
+def stage_report(ctx: Context) -> dict[str, Any]:
+    from .report import write_report
+
+    paths = write_report(ctx.out)
+    return {"outputs": [_rel(ctx, p) for p in paths]}
+
+
+def _rel(ctx: Context, path: Path) -> str:
+    return os.path.relpath(path, ctx.out)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "data": stage_data,
+    "tune": stage_tune,
+    "train": stage_train,
+    "evaluate": stage_evaluate,
+    "export": stage_export,
+    "serve": stage_serve,
+    "report": stage_report,
+}
+STAGE_TITLES = {
+    "data": "generated MUSDB18-HQ-format dataset, caches and input statistics",
+    "tune": "the quick search space with ASHA early stopping (Ray Tune)",
+    "train": "the best configuration, a few more epochs with DDP workers (Ray Train)",
+    "evaluate": "museval on the test split: trained, tuned, untrained, mixture; separation speed",
+    "export": "the trained model as a model folder",
+    "serve": "one separation request to the Serve app on 127.0.0.1",
+    "report": "report.md and figures from the results",
+}
+RAY_STAGES = {"tune", "train", "evaluate", "serve"}

@@ -1,0 +1,460 @@
+"""Every command in README.md runs, at small sizes, and the demo's report agrees with its sources.
+
+The README's ``bash`` and ``python`` blocks are extracted and executed in order, in a copy of the
+repository (tracked files, the same ``.venv``) with ``HOME`` in a temporary folder. Each command
+must match exactly one rule of ``RULES``, which says how it runs here: as written, or with
+flags appended (argparse keeps the last value of a repeated flag) to shrink epochs, tracks and
+trials, with GPU flags dropped (no GPU here), and with the placeholder dataset and storage paths
+(``/data/musdb18hq``, ``/shared/...``, ``s3://bucket``) and the port replaced by local ones. A
+command no rule matches fails the test, so a new README command needs a way to run first.
+
+All commands share one Ray instance started by this module (``RAY_ADDRESS``); ``ray job submit``
+goes to its dashboard. ``./run.sh demo`` is the demo test: the report checks below read its output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+# -- extraction ----------------------------------------------------------------------------------------
+def readme_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced ``bash`` or ``python`` block, in order."""
+    return [(m[1], m[2]) for m in re.finditer(r"^```(bash|python)\n(.*?)^```", text, re.M | re.S)]
+
+
+def bash_commands(body: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, comment-only and blank lines dropped."""
+    out, current = [], ""
+    for line in body.splitlines():
+        current += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        if current.strip() and not current.lstrip().startswith("#"):
+            out.append(re.sub(r"\s+#.*$", "", current).strip())
+        current = ""
+    return out
+
+
+# -- how each command runs here ------------------------------------------------------------------------
+SMALL_TRAIN = "--epochs 1 --hidden-size 16 --seq-dur 1 --samples-per-track 2 --batch-size 2 --nb-workers 0"
+SMALL_DATA = "--synth-tracks 5 --synth-duration 4"
+SMALL_TUNE = "--space quick --num-samples 1 --max-epochs 1 --speed-seconds 1 --cpus-per-trial 1"
+DDP_CPU = "--num-workers 2 --cpus-per-worker 1"
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # re.search on the README command
+    append: str = ""  # flags added at the end
+    kind: str = "run"  # run | server | ci | python
+    timeout: float = 300.0
+
+
+RULES = [
+    Rule(r"^\./run\.sh test$", kind="ci"),  # the suite itself: CI's .ci/run runs it (checked below)
+    Rule(r"^\./run\.sh demo$", append="--size tiny", timeout=900),
+    Rule(r"distunmix synth-clip ", append="--duration 6"),
+    Rule(r"distunmix init-model "),
+    Rule(r"distunmix separate "),
+    Rule(r"distunmix synth data/", append="--tracks 5 --duration 8"),  # the Python example reads 6 s excerpts
+    Rule(r"distunmix prepare --root "),
+    Rule(r"distunmix prepare$", append=SMALL_DATA),
+    Rule(r"distunmix train .*--name readme-train", append="--synth-tracks 5 --synth-duration 4 --samples-per-track 2"),
+    Rule(r"distunmix train --root \S+musdb18hq .*--address auto", append=f"{SMALL_TRAIN} {DDP_CPU}"),
+    Rule(r"distunmix train --root \S+musdb18hq ", append=f"{SMALL_TRAIN} {DDP_CPU}"),
+    Rule(r"distunmix train --root ~/my_stems ", append=f"{SMALL_TRAIN.replace('--hidden-size 16 ', '')} {DDP_CPU}"),
+    Rule(r"python -m tune --space quick ", append="--num-samples 1 --max-epochs 2 --speed-seconds 1"),
+    Rule(r"^ray job submit ", append=SMALL_TUNE, timeout=600),
+    Rule(r"^\.venv/bin/serve run ", kind="server"),
+    Rule(r"distunmix serve ", kind="server"),
+    Rule(r"^curl "),
+    Rule(r"distunmix client "),
+    Rule(r"distunmix evaluate ", append="--synth-tracks 5 --synth-duration 4"),
+    Rule(r"distunmix stream "),
+    Rule(r"", kind="python"),  # python blocks
+]
+
+
+def rule_for(lang: str, command: str) -> Rule | None:
+    if lang == "python":
+        return RULES[-1]
+    matches = [r for r in RULES[:-1] if re.search(r.pattern, command)]
+    return matches[0] if matches else None
+
+
+def readme_commands() -> list[tuple[int, str, str]]:
+    """(block number, language, command) in README order."""
+    out = []
+    for k, (lang, body) in enumerate(readme_blocks(README.read_text())):
+        commands = bash_commands(body) if lang == "bash" else [body]
+        out += [(k, lang, c) for c in commands]
+    return out
+
+
+def test_every_readme_command_has_a_rule_and_every_rule_a_command():
+    commands = readme_commands()
+    assert len(commands) > 20
+    missing = [c for _, lang, c in commands if rule_for(lang, c) is None]
+    assert not missing, f"README commands no rule in tests/test_readme.py runs: {missing}"
+    used = {id(rule_for(lang, c)) for _, lang, c in commands}
+    unused = [r.pattern for r in RULES if id(r) not in used]
+    assert not unused, f"rules that match no README command (stale): {unused}"
+
+
+def test_extraction_joins_continuations_and_drops_comments():
+    body = "# a comment\nfoo --a 1 \\\n    --b 2   # trailing\n\nbar\n"
+    assert bash_commands(body) == ["foo --a 1      --b 2", "bar"]
+    blocks = readme_blocks("x\n```bash\nls\n```\n```text\nno\n```\n```python\nprint(1)\n```\n")
+    assert blocks == [("bash", "ls\n"), ("python", "print(1)\n")]
+
+
+def test_ci_runs_the_readme_test_command():
+    """``./run.sh test`` is not run from inside the suite it starts; CI runs exactly it."""
+    assert "./run.sh test" in README.read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^\s*(exec\s+)?\./run\.sh test\b", ci, re.M), ci
+
+
+# -- the sandbox ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Sandbox:
+    repo: Path
+    home: Path
+    env: dict[str, str]
+    port: int
+    log: list[str]
+
+    def substitute(self, command: str) -> str:
+        data = self.home / "data"
+        command = command.replace("/data/musdb18hq", str(data / "musdb18hq"))
+        command = command.replace("/shared/musdb18hq", str(data / "musdb18hq"))
+        command = command.replace("s3://bucket", str(self.home / "shared"))
+        command = re.sub(r"\s--use-gpu\b", "", command)
+        command = re.sub(r"--gpus-per-trial [0-9.]+", "--gpus-per-trial 0", command)
+        command = command.replace("127.0.0.1:8000", f"127.0.0.1:{self.port}")
+        return command.replace("--port 8000", f"--port {self.port}")
+
+    def run(self, command: str, timeout: float) -> subprocess.CompletedProcess:
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            ["bash", "-c", command], cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        self.log.append(f"{time.perf_counter() - t0:6.1f} s  rc {p.returncode}  {command}")
+        return p
+
+
+def _copy_repo(dest: Path) -> None:
+    """The repository's files (committed or not, ignored ones left out) and a link to its .venv."""
+    listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listed, cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
+
+
+def _fixtures(sb: Sandbox) -> None:
+    """What the README assumes a user has: songs, an album, official-style weights, a dataset, stems."""
+    dc = f"{sys.executable} -m distunmix.cli"
+    home, repo = sb.home, sb.repo
+    steps = [
+        f"{dc} synth-clip other_song.flac --duration 3 --seed 5",
+        f"{dc} synth-clip my_album/track1.wav --duration 3 --seed 6",
+        f"{dc} synth {home}/data/musdb18hq --tracks 5 --duration 4 --seed 1",
+        f"{dc} init-model {home}/models/umxhq --seed 3",  # umxhq's architecture
+    ]
+    for step in steps:
+        p = sb.run(step, 300)
+        assert p.returncode == 0, p.stderr
+    # official weights come as <target>-<hash>.pth files and nothing else
+    umx = home / "models" / "umxhq"
+    hashes = {"vocals": "b62c91ce", "drums": "9619578f", "bass": "8d85a5bd", "other": "b52fbbf7"}
+    for f in umx.iterdir():
+        if f.suffix == ".pth":
+            f.rename(umx / f"{f.stem}-{hashes[f.stem]}.pth")
+        else:
+            f.unlink()
+    # your own stems, trackfolder layout: root/{train,valid}/<track>/<source>.wav
+    stems = home / "my_stems"
+    for split, track in (("train", "Artist - One"), ("train", "Artist - Two"), ("valid", "Artist - Three")):
+        src = next((home / "data" / "musdb18hq" / "train").iterdir())
+        shutil.copytree(src, stems / split / track)
+    assert (repo / "other_song.flac").is_file()
+
+
+def _check_setup_is_current() -> None:
+    """./run.sh demo in the copy would reinstall (into the shared .venv, from the copy) if the
+    environment were older than pyproject.toml and run.sh: refuse, as CI runs set-up first."""
+    import hashlib
+
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "run.sh").read_bytes()).hexdigest()[:16]
+    stamp = ROOT / ".venv" / ".distunmix-installed"
+    if not stamp.is_file() or stamp.read_text().strip() != want:
+        pytest.fail("the .venv is older than pyproject.toml or run.sh: run ./run.sh setup (./run.sh test does)")
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    import ray
+
+    _check_setup_is_current()
+
+    base = tmp_path_factory.mktemp("readme")
+    repo, home = base / "repo", base / "home"
+    repo.mkdir()
+    home.mkdir()
+    _copy_repo(repo)
+    port = _free_port()
+    config = repo / "serve" / "config.yaml"
+    config.write_text(config.read_text().replace("port: 8000", f"port: {port}"))
+    dashboard = _free_port()
+    saved = dict(os.environ)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # what processes of the Ray instance (a job's driver too) inherit: the venv's python, the caches
+    os.environ["PATH"] = f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"
+    os.environ["DISTUNMIX_CACHE"] = str(home / ".cache" / "distunmix")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
+             log_to_driver=False)  # fmt: skip
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
+        "HOME": str(home),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
+        "RAY_AUTH_MODE": "disabled",
+        "MPLBACKEND": "Agg",
+        "PYTHONUNBUFFERED": "1",
+    }
+    sb = Sandbox(repo, home, env, port, [])
+    try:
+        _fixtures(sb)
+        yield sb
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        print("\n".join(sb.log))
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url}/healthz did not answer within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def readme_run(sandbox):
+    """Run every README command in order; returns {command: CompletedProcess} (servers: their output)."""
+    results: dict[str, subprocess.CompletedProcess | str] = {}
+    server: subprocess.Popen | None = None
+    block = -1
+    for k, lang, command in readme_commands():
+        if k != block:
+            _stop(server)
+            server, block = None, k
+        rule = rule_for(lang, command)
+        if rule.kind == "ci":
+            continue
+        if rule.kind == "python":
+            script = sandbox.repo / f"readme_block_{k}.py"
+            script.write_text(command)
+            results[command] = sandbox.run(f"{sys.executable} {script.name}", rule.timeout)
+            continue
+        line = sandbox.substitute(command) + (f" {rule.append}" if rule.append else "")
+        if rule.kind == "server":
+            _stop(server)
+            server = subprocess.Popen(
+                ["bash", "-c", line], cwd=sandbox.repo, env=sandbox.env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )  # fmt: skip
+            _wait_healthy(f"http://127.0.0.1:{sandbox.port}", server, 240)
+            sandbox.log.append(f"server up: {line}")
+            results[command] = "up"
+            continue
+        results[command] = sandbox.run(line, rule.timeout)
+    _stop(server)
+    return results
+
+
+def test_readme_commands_run(readme_run):
+    failed = {
+        c: (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
+        for c, p in readme_run.items()
+        if not isinstance(p, str) and p.returncode != 0
+    }
+    assert not failed, json.dumps(failed, indent=1)
+    assert len(readme_run) == len([c for _, lang, c in readme_commands() if rule_for(lang, c).kind != "ci"])
+
+
+def test_readme_commands_made_their_outputs(sandbox, readme_run):
+    repo, home = sandbox.repo, sandbox.home
+    expected = [
+        repo / "song.wav",
+        repo / "separated" / "model" / "song" / "vocals.wav",  # separate -m runs/demo/model
+        repo / "separated" / "model" / "other_song" / "bass.wav",
+        repo / "separated" / "model" / "track1" / "other.wav",
+        repo / "separated" / "umxhq" / "song" / "drums.wav",  # official-style weights
+        repo / "runs" / "readme-train" / "best" / "separator.json",
+        repo / "runs" / "readme-tune" / "results.md",
+        repo / "runs" / "umx-hq" / "best" / "vocals.pth",
+        repo / "runs" / "my-vocals" / "best" / "vocals.pth",
+        home / "shared" / "runs",
+        home / "shared" / "experiments" / "seed-study" / "results.csv",  # ray job submit
+        repo / "stems.zip",
+        repo / "vocals.wav",
+        repo / "runs" / "readme-eval" / "scores.md",
+        repo / "separated" / "uni" / "song" / "vocals.wav",  # stream
+    ]
+    missing = [str(p) for p in expected if not p.exists()]
+    assert not missing, missing
+    import zipfile
+
+    with zipfile.ZipFile(repo / "stems.zip") as z:
+        assert sorted(z.namelist()) == ["drums.flac", "vocals.flac"]
+
+
+# -- the demo's outputs --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(sandbox, readme_run):
+    out = sandbox.repo / "runs" / "demo"
+    assert (out / "demo.json").is_file(), "./run.sh demo did not run"
+    return out
+
+
+def _md_table(text: str, header_start: str) -> list[dict[str, str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)))
+    return rows
+
+
+def test_demo_wrote_every_stage_and_report_file(demo):
+    state = json.loads((demo / "demo.json").read_text())
+    assert set(state["stages"]) == {"data", "tune", "train", "evaluate", "export", "serve", "report"}
+    for name in ("report.md", "loss_curves.png", "sdr_vs_speed.png", "scores.png", "serve.json"):
+        assert (demo / name).stat().st_size > 0, name
+    for rel in ("model/separator.json", "tune/results.csv", "train/history.json", "evaluation/scores.csv"):
+        assert (demo / rel).is_file(), rel
+    serve = json.loads((demo / "serve.json").read_text())
+    assert serve["targets"] == ["bass", "drums", "other", "vocals"] and serve["max_abs_diff"] < 1e-4
+    train = json.loads((demo / "train" / "config.json").read_text())
+    assert train["num_workers"] == 2 and train["init_from"].endswith("tune/best")
+
+
+def test_report_tables_equal_their_sources(demo):
+    text = (demo / "report.md").read_text()
+    trials = _md_table(text, "run")
+    results = json.loads((demo / "tune" / "results.json").read_text())["rows"]
+    source = [r for r in results if r["status"] == "ok"]
+    assert len(trials) == len(source) + 1
+    for row, src in zip(trials, source, strict=False):
+        assert row["run"] == f"trial {src['trial']}"
+        assert row["hidden size"] == str(src["hidden_size"]) and row["LSTM"] == src["lstm"]
+        assert row["epochs"] == str(src["epochs"]) and row["batch size"] == str(src["batch_size"])
+        assert float(row["lr"]) == pytest.approx(src["lr"], rel=6e-3)
+        assert float(row["best valid loss"]) == pytest.approx(src["best_valid_loss"], abs=6e-5)
+        assert float(row["valid SDR (dB)"]) == pytest.approx(src["valid_sdr"], abs=6e-3)
+        assert float(row["training time (s)"]) == pytest.approx(src["train_time_s"], abs=0.06)
+    with open(demo / "tune" / "results.csv") as f:  # the CSV holds the same trials
+        assert [r["trial"] for r in csv.DictReader(f) if r["status"] == "ok"] == [r["trial"] for r in source]
+    history = json.loads((demo / "train" / "history.json").read_text())
+    final = trials[-1]
+    assert final["epochs"] == str(len(history)) and final["workers"] == "2"
+    assert float(final["best valid loss"]) == pytest.approx(min(h["valid_loss"] for h in history), abs=6e-5)
+    scores = _md_table(text, "model")
+    with open(demo / "evaluation" / "scores.csv") as f:
+        source = list(csv.DictReader(f))
+    assert [(r["model"], r["target"]) for r in scores] == [(r["model"], r["target"]) for r in source]
+    assert {r["model"] for r in scores} == {"trained", "tuned", "untrained", "mixture"}
+    for row, src in zip(scores, source, strict=True):
+        for metric in ("SDR", "SIR", "ISR", "SAR"):
+            if src[metric] in ("nan", "inf"):
+                assert row[metric] == "n/a"
+            else:
+                assert float(row[metric]) == pytest.approx(float(src[metric]), abs=6e-3), (row, metric)
+
+
+def test_report_findings_follow_the_numbers(demo):
+    text = (demo / "report.md").read_text()
+    rows = [r for r in json.loads((demo / "tune" / "results.json").read_text())["rows"] if r["status"] == "ok"]
+    winner = max(rows, key=lambda r: r["valid_sdr"])["hidden_size"]
+    assert f"Hidden size {winner} won" in text
+    scores = json.loads((demo / "evaluation" / "scores.json").read_text())["models"]
+    trained = sum(s["SDR"] for s in scores["trained"]["scores"].values()) / 4
+    mixture = sum(s["SDR"] for s in scores["mixture"]["scores"].values()) / 4
+    assert f"{trained - mixture:.2f} dB over the mixture" in text
+    speed = json.loads((demo / "evaluation" / "speed.json").read_text())
+    assert f"{speed['offline_x_rt']:.1f}x real time" in text
+
+
+def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
+    state = json.loads((demo / "demo.json").read_text())
+    shutil.rmtree(demo / "model")
+    del state["stages"]["export"]
+    (demo / "demo.json").write_text(json.dumps(state))
+    p = sandbox.run(".venv/bin/distunmix demo --size tiny -q", 300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("data", "tune", "train", "evaluate", "serve"):
+        assert re.search(rf"\] {name}: reused", p.stdout), p.stdout
+    assert "] export: the trained model" in p.stdout
+    assert (demo / "model" / "separator.json").is_file()
+    after = json.loads((demo / "demo.json").read_text())
+    assert after["stages"]["train"] == state["stages"]["train"]  # not run again
+
+
+def test_demo_refuses_other_settings_in_the_same_folder(sandbox, demo):
+    p = sandbox.run(".venv/bin/distunmix demo --size full -q", 120)
+    assert p.returncode == 2
+    assert "--out runs/demo" in p.stderr and "tiny" in p.stderr
+    p = sandbox.run(".venv/bin/distunmix demo --out README.md -q", 120)
+    assert p.returncode == 2 and "--out README.md" in p.stderr
