@@ -67,7 +67,7 @@ SIZES = {
     ),
     # the test suite's size: about 2 minutes
     "tiny": DemoSize(
-        5, 4.0, num_samples=1, max_epochs=2, grace_period=1, train_epochs=1, speed_seconds=1.0, clip_seconds=2.0
+        5, 3.0, num_samples=1, max_epochs=2, grace_period=1, train_epochs=1, speed_seconds=1.0, clip_seconds=2.0
     ),
 }
 
