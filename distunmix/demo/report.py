@@ -20,6 +20,7 @@ import numpy as np
 
 from ..checkpoint import atomic_write_bytes
 from ..tuning.report import _pyplot, _save
+from ..tuning.report import plot_sdr_speed as tuning_plot
 from .pipeline import STAGES
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
@@ -208,27 +209,9 @@ def plot_loss_curves(inputs: dict[str, Any], path: Path) -> None:
 
 def plot_sdr_speed(inputs: dict[str, Any], path: Path) -> None:
     """Validation SDR against separation speed: trials by LSTM kind, and the final model."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
-    rows = [r for r in inputs["tune"]["rows"] if r["status"] == "ok"]
-    for lstm, marker, color, label in (("bi", "o", "C0", "BiLSTM trials"), ("uni", "^", "C3", "LSTM trials (stream)")):
-        pts = [(r["speed_x_rt"], r["valid_sdr"], r["hidden_size"]) for r in rows if r["lstm"] == lstm]
-        pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label)
-            for x, y, h in pts:
-                ax.annotate(f"h{h}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     best = min(inputs["history"], key=lambda h: h["valid_loss"])
-    ax.scatter([inputs["speed"]["offline_x_rt"]], [best["valid_sdr"]], marker="*", s=160, color="k", label="final")
-    ax.axvline(1.0, color="k", linewidth=0.6, linestyle="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("separation speed (x real time, this machine)")
-    ax.set_ylabel("validation SDR (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("quality vs speed, unidirectional and bidirectional")
-    fig.tight_layout()
-    _save(fig, path)
+    final = (inputs["speed"]["offline_x_rt"], best["valid_sdr"])
+    tuning_plot(inputs["tune"]["rows"], path, final, "quality vs speed, unidirectional and bidirectional")
 
 
 # -- the report --------------------------------------------------------------------------------------

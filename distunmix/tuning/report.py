@@ -225,8 +225,11 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, max_epochs: int) -> None
     _save(fig, path)
 
 
-def plot_sdr_speed(rows: list[dict[str, Any]], path: Path) -> None:
-    """Validation SDR against separation speed, bidirectional and unidirectional marked."""
+def plot_sdr_speed(
+    rows: list[dict[str, Any]], path: Path, final: tuple[float, float] | None = None, title: str = "quality vs speed"
+) -> None:
+    """Validation SDR against separation speed, bidirectional and unidirectional marked; ``final``
+    (speed, SDR) adds a model trained after the search."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     for lstm, marker, color in (("bi", "o", "C0"), ("uni", "^", "C3")):
@@ -238,12 +241,14 @@ def plot_sdr_speed(rows: list[dict[str, Any]], path: Path) -> None:
                        label="BiLSTM" if lstm == "bi" else "LSTM (streams)")  # fmt: skip
             for x, y, h in pts:
                 ax.annotate(f"h{h}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if final is not None:
+        ax.scatter([final[0]], [final[1]], marker="*", s=160, color="k", label="final")
     ax.axvline(1.0, color="k", linewidth=0.6, linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel("separation speed (x real time, this machine)")
     ax.set_ylabel("validation SDR (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("quality vs speed")
+    ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
