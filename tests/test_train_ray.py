@@ -26,6 +26,7 @@ def ray_cluster():
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # the controller notices reports sooner (default 2 s)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -107,7 +107,7 @@ def _flags(data: DataConfig, tmp: Path, name: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def asha_experiment(data, ray_cluster):
     config, tmp = data
-    assert main(_flags(config, tmp, "asha", "--num-samples", "2", "--max-epochs", "4")) == 0
+    assert main(_flags(config, tmp, "asha", "--num-samples", "2", "--max-epochs", "4", "--speed-seconds", "1")) == 0
     return tmp / "exp" / "asha"
 
 
