@@ -756,7 +756,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         "and running the command again reuses finished stages and resumes an interrupted one.",
     )
     p.add_argument("--out", default=d.out, help=f"the demo folder (default {d.out})")
-    p.add_argument("--size", choices=list(SIZES), default=d.size, help="full: ~10 min on 2 cores; tiny: ~2 min")
+    p.add_argument("--size", choices=list(SIZES), default=d.size, help="full: ~5 min on 2 cores; tiny: ~1.5 min")
     p.add_argument("--workers", type=_positive_int, default=d.workers, help="DDP ranks of the training stage")
     p.add_argument("--cpus-per-worker", type=_positive_float, default=d.cpus_per_worker)
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the generated dataset")

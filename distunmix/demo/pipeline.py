@@ -14,7 +14,8 @@ data -> tune -> train -> evaluate -> export -> serve -> report, all under one fo
 - ``report``: ``report.md`` and its figures, computed from the files above.
 
 ``demo.json`` records each finished stage; a second run reuses them, and an interrupted tuning
-experiment or training run is resumed where it stopped.
+experiment or training run is resumed where it stopped. A stage that runs again (its record or
+its outputs gone) makes every later stage run again too, on its new output.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ SIZES = {
     "full": DemoSize(
         12, 15.0, num_samples=2, max_epochs=8, grace_period=2, train_epochs=10, speed_seconds=10.0, clip_seconds=5.0
     ),
-    # the test suite's size: about 2 minutes
+    # the test suite's size: about 1.5 minutes
     "tiny": DemoSize(
         5, 3.0, num_samples=1, max_epochs=2, grace_period=1, train_epochs=1, speed_seconds=1.0, clip_seconds=2.0
     ),
@@ -102,6 +103,7 @@ class Context:
     out: Path
     state: dict[str, Any]
     say: Callable[[str], None]
+    upstream_ran: bool = False  # an earlier stage ran in this invocation: this stage's old files are stale
 
     @property
     def size(self) -> DemoSize:
@@ -122,14 +124,16 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
     try:
         for k, name in enumerate(STAGES, 1):
             done = state["stages"].get(name)
-            if done and name != "report" and all((out / p).exists() for p in done.get("outputs", [])):
+            if done and not ctx.upstream_ran and all((out / p).exists() for p in done.get("outputs", [])):
                 say(f"[{k}/{len(STAGES)}] {name}: reused ({done['seconds']:.0f} s when it ran)")
                 continue
+            state["stages"].pop(name, None)  # not finished until it finishes again
             say(f"[{k}/{len(STAGES)}] {name}: {STAGE_TITLES[name]}")
             if name in RAY_STAGES and not ray_started:
                 ray_started = _ray_init()
             t0 = time.perf_counter()
             info = STAGE_FUNCTIONS[name](ctx)
+            ctx.upstream_ran = True  # every later stage runs again on this stage's new output
             state["stages"][name] = {**info, "seconds": time.perf_counter() - t0}
             state["seconds"] = state.get("seconds", 0.0) + state["stages"][name]["seconds"]
             atomic_write_json(out / STATE_FILE, state)
@@ -233,6 +237,8 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
     from ..tuning.space import load_space
 
     folder = ctx.out / "tune"
+    if ctx.upstream_ran:
+        shutil.rmtree(folder, ignore_errors=True)  # made from other data: start over
     if not (folder / "results.json").is_file():
         base = base_config(ctx)
         settings = TuneSettings(
@@ -270,6 +276,8 @@ def stage_train(ctx: Context) -> dict[str, Any]:
     from ..train.ray_trainer import check_storage, fit
 
     folder = ctx.out / "train"
+    if ctx.upstream_ran:
+        shutil.rmtree(folder, ignore_errors=True)  # trained from another tuning result: start over
     if not (folder / "history.json").is_file():
         config = replace(
             best_config(ctx),
