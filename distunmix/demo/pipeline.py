@@ -127,7 +127,8 @@ def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict
             if done and not ctx.upstream_ran and all((out / p).exists() for p in done.get("outputs", [])):
                 say(f"[{k}/{len(STAGES)}] {name}: reused ({done['seconds']:.0f} s when it ran)")
                 continue
-            state["stages"].pop(name, None)  # not finished until it finishes again
+            if state["stages"].pop(name, None) is not None:  # not finished until it finishes again
+                atomic_write_json(out / STATE_FILE, state)
             say(f"[{k}/{len(STAGES)}] {name}: {STAGE_TITLES[name]}")
             if name in RAY_STAGES and not ray_started:
                 ray_started = _ray_init()
