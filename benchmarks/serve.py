@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -32,11 +31,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distunmix.serving import free_port  # noqa: E402
 
 
 def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None) -> dict:
@@ -119,7 +114,7 @@ def main() -> None:
     body = buf.getvalue()
     cpus = os.cpu_count() or 2
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     gpu = "" if args.num_gpus == 0 else f", {args.num_gpus:g} GPU per replica"

@@ -287,3 +287,12 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
         if part.get_param("name", header="content-disposition") == "file":
             return part.get_payload(decode=True) or b""
     raise ServiceError(422, "multipart upload without a 'file' field")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for local servers and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from distunmix.demo.pipeline import STAGES
+from distunmix.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -136,12 +136,6 @@ def test_ci_runs_the_readme_test_command():
 
 
 # -- the sandbox ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Sandbox:
     repo: Path
@@ -233,10 +227,10 @@ def sandbox(tmp_path_factory):
     repo.mkdir()
     home.mkdir()
     _copy_repo(repo)
-    port = _free_port()
+    port = free_port()
     config = repo / "serve" / "config.yaml"
     config.write_text(config.read_text().replace("port: 8000", f"port: {port}"))
-    dashboard = _free_port()
+    dashboard = free_port()
     saved = dict(os.environ)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # what processes of the Ray instance (a job's driver too) inherit: the venv's python, the caches

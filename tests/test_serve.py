@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import time
 import urllib.error
@@ -23,17 +22,12 @@ from ray import serve
 
 from distunmix.checkpoint import load_separator
 from distunmix.cli import main
+from distunmix.serving import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serve.app import SeparatorDeployment  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def server(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = SeparatorDeployment.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(
         model=str(model), max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs")

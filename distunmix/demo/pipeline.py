@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import zipfile
@@ -201,6 +200,13 @@ def base_config(ctx: Context):
     return TrainConfig(data=data, nb_workers=0, storage_path=str(ctx.out), progress=ctx.settings.progress)
 
 
+def _test_split(ctx: Context):
+    """The generated dataset's test split (decoded once by the data stage)."""
+    from ..data.config import load_split
+
+    return load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
+
+
 def _tune_summary(ctx: Context) -> dict[str, Any]:
     return json.loads((ctx.out / "tune" / "results.json").read_text())
 
@@ -319,14 +325,13 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     from tqdm import tqdm
 
     from ..checkpoint import available_targets
-    from ..data.config import load_split
     from ..evaluate import MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
     from ..tuning.report import separation_speed
 
     folder = ctx.out / "evaluation"
     untrained = write_untrained(ctx, ctx.out / "untrained")
     paths = {"trained": ctx.out / "train" / "best", "tuned": ctx.out / "tune" / "best", "untrained": untrained}
-    cache = load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
+    cache = _test_split(ctx)
     targets = available_targets(paths["trained"])
     specs = [ModelSpec(str(paths[label]) if label in paths else MIXTURE, label) for label in MODELS]
     bar = tqdm(total=len(cache) * len(specs), desc="evaluate", unit="track", disable=not ctx.settings.progress)
@@ -398,12 +403,6 @@ def _serve_module():
     raise DemoError("the serve stage needs the repository's serve/app.py: run the demo from a clone of distunmix")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stage_serve(ctx: Context) -> dict[str, Any]:
     """One request to the Serve app on 127.0.0.1, checked against separating the same clip here."""
     import soundfile as sf
@@ -413,14 +412,14 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
 
     from ..checkpoint import load_separator
     from ..client import _request
-    from ..data.config import load_split
+    from ..serving import free_port
 
     app = _serve_module()
-    cache = load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
+    cache = _test_split(ctx)
     clip = cache.mixture(0)[:, : int(ctx.size.clip_seconds * cache.sample_rate)]
     buf = io.BytesIO()
     sf.write(buf, clip.T, cache.sample_rate, format="WAV", subtype="FLOAT")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     bar = tqdm(total=4, desc="serve", unit="step", disable=not ctx.settings.progress)
     try:
