@@ -30,13 +30,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distunmix.data.config import DataConfig, load_split  # noqa: E402
-from distunmix.data.datasets import EpochSampler, TrainExcerpts, collate_batch, mix_batch  # noqa: E402
-from distunmix.data.loader import ExcerptLoader  # noqa: E402
-from distunmix.data.synth import write_dataset  # noqa: E402
+from distunmix.data.config import DataConfig, load_split
+from distunmix.data.datasets import EpochSampler, TrainExcerpts, collate_batch, mix_batch
+from distunmix.data.loader import ExcerptLoader
+from distunmix.data.synth import write_dataset
 
 SOURCES = ["vocals", "drums", "bass", "other"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distunmix.data.synth import synth_track  # noqa: E402
-from distunmix.model import ModelConfig, OpenUnmix  # noqa: E402
-from distunmix.separator import Separator  # noqa: E402
-from distunmix.stream import StreamingSeparator  # noqa: E402
+from distunmix.data.synth import synth_track
+from distunmix.model import ModelConfig, OpenUnmix
+from distunmix.separator import Separator
+from distunmix.stream import StreamingSeparator
 
 TARGETS = ("vocals", "drums", "bass", "other")
 

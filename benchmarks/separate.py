@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from distunmix.model import OpenUnmix
+from distunmix.separator import Separator
 
-from distunmix.model import OpenUnmix  # noqa: E402
-from distunmix.separator import Separator  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ("vocals", "drums", "bass", "other")
 

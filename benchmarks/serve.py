@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -28,10 +27,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distunmix.serving import free_port  # noqa: E402
+from distunmix.serve.client import free_port
 
 
 def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None) -> dict:
@@ -103,7 +99,8 @@ def main() -> None:
     from distunmix.checkpoint import STANDARD_TARGETS, save_model_dir
     from distunmix.data.synth import synth_track
     from distunmix.model import ModelConfig, OpenUnmix
-    from serve.app import SeparatorDeployment
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     torch.manual_seed(0)
@@ -126,11 +123,15 @@ def main() -> None:
 
     def deploy(replicas: int, batch: int) -> None:
         serve.delete("distunmix")  # free the old replicas' CPUs before asking for new ones
-        app = SeparatorDeployment.options(
+        config = ServiceConfig(
+            model=str(tmp / "model"), device=args.device, batch_size=batch, batch_wait_s=args.batch_wait_s
+        )
+        app = deployment(
+            config,
             num_replicas=replicas,
             max_ongoing_requests=args.clients,
             ray_actor_options={"num_cpus": cpus / replicas, "num_gpus": args.num_gpus},
-        ).bind(model=str(tmp / "model"), device=args.device, batch_size=batch, batch_wait_s=args.batch_wait_s)
+        )
         serve.run(app, name="distunmix", route_prefix="/")
         load(url, body, 2, 3.0, 4)  # warm-up
 

@@ -31,13 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distunmix.data.datasets import mix_batch  # noqa: E402
-from distunmix.data.synth import synth_track  # noqa: E402
-from distunmix.train.config import TrainConfig  # noqa: E402
-from distunmix.train.loop import Precision, build_targets, train_epoch  # noqa: E402
+from distunmix.data.datasets import mix_batch
+from distunmix.data.synth import synth_track
+from distunmix.train.config import TrainConfig
+from distunmix.train.loop import Precision, build_targets, train_epoch
 
 SOURCES = ["vocals", "drums", "bass", "other"]
 
@@ -198,7 +195,7 @@ def ray_section(args, use_gpu: bool) -> list[dict]:
                 nhop=args.nhop,
                 seq_dur=args.seq_dur,
                 samples_per_track=args.ray_samples_per_track,
-                nb_workers=args.ray_loader_workers,
+                loader_workers=args.ray_loader_workers,
                 num_workers=workers,
                 cpus_per_worker=args.ray_cpus_per_worker,
                 use_gpu=use_gpu,

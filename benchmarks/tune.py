@@ -19,19 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from distunmix.data.config import DataConfig  # noqa: E402
-from distunmix.train.config import TrainConfig  # noqa: E402
-from distunmix.tuning.runner import TuneSettings, run_experiment  # noqa: E402
-from distunmix.tuning.space import load_space  # noqa: E402
+from distunmix.data.config import DataConfig
+from distunmix.train.config import TrainConfig
+from distunmix.tuning.runner import TuneSettings, run_experiment
+from distunmix.tuning.space import load_space
 
 
 def main() -> None:

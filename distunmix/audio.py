@@ -1,9 +1,11 @@
-"""Audio files: read (soundfile), resample (soxr), write stems atomically and incrementally."""
+"""Audio files: find, read (soundfile), resample (soxr), write stems atomically and incrementally."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -11,15 +13,28 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .checkpoint import default_file_mode
+from .errors import AudioError
+from .fileio import default_file_mode
+
+log = logging.getLogger(__name__)
 
 # containers soundfile (libsndfile >= 1.1) reads; used to pick audio files out of folders
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".w64", ".caf")
 SUBTYPES = {"wav": "FLOAT", "flac": "PCM_24"}
 
 
-class AudioError(ValueError):
-    """An audio file that cannot be used; the message names the file and the reason."""
+def find_audio_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files given directly, plus audio files (by extension) found recursively in given folders.
+
+    A path that does not exist is kept, so that it is reported as an error with the others.
+    """
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS))
+        else:
+            files.append(item)
+    return files
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -53,6 +68,20 @@ def resample(audio: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
         return audio
     out = soxr.resample(np.ascontiguousarray(audio.T), rate_in, rate_out, quality="HQ")
     return out.T.astype(np.float32, copy=False)
+
+
+def read_at_rate(path: str | os.PathLike, rate: float, min_samples: int = 1) -> np.ndarray:
+    """A mono or stereo file as (channels, samples) at ``rate``, at least ``min_samples`` long."""
+    path = Path(path)
+    audio, file_rate = read_audio(path)
+    if audio.shape[0] > 2:
+        raise AudioError(f"{path}: has {audio.shape[0]} channels; expected mono or stereo")
+    if file_rate != rate:
+        log.info("%s: resampling %d Hz -> %g Hz", path, file_rate, rate)
+        audio = resample(audio, file_rate, rate)
+    if audio.shape[1] < min_samples:
+        raise AudioError(f"{path}: too short ({audio.shape[1] / rate:.3f} s); need at least {min_samples / rate:.3f} s")
+    return audio
 
 
 class StemWriter:

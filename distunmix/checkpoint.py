@@ -10,17 +10,20 @@ cannot run code. Writing is atomic: a temporary file in the same folder, then a 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+from .fileio import atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, OpenUnmix
+from .separator import Separator, SeparatorOptions
 
 STANDARD_TARGETS = ("vocals", "drums", "bass", "other")
 # keys some official weight files carry that are not model parameters
@@ -29,42 +32,20 @@ DEFAULT_SAMPLE_RATE = 44100.0
 DEFAULT_HOP = 1024
 
 
-class CheckpointError(RuntimeError):
-    """A model folder or weight file that cannot be used; the message names the file."""
+# generic folder names: a model folder called so is named after its run folder too
+GENERIC_NAMES = ("best", "last", "latest", "model")
+
+
+def model_label(model_dir: str | os.PathLike) -> str:
+    """A short name for a model folder that tells runs apart: its name, and for a generic name
+    (``best``, ``model``, ...) the run folder's name before it (``train-0412-best``)."""
+    path = Path(model_dir).expanduser().resolve()
+    return f"{path.parent.name}-{path.name}" if path.name in GENERIC_NAMES and path.parent.name else path.name
 
 
 # -- writing -------------------------------------------------------------------------------------
-def default_file_mode() -> int:
-    """0o666 less the process umask: the mode ``open()`` would give a new file."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, default_file_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=4, sort_keys=True) + "\n").encode())
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    import io
-
+    """``torch.save`` through :func:`~distunmix.fileio.atomic_write_bytes`."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -299,12 +280,12 @@ def read_separator_config(model_dir: Path, targets: Iterable[str], legacy_rate: 
 def load_separator(
     model_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
-    niter: int = 1,
-    residual: bool = False,
-    wiener_win_len: int | None = 300,
+    niter: int = SeparatorOptions.niter,
+    residual: bool = SeparatorOptions.residual,
+    wiener_win_len: int | None = SeparatorOptions.wiener_win_len,
     targets: Iterable[str] | None = None,
     **separator_kwargs: Any,
-):
+) -> Separator:
     """A :class:`~distunmix.separator.Separator` (eval mode, frozen) from a model folder.
 
     ``targets`` (a subset, in output order) defaults to separator.json's list, else every
@@ -312,8 +293,6 @@ def load_separator(
     Further keyword arguments (softmask, chunk_seconds, context_seconds, batch_chunks) go to
     the Separator.
     """
-    from .separator import Separator
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")

@@ -14,6 +14,8 @@ estimate scores +inf. museval (which imports musdb and so needs ffmpeg) is impor
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import plots
+from .checkpoint import available_targets, load_separator, model_label
+from .cluster import ray_session
+from .data.cache import AudioCache
+from .data.config import DataConfig, load_split
+from .devices import resolve_device
+from .errors import ConfigError, DataError
+from .fileio import atomic_write_text
+from .tables import fmt
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 MIXTURE = "mixture"  # the baseline that returns the mixture for every target
@@ -69,7 +83,7 @@ def score_track(
     Targets are evaluated jointly, as ``museval.eval_mus_track`` does (SIR depends on the other
     targets); a target silent in reference or estimate is left out of the joint evaluation.
     """
-    import museval
+    import museval  # imports musdb, which needs ffmpeg: only where scoring runs
 
     notes: list[str] = []
     targets = list(references)
@@ -102,7 +116,7 @@ def score_track(
 
 def museval_json(scores: TrackScores, win: float = 1.0, hop: float = 1.0) -> str:
     """The track's frames in museval's JSON format (what ``museval.eval_mus_track`` saves)."""
-    import museval
+    import museval  # see score_track
 
     store = museval.TrackStore(track_name=scores.track, win=win, hop=hop)
     for target, metrics in scores.frames.items():
@@ -128,10 +142,10 @@ class ModelSpec:
     device: str = "cpu"
 
 
-def evaluate_track(spec: ModelSpec, cache, index: int, targets: Sequence[str], json_dir: str | None) -> TrackScores:
+def evaluate_track(
+    spec: ModelSpec, cache: AudioCache, index: int, targets: Sequence[str], json_dir: str | None
+) -> TrackScores:
     """Separate track ``index`` of an AudioCache with ``spec`` and score it (a Ray task's work)."""
-    import torch
-
     entry = cache.entries[index]
     mixture = cache.mixture(index)  # (C, N)
     references = {t: cache.read_float(index, t).T for t in targets}
@@ -139,8 +153,6 @@ def evaluate_track(spec: ModelSpec, cache, index: int, targets: Sequence[str], j
     if spec.model == MIXTURE:
         estimates = {t: mixture.T.copy() for t in targets}
     else:
-        from .checkpoint import load_separator
-
         separator = load_separator(
             spec.model, targets=list(targets), niter=spec.niter, residual=spec.residual, device=spec.device
         )
@@ -152,9 +164,7 @@ def evaluate_track(spec: ModelSpec, cache, index: int, targets: Sequence[str], j
     scores.separation_seconds = separated
     scores.scoring_seconds = time.perf_counter() - t0 - separated
     if json_dir is not None:
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(json_dir) / f"{_safe(entry.name)}.json", museval_json(scores).encode())
+        atomic_write_text(Path(json_dir) / f"{_safe(entry.name)}.json", museval_json(scores))
     return scores
 
 
@@ -165,7 +175,7 @@ def _safe(name: str) -> str:
 # -- many tracks, serially or as Ray tasks ---------------------------------------------------------
 def run_tracks(
     spec: ModelSpec,
-    cache,
+    cache: AudioCache,
     targets: Sequence[str],
     json_dir: str | None,
     parallel: bool = True,
@@ -180,7 +190,7 @@ def run_tracks(
             if on_done:
                 on_done(results[-1])
         return results
-    import ray
+    import ray  # the Ray edge: only for parallel runs
 
     task = ray.remote(num_cpus=1, num_gpus=0.25 if spec.device.startswith("cuda") else 0)(evaluate_track)
     cache_ref = ray.put(cache)
@@ -217,10 +227,6 @@ def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Se
 
     ``results[label] = {"scores": aggregate(...), "tracks": [TrackScores], ...}``.
     """
-    import json
-
-    from .checkpoint import atomic_write_bytes
-
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "aggregation": AGGREGATION,
@@ -243,14 +249,14 @@ def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Se
             for label, r in results.items()
         },
     }
-    atomic_write_bytes(out_dir / "scores.json", (json.dumps(summary, indent=1) + "\n").encode())
+    atomic_write_text(out_dir / "scores.json", json.dumps(summary, indent=1) + "\n")
     lines = ["model,target,SDR,SIR,ISR,SAR,global_SDR,tracks"]
     for label, r in results.items():
         for t in targets:
             s = r["scores"][t]
-            vals = ",".join(_fmt(s[k]) for k in (*METRICS, "global_SDR"))
+            vals = ",".join(fmt(s[k], 4, missing="nan") for k in (*METRICS, "global_SDR"))
             lines.append(f"{label},{t},{vals},{len(r['tracks'])}")
-    atomic_write_bytes(out_dir / "scores.csv", ("\n".join(lines) + "\n").encode())
+    atomic_write_text(out_dir / "scores.csv", "\n".join(lines) + "\n")
 
     md = [
         "# Evaluation",
@@ -263,35 +269,21 @@ def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Se
     for label, r in results.items():
         for t in targets:
             s = r["scores"][t]
-            md.append(f"| {label} | {t} | " + " | ".join(_fmt(s[k], 2) for k in (*METRICS, "global_SDR")) + " |")
+            cells = " | ".join(fmt(s[k], missing="nan") for k in (*METRICS, "global_SDR"))
+            md.append(f"| {label} | {t} | {cells} |")
     notes = [(label, s.track, n) for label, r in results.items() for s in r["tracks"] for n in s.notes]
     if notes:
         md += ["", "## Notes", ""] + [f"- {label}, {track}: {note}" for label, track, note in notes]
-    atomic_write_bytes(out_dir / "scores.md", ("\n".join(md) + "\n").encode())
+    atomic_write_text(out_dir / "scores.md", "\n".join(md) + "\n")
     plot_scores(results, targets, out_dir / "scores.png")
     return {k: out_dir / f"scores.{k}" for k in ("json", "csv", "md", "png")}
 
 
-def _fmt(v: float, digits: int = 4) -> str:
-    if math.isnan(v):
-        return "nan"
-    return "inf" if math.isinf(v) else f"{v:.{digits}f}"
-
-
 def plot_scores(results: dict[str, dict[str, Any]], targets: Sequence[str], path: Path) -> None:
     """Bars of museval SDR per target, one bar per model."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_write_bytes
-
     labels = list(results)
     width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(targets) + 1), 3.8), dpi=110)
+    fig, ax = plots.figure(max(5, 1.6 * len(targets) + 1), 3.8)
     x = np.arange(len(targets))
     for k, label in enumerate(labels):
         vals = [results[label]["scores"][t]["SDR"] for t in targets]
@@ -303,8 +295,59 @@ def plot_scores(results: dict[str, dict[str, Any]], targets: Sequence[str], path
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("SDR per target (median over frames, then tracks)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    plots.save(fig, path)
+
+
+# -- the command -----------------------------------------------------------------------------------
+def model_labels(models: Sequence[str]) -> list[str]:
+    """Short unique labels (:func:`~distunmix.checkpoint.model_label`), numbered where they repeat."""
+    labels = [MIXTURE if m == MIXTURE else model_label(m) for m in models]
+    if len(set(labels)) != len(labels):
+        labels = [f"{k}:{label}" for k, label in enumerate(labels)]
+    return labels
+
+
+def evaluate_models(
+    models: Sequence[str],
+    data: DataConfig,
+    out: Path,
+    subset: str = "test",
+    targets: Sequence[str] | None = None,
+    niter: int = 1,
+    device: str = "auto",
+    parallel: bool = True,
+    address: str | None = None,
+    verbose: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """``distunmix evaluate``: every model folder (or ``mixture``) on a split, reports in ``out``.
+
+    Model folders and targets are checked before any data is generated or decoded; tracks run as
+    Ray tasks with ``parallel`` (Ray started for the call, or the cluster at ``address``).
+    """
+    if not models:
+        raise ConfigError("-m/--model: expected a model folder or 'mixture'")
+    first = next((m for m in models if m != MIXTURE), None)
+    targets = list(targets or (available_targets(first) if first else data.sources))
+    for m in models:
+        if m != MIXTURE:
+            load_separator(m, targets=targets, niter=niter)  # fail now, not in a Ray task
+    unknown = [t for t in targets if t not in data.sources]
+    if unknown:
+        raise ConfigError(f"--targets {','.join(unknown)}: expected targets among {','.join(data.sources)}")
+    device = str(resolve_device(device))
+    cache = load_split(data.resolved(), subset)
+    missing = [t for t in targets if any(t not in e.rows for e in cache.entries)]
+    if missing:
+        raise DataError(f"{cache.folder}: the {subset} split lacks target(s) {', '.join(missing)}")
+    out = Path(out).resolve()  # Ray tasks may run in another folder, or on another node
+    results = {}
+    scope = ray_session(address, verbose=verbose) if parallel else contextlib.nullcontext()
+    with scope:
+        for model, label in zip(models, model_labels(models), strict=True):
+            path = model if model == MIXTURE else str(Path(model).resolve())
+            spec = ModelSpec(path, label, niter=niter, device=device)
+            with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=not data.progress) as bar:
+                tracks = run_tracks(spec, cache, targets, str(out / label), parallel, on_done=lambda _: bar.update())
+            results[label] = {"model": model, "scores": aggregate(tracks, targets), "tracks": tracks}
+    write_reports(out, results, targets)
+    return results

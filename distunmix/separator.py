@@ -14,13 +14,50 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import spectral
+from .errors import ConfigError
+from .flags import setting
 from .model import OpenUnmix
+
+_GROUP = "separation"
+
+
+@dataclass(frozen=True)
+class SeparatorOptions:
+    """How a :class:`Separator` filters and chunks; field ``x_y`` is flag ``--x-y``."""
+
+    niter: int = setting(1, "Wiener EM iterations (0: the mixture phase only)", group=_GROUP)
+    residual: bool = setting(False, "add a 'residual' stem: the mixture minus the targets", group=_GROUP)
+    softmask: bool = setting(False, "initial Wiener estimates from a soft mask", group=_GROUP)
+    wiener_win_len: int | None = setting(300, "frames per Wiener window", group=_GROUP)
+    chunk_seconds: float | None = setting(30.0, "separate longer input in chunks of about this length", group=_GROUP)
+    context_seconds: float = setting(3.0, "model context on each side of a chunk, in seconds", group=_GROUP)
+    batch_chunks: int = setting(1, "chunks per model batch (raise on GPUs)", group=_GROUP)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.niter >= 0, "--niter", self.niter, "an integer >= 0"),
+            (self.wiener_win_len is None or self.wiener_win_len >= 1, "--wiener-win-len", self.wiener_win_len, ">= 1"),
+            (self.chunk_seconds is None or self.chunk_seconds > 0, "--chunk-seconds", self.chunk_seconds, "> 0"),
+            (self.context_seconds >= 0, "--context-seconds", self.context_seconds, "seconds >= 0"),
+            (self.batch_chunks >= 1, "--batch-chunks", self.batch_chunks, "an integer >= 1"),
+        ]
+        for ok, flag, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {value}: expected {expected}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The Separator's keyword arguments."""
+        return asdict(self)
+
+
+_D = SeparatorOptions()
 
 
 @dataclass(frozen=True)
@@ -50,77 +87,6 @@ def plan_chunks(nb_frames: int, chunk_frames: int, context_frames: int) -> list[
     return plans
 
 
-def overlap_add(frames: Tensor, n_hop: int, window: Tensor | None = None) -> Tensor:
-    """Overlap-add time frames, each multiplied by ``window`` when given.
-
-    (..., nb_frames, frame_len) -> (..., (nb_frames - 1) * hop + frame_len). Frames are cut into
-    ceil(frame_len / hop) hop-sized pieces and each piece index is added with its shift: a few
-    dense multiply-adds instead of col2im.
-    """
-    nb, length = frames.shape[-2:]
-    k = -(-length // n_hop)
-    if window is None:
-        window = frames.new_ones(length)
-    if k * n_hop != length:
-        frames = nn.functional.pad(frames, (0, k * n_hop - length))
-        window = nn.functional.pad(window, (0, k * n_hop - length))
-    pieces = frames.unflatten(-1, (k, n_hop))  # (..., nb, k, hop)
-    win = window.reshape(k, n_hop)
-    out = frames.new_zeros(frames.shape[:-2] + (nb + k - 1, n_hop))
-    for j in range(k):
-        out[..., j : j + nb, :].addcmul_(pieces[..., j, :], win[j])
-    return out.flatten(-2)[..., : (nb - 1) * n_hop + length]
-
-
-class _OverlapAdd:
-    """Streaming inverse STFT (center=True): add frames chunk by chunk, emit finished samples.
-
-    Frame t covers padded samples [t * hop, t * hop + n_fft); padded sample n is output sample
-    n - n_fft // 2. Output samples are divided by the window-square envelope of all frames, as
-    torch.istft does, so the concatenated output equals istft of the whole STFT.
-    """
-
-    def __init__(self, n_fft: int, n_hop: int, nb_frames: int, length: int, device: torch.device) -> None:
-        self.n_fft, self.n_hop, self.nb_frames, self.length = n_fft, n_hop, nb_frames, length
-        self.window = spectral.hann_window(n_fft, device)
-        self.carry: Tensor | None = None  # partial sums of padded samples [emitted, ...)
-        self.emitted = 0
-
-    def _envelope(self, start: int, stop: int) -> Tensor:
-        """Window-square envelope of all frames over padded samples [start, stop)."""
-        if stop <= start:
-            return self.window.new_ones(0)
-        f0 = max(0, (start - self.n_fft) // self.n_hop + 1)
-        f1 = min(self.nb_frames, (stop - 1) // self.n_hop + 1)
-        env = overlap_add(self.window.expand(f1 - f0, self.n_fft), self.n_hop, self.window)
-        off = start - f0 * self.n_hop
-        return env[off : off + stop - start]
-
-    def add(self, spec: Tensor, t0: int, final: bool) -> tuple[int, Tensor]:
-        """Add STFT frames t0.. (..., nb_bins, nb) and return (output start, finished samples).
-
-        Chunks come in order and each starts where the previous one stopped emitting.
-        """
-        start = t0 * self.n_hop
-        if start != self.emitted:
-            raise ValueError(f"chunk at frame {t0} does not follow the previous one (sample {self.emitted})")
-        # (..., nb, n_fft) time frames; the FFT runs over contiguous bins
-        frames = torch.fft.irfft(spec.transpose(-1, -2), n=self.n_fft, dim=-1)
-        buf = overlap_add(frames, self.n_hop, self.window)  # padded samples [start, ...)
-        if self.carry is not None:
-            buf[..., : self.carry.shape[-1]] += self.carry
-        done = start + buf.shape[-1] if final else start + spec.shape[-1] * self.n_hop
-        self.carry = buf[..., done - start :].clone()
-        self.emitted = done
-        # padded [start, done) -> output samples [lo, hi); only those are normalised, since the
-        # envelope is 0 at the padded signal's first sample
-        pad = self.n_fft // 2
-        lo, hi = max(0, start - pad), max(0, min(self.length, done - pad))
-        hi = max(lo, hi)
-        seg = buf[..., lo + pad - start : hi + pad - start]
-        return lo, seg / self._envelope(lo + pad, hi + pad)
-
-
 class Separator(nn.Module):
     """Open-Unmix target models + multichannel Wiener filter.
 
@@ -148,13 +114,13 @@ class Separator(nn.Module):
         sample_rate: float = 44100.0,
         n_fft: int = 4096,
         n_hop: int = 1024,
-        niter: int = 1,
-        softmask: bool = False,
-        residual: bool = False,
-        wiener_win_len: int | None = 300,
-        chunk_seconds: float | None = 30.0,
-        context_seconds: float = 3.0,
-        batch_chunks: int = 1,
+        niter: int = _D.niter,
+        softmask: bool = _D.softmask,
+        residual: bool = _D.residual,
+        wiener_win_len: int | None = _D.wiener_win_len,
+        chunk_seconds: float | None = _D.chunk_seconds,
+        context_seconds: float = _D.context_seconds,
+        batch_chunks: int = _D.batch_chunks,
     ) -> None:
         super().__init__()
         if not target_models:
@@ -274,7 +240,7 @@ class Separator(nn.Module):
         audio = self._prepare(audio)
         length = audio.shape[-1]
         plans = self.plan(length)
-        ola = _OverlapAdd(self.n_fft, self.n_hop, self.nb_frames(length), length, audio.device)
+        ola = spectral.OverlapAdd(self.n_fft, self.n_hop, self.nb_frames(length), length, audio.device)
         mono = self.nb_channels == 1
         for g in range(0, len(plans), self.batch_chunks):
             group = plans[g : g + self.batch_chunks]

@@ -10,6 +10,9 @@ the spatial covariances) and gives the same numbers in float32, but is written f
 (or 1x1) covariance inverses are closed form, the mixture is whitened once per iteration and
 shared by all sources, and nothing loops over frames or windows in Python. Everything is
 differentiable.
+
+:class:`OverlapAdd` is the inverse STFT in pieces: frames go in chunk by chunk (or block by block
+for a live stream) and finished samples come out, equal to :func:`istft` of the whole STFT.
 """
 
 from __future__ import annotations
@@ -332,3 +335,75 @@ def wiener(
                 target[..., 0] = y[0]
                 target[..., 1] = y[1]
     return out
+
+
+# -- overlap-add inverse STFT, chunk by chunk ------------------------------------------------------
+def overlap_add(frames: Tensor, n_hop: int, window: Tensor | None = None) -> Tensor:
+    """Overlap-add time frames, each multiplied by ``window`` when given.
+
+    (..., nb_frames, frame_len) -> (..., (nb_frames - 1) * hop + frame_len). Frames are cut into
+    ceil(frame_len / hop) hop-sized pieces and each piece index is added with its shift: a few
+    dense multiply-adds instead of col2im.
+    """
+    nb, length = frames.shape[-2:]
+    k = -(-length // n_hop)
+    if window is None:
+        window = frames.new_ones(length)
+    if k * n_hop != length:
+        frames = torch.nn.functional.pad(frames, (0, k * n_hop - length))
+        window = torch.nn.functional.pad(window, (0, k * n_hop - length))
+    pieces = frames.unflatten(-1, (k, n_hop))  # (..., nb, k, hop)
+    win = window.reshape(k, n_hop)
+    out = frames.new_zeros(frames.shape[:-2] + (nb + k - 1, n_hop))
+    for j in range(k):
+        out[..., j : j + nb, :].addcmul_(pieces[..., j, :], win[j])
+    return out.flatten(-2)[..., : (nb - 1) * n_hop + length]
+
+
+class OverlapAdd:
+    """Streaming inverse STFT (center=True): add frames chunk by chunk, emit finished samples.
+
+    Frame t covers padded samples [t * hop, t * hop + n_fft); padded sample n is output sample
+    n - n_fft // 2. Output samples are divided by the window-square envelope of all frames, as
+    torch.istft does, so the concatenated output equals istft of the whole STFT.
+    """
+
+    def __init__(self, n_fft: int, n_hop: int, nb_frames: int, length: int, device: torch.device) -> None:
+        self.n_fft, self.n_hop, self.nb_frames, self.length = n_fft, n_hop, nb_frames, length
+        self.window = hann_window(n_fft, device)
+        self.carry: Tensor | None = None  # partial sums of padded samples [emitted, ...)
+        self.emitted = 0
+
+    def _envelope(self, start: int, stop: int) -> Tensor:
+        """Window-square envelope of all frames over padded samples [start, stop)."""
+        if stop <= start:
+            return self.window.new_ones(0)
+        f0 = max(0, (start - self.n_fft) // self.n_hop + 1)
+        f1 = min(self.nb_frames, (stop - 1) // self.n_hop + 1)
+        env = overlap_add(self.window.expand(f1 - f0, self.n_fft), self.n_hop, self.window)
+        off = start - f0 * self.n_hop
+        return env[off : off + stop - start]
+
+    def add(self, spec: Tensor, t0: int, final: bool) -> tuple[int, Tensor]:
+        """Add STFT frames t0.. (..., nb_bins, nb) and return (output start, finished samples).
+
+        Chunks come in order and each starts where the previous one stopped emitting.
+        """
+        start = t0 * self.n_hop
+        if start != self.emitted:
+            raise ValueError(f"chunk at frame {t0} does not follow the previous one (sample {self.emitted})")
+        # (..., nb, n_fft) time frames; the FFT runs over contiguous bins
+        frames = torch.fft.irfft(spec.transpose(-1, -2), n=self.n_fft, dim=-1)
+        buf = overlap_add(frames, self.n_hop, self.window)  # padded samples [start, ...)
+        if self.carry is not None:
+            buf[..., : self.carry.shape[-1]] += self.carry
+        done = start + buf.shape[-1] if final else start + spec.shape[-1] * self.n_hop
+        self.carry = buf[..., done - start :].clone()
+        self.emitted = done
+        # padded [start, done) -> output samples [lo, hi); only those are normalised, since the
+        # envelope is 0 at the padded signal's first sample
+        pad = self.n_fft // 2
+        lo, hi = max(0, start - pad), max(0, min(self.length, done - pad))
+        hi = max(lo, hi)
+        seg = buf[..., lo + pad - start : hi + pad - start]
+        return lo, seg / self._envelope(lo + pad, hi + pad)

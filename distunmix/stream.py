@@ -16,11 +16,19 @@ signal to float32 rounding (tested at >= 100 dB SNR).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import spectral
-from .separator import Separator, _OverlapAdd
+from .audio import StemWriter, read_at_rate
+from .errors import ConfigError
+from .separator import Separator
 
 _UNBOUNDED = 1 << 62  # frames / samples of a stream whose end is not known yet
 
@@ -37,12 +45,12 @@ class StreamingSeparator:
     def __init__(self, separator: Separator) -> None:
         bidirectional = [t for t, m in separator.target_models.items() if not m.unidirectional]
         if bidirectional:
-            raise ValueError(
+            raise ConfigError(
                 f"target(s) {', '.join(bidirectional)} use a bidirectional LSTM, which reads future frames and "
                 "cannot stream; train with --unidirectional (distunmix train) for real-time separation"
             )
         if separator.niter != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"streaming needs niter=0 (got {separator.niter}): Wiener EM iterations average over future frames"
             )
         self.separator = separator.freeze()
@@ -66,7 +74,7 @@ class StreamingSeparator:
         self._frame = 0  # next STFT frame to compute
         self._received = 0
         self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.separator.target_models)
-        self._ola = _OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
+        self._ola = spectral.OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
         self._done = False
 
     def _prepare(self, block: Tensor) -> Tensor:
@@ -140,3 +148,50 @@ class StreamingSeparator:
 
     def _empty(self, block: Tensor) -> Tensor:
         return block.new_zeros(block.shape[0], len(self.targets), self.separator.nb_channels, 0)
+
+
+def stream_file(
+    separator: Separator, path: str | os.PathLike, out_dir: str | os.PathLike, block: int = 1024, ext: str = "wav"
+) -> tuple[dict[str, Path], dict[str, float]]:
+    """Separate a file as a live input: blocks of ``block`` samples through a
+    :class:`~distunmix.stream.StreamingSeparator`, stems written as blocks come out.
+
+    Returns the stem paths and timing figures: ``latency_ms`` (algorithmic + one block),
+    ``realtime_factor`` (audio seconds per compute second), ``block_ms`` (the block's duration),
+    ``p50_ms`` / ``p99_ms`` / ``max_ms`` (compute time per block) and ``late_blocks`` (blocks
+    whose compute took longer than their duration: a live stream would have dropped out).
+    """
+    if block < 1:
+        raise ConfigError(f"--block {block}: expected samples >= 1")
+    streamer = StreamingSeparator(separator)
+    path, out_dir = Path(path), Path(out_dir)
+    audio = torch.from_numpy(read_at_rate(path, separator.sample_rate, separator.n_fft // 2 + 1))
+    channels = max(audio.shape[0], separator.nb_channels)
+    paths = {t: out_dir / f"{t}.{ext}" for t in separator.targets}
+    times = []
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(StemWriter(p, int(separator.sample_rate), channels, ext)) for p in paths.values()
+        ]
+        pieces = [audio[:, i : i + block] for i in range(0, audio.shape[1], block)]
+        for k, piece in enumerate([*pieces, None]):
+            t0 = time.perf_counter()
+            out = streamer.process(piece) if piece is not None else streamer.flush()
+            wave = out[0].cpu().numpy()  # waits for a GPU
+            if k < len(pieces):
+                times.append(time.perf_counter() - t0)
+            for j, writer in enumerate(writers):
+                writer.write(wave[j])
+    rate = separator.sample_rate
+    ms = np.array(times) * 1000
+    block_ms = 1000 * block / rate
+    return paths, {
+        "latency_ms": 1000 * (streamer.latency + block) / rate,
+        "realtime_factor": audio.shape[1] / rate / max(sum(times), 1e-9),
+        "block_ms": block_ms,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+        "late_blocks": int((ms > block_ms).sum()),
+        "blocks": len(times),
+    }

@@ -75,8 +75,10 @@ def test_separate_unknown_target_fails_before_work(model_dir, inputs, tmp_path, 
 def test_separate_missing_model_and_bad_flags(inputs, tmp_path, capsys):
     assert main(["separate", str(inputs / "song.wav"), "-m", str(tmp_path / "none")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+    assert main(["separate", str(inputs / "song.wav"), "-m", str(tmp_path), "--niter", "-1"]) == 2
+    assert "--niter -1: expected an integer >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["separate", str(inputs / "song.wav"), "-m", str(tmp_path), "--niter", "-1"])
+        main(["separate", str(inputs / "song.wav"), "-m", str(tmp_path), "--niter", "one"])
 
 
 def test_console_script_runs(model_dir, inputs, tmp_path):
@@ -87,7 +89,7 @@ def test_console_script_runs(model_dir, inputs, tmp_path):
 
 
 def test_a_failure_mid_separation_leaves_no_partial_stems(model_dir, inputs, tmp_path, monkeypatch):
-    from distunmix.separate import separate_file
+    from distunmix.stemfiles import separate_file
 
     separator = load_separator(model_dir, chunk_seconds=1.0, context_seconds=0.5)
     real = separator.iter_chunks

@@ -411,10 +411,10 @@ def test_synth_and_prepare_commands(tmp_path, capsys):
 
 # -- ExcerptLoader -------------------------------------------------------------------------------
 class _FailingExcerpts(TrainExcerpts):
-    def _fill(self, index, sources, gains):
+    def fill(self, index, sources, gains):
         if index % len(self) == 5:
             raise OSError(f"simulated read error at sample {index}")
-        super()._fill(index, sources, gains)
+        super().fill(index, sources, gains)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

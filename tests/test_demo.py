@@ -10,8 +10,10 @@ import json
 import pytest
 
 from distunmix.demo import pipeline
-from distunmix.demo.pipeline import STAGES, DemoError, DemoSettings, run_demo
-from distunmix.demo.report import findings, fmt
+from distunmix.demo.pipeline import STAGES, DemoError, DemoSettings, Stage, run_demo
+from distunmix.demo.report import findings
+
+NAMES = [stage.name for stage in STAGES]
 
 
 @pytest.fixture
@@ -30,8 +32,8 @@ def stand_ins(monkeypatch):
 
         return stage
 
-    monkeypatch.setattr(pipeline, "STAGE_FUNCTIONS", {name: make(name) for name in STAGES})
-    monkeypatch.setattr(pipeline, "RAY_STAGES", set())
+    stages = tuple(Stage(s.name, make(s.name), s.title, uses_ray=False) for s in STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", stages)
     return calls, fail
 
 
@@ -42,7 +44,7 @@ def _run(tmp_path, **kw):
 def test_a_second_run_reuses_every_stage(tmp_path, stand_ins):
     calls, _ = stand_ins
     state = _run(tmp_path)
-    assert calls == list(STAGES) and set(state["stages"]) == set(STAGES)
+    assert calls == NAMES and set(state["stages"]) == set(NAMES)
     calls.clear()
     _run(tmp_path)
     assert calls == []
@@ -80,8 +82,8 @@ def test_an_interrupted_run_resumes_at_the_stage_it_stopped_in(tmp_path, stand_i
 
 def test_other_settings_or_a_file_as_out_are_refused(tmp_path, stand_ins):
     _run(tmp_path)
-    with pytest.raises(DemoError, match=r"--out .*demo holds a demo run with settings .*'workers': 2"):
-        _run(tmp_path, workers=1)
+    with pytest.raises(DemoError, match=r"--out .*demo holds a demo run with settings .*'num_workers': 2"):
+        _run(tmp_path, num_workers=1)
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(DemoError, match="is a file"):
         run_demo(DemoSettings(out=str(tmp_path / "a-file"), size="tiny"), say=lambda _: None)
@@ -136,8 +138,3 @@ def test_streaming_that_falls_behind_or_no_unidirectional_trial_is_said_so():
     assert "going unidirectional costs 1.50 dB" in "\n".join(findings(_inputs(rows, slow)))
     text = "\n".join(findings(_inputs([_row("t1", 32, "bi", 2.5)], None)))
     assert "No unidirectional trial finished" in text and "Unidirectional LSTM" not in text
-
-
-def test_fmt_marks_missing_numbers():
-    assert fmt(float("nan")) == "n/a" and fmt(None) == "n/a" and fmt(float("inf")) == "n/a"
-    assert fmt(3) == "3" and fmt(2.345, 1) == "2.3" and fmt(True) == "1"

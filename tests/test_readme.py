@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from distunmix.demo.pipeline import STAGES
-from distunmix.serving import free_port
+from distunmix.serve.client import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -56,7 +56,7 @@ def bash_commands(body: str) -> list[str]:
 
 
 # -- how each command runs here ------------------------------------------------------------------------
-SMALL_TRAIN = "--epochs 1 --hidden-size 16 --seq-dur 1 --samples-per-track 2 --batch-size 2 --nb-workers 0"
+SMALL_TRAIN = "--epochs 1 --hidden-size 16 --seq-dur 1 --samples-per-track 2 --batch-size 2 --loader-workers 0"
 SMALL_DATA = "--synth-tracks 5 --synth-duration 4"
 SMALL_TUNE = "--space quick --num-samples 1 --max-epochs 1 --speed-seconds 1 --cpus-per-trial 1"
 UMXHQ_TRAIN = SMALL_TRAIN.replace("--hidden-size 16 ", "")  # --init-from umxhq: its hidden size, 512
@@ -448,7 +448,7 @@ def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
     assert "] report: report.md and figures" in p.stdout
     assert (demo / "report.md").read_text() == report  # the same numbers from the same files
     after = json.loads((demo / "demo.json").read_text())
-    assert all(after["stages"][name] == state["stages"][name] for name in STAGES[:-1])  # not run again
+    assert all(after["stages"][name] == state["stages"][name] for name in [s.name for s in STAGES[:-1]])  # not run again
 
 
 def test_demo_refuses_other_settings_in_the_same_folder(sandbox, demo):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,12 +21,9 @@ from ray import serve
 
 from distunmix.checkpoint import load_separator
 from distunmix.cli import main
-from distunmix.serving import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from serve.app import SeparatorDeployment  # noqa: E402
+from distunmix.serve.app import deployment
+from distunmix.serve.client import free_port
+from distunmix.serve.service import ServiceConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +36,8 @@ def server(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = SeparatorDeployment.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(
-        model=str(model), max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs")
-    )
+    config = ServiceConfig(str(model), device="cpu", max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs"))
+    app = deployment(config, num_replicas=2, ray_actor_options={"num_cpus": 0.5})
     serve.run(app, name="distunmix", route_prefix="/")
     yield f"http://127.0.0.1:{port}", model, tmp
     serve.shutdown()
@@ -193,9 +188,14 @@ def test_client_writes_stems_like_separate(server, tmp_path, capsys):
 
 def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
     url, model, _ = server
-    tight = SeparatorDeployment.options(
-        name="Tight", num_replicas=1, max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0.5}
-    ).bind(model=str(model), batch_size=1)
+    tight = deployment(
+        ServiceConfig(model=str(model), batch_size=1),
+        name="Tight",
+        num_replicas=1,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        ray_actor_options={"num_cpus": 0.5},
+    )
     serve.run(tight, name="tight", route_prefix="/tight")
     body = _wav(_clip(3.0))
     with ThreadPoolExecutor(8) as pool:

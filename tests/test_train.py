@@ -48,7 +48,7 @@ def tiny(root, cache, **kw) -> TrainConfig:
         nhop=256,
         seq_dur=1.0,
         samples_per_track=4,
-        nb_workers=0,
+        loader_workers=0,
         progress=False,
     )
     base.update(kw)
@@ -295,9 +295,11 @@ def test_bad_train_flags_fail_before_ray(no_ray, flags, message, capsys, tmp_pat
 
 
 def test_negative_batch_size_is_a_usage_error(no_ray, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(_train("--batch-size", "-4"))
-    assert e.value.code == 2 and "--batch-size: expected an integer >= 1, got -4" in capsys.readouterr().err
+    assert main(_train("--batch-size", "-4")) == 2
+    assert "--batch-size -4: expected an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # not a number: argparse's own usage error
+        main(_train("--batch-size", "four"))
+    assert e.value.code == 2 and "--batch-size: invalid int value: 'four'" in capsys.readouterr().err
 
 
 def test_unwritable_storage_path_fails_before_ray(no_ray, capsys, tmp_path):

@@ -48,7 +48,7 @@ def base_config(tmp_path_factory):
         nhop=256,
         seq_dur=1.0,
         samples_per_track=4,
-        nb_workers=0,
+        loader_workers=0,
         num_workers=2,
         cpus_per_worker=1,
         storage_path=str(tmp / "runs"),

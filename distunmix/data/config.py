@@ -6,21 +6,27 @@ the generated MUSDB-format dataset (:mod:`distunmix.data.synth`) is written once
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..errors import ConfigError, DataError
+from ..flags import setting
 from . import tracks as T
 from .cache import AudioCache, build_cache
-from .tracks import DataError, TrackFiles
+from .synth import write_dataset
+from .tracks import TrackFiles
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("musdb", "trackfolder", "sourcefolder")
+_GROUP = "data"
 
 
 def default_cache_root() -> Path:
+    """$DISTUNMIX_CACHE, else $XDG_CACHE_HOME/distunmix, else ~/.cache/distunmix."""
     return Path(
         os.environ.get("DISTUNMIX_CACHE", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "distunmix")
     ).expanduser()
@@ -28,36 +34,37 @@ def default_cache_root() -> Path:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """A dataset and how it is read.
+    """A dataset and how it is read; field ``x_y`` is flag ``--x-y``. No ``root``: generated data."""
 
-    root: MUSDB18 / MUSDB18-HQ root, or a trackfolder / sourcefolder root; None: generated data
-    dataset: musdb | trackfolder | sourcefolder
-    is_wav: musdb only; None detects (.stem.mp4 files -> False)
-    valid_tracks: file of validation track names (one per line) taken out of the training set;
-        default: musdb's split (root/setup.yaml or its built-in list), or root/valid/ folders
-    sources: the sources of a track
-    cache_dir: where decoded caches go (default $DISTUNMIX_CACHE or ~/.cache/distunmix)
-    synth_*: size and seed of the generated dataset used when root is None
-    """
-
-    root: str | None = None
-    dataset: str = "musdb"
-    is_wav: bool | None = None
-    valid_tracks: str | None = None
-    sources: tuple[str, ...] = T.SOURCES
-    sample_rate: int = 44100
-    nb_channels: int = 2
-    cache_dir: str | None = None
-    synth_tracks: int = 12
-    synth_duration: float = 20.0
-    synth_seed: int = 0
-    progress: bool = field(default=True, compare=False)
+    root: str | None = setting(None, "MUSDB18(-HQ), trackfolder or sourcefolder root", group=_GROUP,
+                               shown_default="generated data")  # fmt: skip
+    dataset: str = setting("musdb", "layout of --root", group=_GROUP, choices=DATASETS)
+    is_wav: bool | None = setting(None, "musdb: WAV folders (HQ) or .stem.mp4", group=_GROUP, shown_default="detect")
+    valid_tracks: str | None = setting(
+        None, "file of validation track names, one per line, taken out of the training set", group=_GROUP,
+        shown_default="musdb's split, or <root>/valid/", metavar="FILE",
+    )  # fmt: skip
+    sources: tuple[str, ...] = setting(T.SOURCES, "the sources of a track", cli=False)
+    sample_rate: int = setting(44100, "Hz: the models' rate (audio is resampled to it)", group="model")
+    nb_channels: int = setting(2, "1: mono models, 2: stereo", group="model", choices=(1, 2))
+    cache_dir: str | None = setting(
+        None, "where decoded audio caches go", group=_GROUP, shown_default="$DISTUNMIX_CACHE or ~/.cache/distunmix"
+    )
+    synth_tracks: int = setting(12, "generated data: songs (>= 3)", group=_GROUP)
+    synth_duration: float = setting(20.0, "generated data: seconds per song", group=_GROUP)
+    synth_seed: int = setting(0, "generated data: seed", group=_GROUP)
+    progress: bool = setting(True, "progress bars (set by the command's -q)", cli=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
-        if self.nb_channels not in (1, 2):
-            raise ValueError(f"--nb-channels must be 1 or 2, got {self.nb_channels}")
+        checks = [
+            (self.dataset in DATASETS, "--dataset", self.dataset, " | ".join(DATASETS)),
+            (self.nb_channels in (1, 2), "--nb-channels", self.nb_channels, "1 or 2"),
+            (self.synth_tracks >= 3, "--synth-tracks", self.synth_tracks, "an integer >= 3 (train, valid, test)"),
+            (self.synth_duration > 0, "--synth-duration", self.synth_duration, "seconds > 0"),
+        ]
+        for ok, flag, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {value}: expected {expected}")
         if self.root is not None and not Path(self.root).expanduser().is_dir():
             raise DataError(f"--root {self.root}: dataset root not found")
         if self.valid_tracks is not None and not Path(self.valid_tracks).is_file():
@@ -76,8 +83,6 @@ class DataConfig:
         }
         if self.root is not None:
             return replace(self, root=str(Path(self.root).expanduser().resolve()), **paths)
-        from .synth import write_dataset
-
         folder = self.cache_root / f"synth-{self.synth_tracks}x{self.synth_duration:g}s-seed{self.synth_seed}"
         if not (folder / "synth.json").is_file():
             log.warning("no --root given: generating a MUSDB-format dataset in %s", folder)
@@ -90,7 +95,7 @@ class DataConfig:
 def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
     """The entries of ``split`` (train, valid or test) for a resolved config."""
     if split not in ("train", "valid", "test"):
-        raise ValueError(f"split must be train, valid or test, got {split!r}")
+        raise ConfigError(f"--subset {split}: expected train, valid or test")
     root = Path(config.root).expanduser()
     sources = tuple(config.sources)
     if config.dataset == "musdb":
@@ -125,8 +130,6 @@ def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
 
 
 def _slug(root: Path) -> str:
-    import hashlib
-
     return f"{root.name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
 
 

@@ -94,7 +94,7 @@ class TrainExcerpts(Dataset):
             plan.append((entry, offset, gain, swap))
         return plan
 
-    def _fill(self, index: int, sources: np.ndarray, gains: np.ndarray) -> None:
+    def fill(self, index: int, sources: np.ndarray, gains: np.ndarray) -> None:
         """Write sample ``index``'s int16 sources (S, C, L) and gains (S,) into the given arrays."""
         for k, (source, (entry, offset, gain, swap)) in enumerate(zip(self.sources, self.draw(index), strict=True)):
             excerpt = self.cache.read(entry, source, offset, self.length)
@@ -108,7 +108,7 @@ class TrainExcerpts(Dataset):
         gains = torch.empty(shape[:2], dtype=torch.float32)
         src_np, gains_np = sources.numpy(), gains.numpy()
         for b, index in enumerate(indices):
-            self._fill(int(index), src_np[b], gains_np[b])
+            self.fill(int(index), src_np[b], gains_np[b])
         if self.raw:
             return sources, gains
         return mix_batch((sources, gains), self.target_rows)
@@ -185,7 +185,7 @@ class EpochSampler(Sampler[int]):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if dataset_len < world_size:
-            raise ValueError(f"an epoch of {dataset_len} samples cannot feed {world_size} ranks")
+            raise DataError(f"an epoch of {dataset_len} samples cannot feed {world_size} ranks (raise --samples-per-track)")
         self.n, self.rank, self.world_size, self.shuffle, self.seed = dataset_len, rank, world_size, shuffle, seed
         self.epoch = 0
 

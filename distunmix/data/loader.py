@@ -34,7 +34,7 @@ def _worker(dataset: TrainExcerpts, sources: torch.Tensor, gains: torch.Tensor, 
         slot, number, indices = task
         try:
             for b, index in enumerate(indices):
-                dataset._fill(index, src_np[slot, b], gains_np[slot, b])
+                dataset.fill(index, src_np[slot, b], gains_np[slot, b])
             done.put((slot, number, None))
         except BaseException as e:  # report, keep serving
             done.put((slot, number, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
@@ -97,7 +97,7 @@ class ExcerptLoader:
             for indices in batches:
                 src, gains = self._sources[0, : len(indices)], self._gains[0, : len(indices)]
                 for b, index in enumerate(indices):
-                    self.dataset._fill(index, src[b].numpy(), gains[b].numpy())
+                    self.dataset.fill(index, src[b].numpy(), gains[b].numpy())
                 yield src, gains
             return
         self._drain()  # an earlier epoch abandoned mid-way may still be writing into slots

@@ -13,10 +13,15 @@ numpy and vectorised: a 10 s stereo song takes well under a second.
 from __future__ import annotations
 
 import importlib.util
-
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import yaml
+
+from ..errors import ConfigError
 
 SOURCES = ("vocals", "drums", "bass", "other")
 PROGRESSIONS = {  # scale degrees (0-based) of the chord roots, one chord per bar
@@ -308,13 +313,13 @@ def track_names(count: int, seed: int) -> list[str]:
 def split_counts(tracks: int) -> tuple[int, int, int]:
     """(train, validation, test) track counts: ~20% test, ~15% of train for validation, >= 1 each."""
     if tracks < 3:
-        raise ValueError(f"--tracks must be >= 3 (train, validation and test need a track each), got {tracks}")
+        raise ConfigError(f"--tracks {tracks}: expected >= 3 (train, validation and test need a track each)")
     test = max(1, round(tracks * 0.2))
     valid = max(1, round((tracks - test) * 0.15))
     return tracks - test - valid, valid, test
 
 
-def write_dataset(root, tracks: int = 12, duration: float = 20.0, seed: int = 0, sample_rate: int = 44100) -> dict:
+def write_dataset(root: str | Path, tracks: int = 12, duration: float = 20.0, seed: int = 0, sample_rate: int = 44100) -> dict:
     """Write a generated dataset in MUSDB18-HQ's layout and return its description.
 
     ``root/{train,test}/<Artist - Title>/{mixture,vocals,drums,bass,other}.wav`` as 16-bit PCM
@@ -323,11 +328,6 @@ def write_dataset(root, tracks: int = 12, duration: float = 20.0, seed: int = 0,
     (``musdb.DB(root, is_wav=True, subsets="train", split="valid", setup_file="setup.yaml")``).
     Track k's audio depends only on (seed, k): the same seed gives the same files.
     """
-    from pathlib import Path
-
-    import soundfile as sf
-    import yaml
-
     root = Path(root)
     n_train, n_valid, n_test = split_counts(tracks)
     names = track_names(tracks, seed)
@@ -362,5 +362,5 @@ def write_dataset(root, tracks: int = 12, duration: float = 20.0, seed: int = 0,
         "valid": valid_names,
         "test": names[n_train + n_valid :],
     }
-    (root / "synth.json").write_text(__import__("json").dumps(info, indent=2))
+    (root / "synth.json").write_text(json.dumps(info, indent=2))
     return info

@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..audio import AUDIO_EXTENSIONS
+from ..errors import DataError
 
 SOURCES = ("vocals", "drums", "bass", "other")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used as given; the message names the track or file."""
+__all__ = ["SOURCES", "DataError", "TrackFiles"]
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ its outputs gone) makes every later stage run again too, on its new output.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -34,16 +34,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
 
-from ..checkpoint import atomic_write_json
+from ..checkpoint import available_targets, load_separator, save_model_dir
+from ..cluster import ray_session
+from ..data.cache import AudioCache
+from ..data.config import DataConfig, load_split
+from ..errors import DemoError
+from ..evaluate import MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
+from ..fileio import atomic_write_json
+from ..flags import setting
+from ..model import OpenUnmix
+from ..serve.client import free_port, request
+from ..stream import stream_file
+from ..train.config import TrainConfig, address_setting, progress_setting
+from ..train.loop import prepare
+from ..train.ray_trainer import check_storage, fit
+from ..tuning.report import separation_speed
+from ..tuning.runner import TuneSettings, run_experiment
+from ..tuning.space import load_space, trial_config
+from .report import write_report
 
-STAGES = ("data", "tune", "train", "evaluate", "export", "serve", "report")
 STATE_FILE = "demo.json"
 MODELS = ("trained", "tuned", "untrained", "mixture")  # evaluated, in the report's order
-
-
-class DemoError(RuntimeError):
-    """A demo run that cannot go on; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -74,26 +89,28 @@ SIZES = {
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """``distunmix demo``'s flags."""
+    """``distunmix demo``'s flags; field ``x_y`` is flag ``--x-y``."""
 
-    out: str = "runs/demo"
-    size: str = "full"
-    workers: int = 2  # DDP ranks of the training stage
-    cpus_per_worker: float = 1.0
-    seed: int = 0  # of the generated dataset
-    progress: bool = True
+    out: str = setting("runs/demo", "the demo folder (every stage's output)", short="-o")
+    size: str = setting("full", "full: ~5 min on 2 cores; tiny: ~1.5 min", choices=tuple(SIZES))
+    num_workers: int = setting(2, "DDP workers (ranks) of the training stage")
+    cpus_per_worker: float = setting(1.0, "CPUs per DDP worker of the training stage")
+    seed: int = setting(0, "seed of the generated dataset")
+    address: str | None = address_setting()
+    progress: bool = progress_setting()
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise DemoError(f"--size {self.size}: expected one of {', '.join(SIZES)}")
-        if self.workers < 1:
-            raise DemoError(f"--workers {self.workers}: expected an integer >= 1")
+        if self.num_workers < 1:
+            raise DemoError(f"--num-workers {self.num_workers}: expected an integer >= 1")
         if self.cpus_per_worker <= 0:
             raise DemoError(f"--cpus-per-worker {self.cpus_per_worker}: expected a number > 0")
 
     def recorded(self) -> dict[str, Any]:
         """The settings a resumed run must share with the first one."""
-        return {"size": self.size, "workers": self.workers, "cpus_per_worker": self.cpus_per_worker, "seed": self.seed}
+        return {"size": self.size, "num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker,
+                "seed": self.seed}  # fmt: skip
 
 
 @dataclass
@@ -103,6 +120,7 @@ class Context:
     state: dict[str, Any]
     say: Callable[[str], None]
     upstream_ran: bool = False  # an earlier stage ran in this invocation: this stage's old files are stale
+    ray_ready: bool = False  # Ray runs (started for, or joined by, this invocation)
 
     @property
     def size(self) -> DemoSize:
@@ -113,35 +131,30 @@ class Context:
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def run_demo(settings: DemoSettings, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
     """Run (or finish) the demo in ``settings.out``; returns ``demo.json``'s content."""
     out = Path(settings.out).expanduser().resolve()
     state = _load_state(out, settings)
     ctx = Context(settings, out, state, say)
     started = time.perf_counter()
-    ray_started = False
-    try:
-        for k, name in enumerate(STAGES, 1):
-            done = state["stages"].get(name)
+    with contextlib.ExitStack() as ray_scope:  # Ray starts with the first stage that needs it
+        for k, stage in enumerate(STAGES, 1):
+            done = state["stages"].get(stage.name)
             if done and not ctx.upstream_ran and all((out / p).exists() for p in done.get("outputs", [])):
-                say(f"[{k}/{len(STAGES)}] {name}: reused ({done['seconds']:.0f} s when it ran)")
+                say(f"[{k}/{len(STAGES)}] {stage.name}: reused ({done['seconds']:.0f} s when it ran)")
                 continue
-            if state["stages"].pop(name, None) is not None:  # not finished until it finishes again
+            if state["stages"].pop(stage.name, None) is not None:  # not finished until it finishes again
                 atomic_write_json(out / STATE_FILE, state)
-            say(f"[{k}/{len(STAGES)}] {name}: {STAGE_TITLES[name]}")
-            if name in RAY_STAGES and not ray_started:
-                ray_started = _ray_init()
+            say(f"[{k}/{len(STAGES)}] {stage.name}: {stage.title}")
+            if stage.uses_ray and not ctx.ray_ready:
+                ray_scope.enter_context(ray_session(settings.address, verbose=verbose))
+                ctx.ray_ready = True
             t0 = time.perf_counter()
-            info = STAGE_FUNCTIONS[name](ctx)
+            info = stage.run(ctx)
             ctx.upstream_ran = True  # every later stage runs again on this stage's new output
-            state["stages"][name] = {**info, "seconds": time.perf_counter() - t0}
-            state["seconds"] = state.get("seconds", 0.0) + state["stages"][name]["seconds"]
+            state["stages"][stage.name] = {**info, "seconds": time.perf_counter() - t0}
+            state["seconds"] = state.get("seconds", 0.0) + state["stages"][stage.name]["seconds"]
             atomic_write_json(out / STATE_FILE, state)
-    finally:
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     state["last_run_seconds"] = time.perf_counter() - started
     atomic_write_json(out / STATE_FILE, state)
     return state
@@ -173,22 +186,9 @@ def _load_state(out: Path, settings: DemoSettings) -> dict[str, Any]:
     return state
 
 
-def _ray_init() -> bool:
-    """Start Ray (or join the cluster RAY_ADDRESS names) unless this process already has it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(log_to_driver=False)
-    return True
-
-
 # -- shared settings -------------------------------------------------------------------------------
-def base_config(ctx: Context):
+def base_config(ctx: Context) -> TrainConfig:
     """The training settings every stage starts from: the demo's generated data, in-process loading."""
-    from ..data.config import DataConfig
-    from ..train.config import TrainConfig
-
     size = ctx.size
     data = DataConfig(
         cache_dir=str(ctx.out / "data"),
@@ -197,13 +197,11 @@ def base_config(ctx: Context):
         synth_seed=ctx.settings.seed,
         progress=ctx.settings.progress,
     )
-    return TrainConfig(data=data, nb_workers=0, storage_path=str(ctx.out), progress=ctx.settings.progress)
+    return TrainConfig(data=data, loader_workers=0, storage_path=str(ctx.out), progress=ctx.settings.progress)
 
 
-def _test_split(ctx: Context):
+def _test_split(ctx: Context) -> AudioCache:
     """The generated dataset's test split (decoded once by the data stage)."""
-    from ..data.config import load_split
-
     return load_split(replace(base_config(ctx).data, progress=False).resolved(), "test")
 
 
@@ -211,11 +209,8 @@ def _tune_summary(ctx: Context) -> dict[str, Any]:
     return json.loads((ctx.out / "tune" / "results.json").read_text())
 
 
-def best_config(ctx: Context):
+def best_config(ctx: Context) -> TrainConfig:
     """The tuned best trial's training settings."""
-    from ..tuning.runner import trial_config
-    from ..tuning.space import load_space
-
     best = _tune_summary(ctx)["best"]
     base = base_config(ctx)
     values = {
@@ -225,14 +220,11 @@ def best_config(ctx: Context):
         "unidirectional": best["lstm"] == "uni",
         "lr": best["lr"],
     }
-    return trial_config({}, base.to_dict(), {**load_space("quick", base).fixed, **values})
+    return trial_config(base, load_space("quick", base).fixed, values)
 
 
 # -- stages ----------------------------------------------------------------------------------------
 def stage_data(ctx: Context) -> dict[str, Any]:
-    from ..data.config import load_split
-    from ..train.loop import prepare
-
     resolved, _, _ = prepare(base_config(ctx))
     counts = {split: len(load_split(resolved.data, split)) for split in ("train", "valid", "test")}
     root = Path(resolved.data.root)
@@ -240,9 +232,6 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_tune(ctx: Context) -> dict[str, Any]:
-    from ..tuning.runner import TuneSettings, run_experiment
-    from ..tuning.space import load_space
-
     folder = ctx.out / "tune"
     if ctx.upstream_ran:
         shutil.rmtree(folder, ignore_errors=True)  # made from other data: start over
@@ -279,9 +268,6 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
 
 
 def stage_train(ctx: Context) -> dict[str, Any]:
-    from ..train.loop import prepare
-    from ..train.ray_trainer import check_storage, fit
-
     folder = ctx.out / "train"
     if ctx.upstream_ran:
         shutil.rmtree(folder, ignore_errors=True)  # trained from another tuning result: start over
@@ -289,7 +275,7 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         config = replace(
             best_config(ctx),
             epochs=ctx.size.train_epochs,
-            num_workers=ctx.settings.workers,
+            num_workers=ctx.settings.num_workers,
             cpus_per_worker=ctx.settings.cpus_per_worker,
             storage_path=str(ctx.out),
             name="train",
@@ -301,19 +287,14 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         fit(config, prepare(config))
     history = json.loads((folder / "history.json").read_text())
     last = history[-1]
-    ctx.say(f"  {len(history)} epoch(s) with {ctx.settings.workers} DDP workers: valid SDR {last['valid_sdr']:.2f} dB")
-    return {"epochs": len(history), "workers": ctx.settings.workers,
+    workers = ctx.settings.num_workers
+    ctx.say(f"  {len(history)} epoch(s) with {workers} DDP workers: valid SDR {last['valid_sdr']:.2f} dB")
+    return {"epochs": len(history), "workers": ctx.settings.num_workers,
             "outputs": ["train/history.json", "train/best/separator.json"]}  # fmt: skip
 
 
 def write_untrained(ctx: Context, folder: Path) -> Path:
     """The trained model's architecture, freshly initialised (seeded), with the data's input scaler."""
-    import torch
-
-    from ..checkpoint import save_model_dir
-    from ..model import OpenUnmix
-    from ..train.loop import prepare
-
     config = best_config(ctx)
     _, mean, std = prepare(replace(config, data=replace(config.data, progress=False)))
     torch.manual_seed(config.seed)
@@ -322,12 +303,6 @@ def write_untrained(ctx: Context, folder: Path) -> Path:
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from ..checkpoint import available_targets
-    from ..evaluate import MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
-    from ..tuning.report import separation_speed
-
     folder = ctx.out / "evaluation"
     untrained = write_untrained(ctx, ctx.out / "untrained")
     paths = {"trained": ctx.out / "train" / "best", "tuned": ctx.out / "tune" / "best", "untrained": untrained}
@@ -354,13 +329,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
             "outputs": ["evaluation/scores.json", "evaluation/speed.json"]}  # fmt: skip
 
 
-def stream_speed(ctx: Context, cache, folder: Path) -> dict[str, Any] | None:
+def stream_speed(ctx: Context, cache: AudioCache, folder: Path) -> dict[str, Any] | None:
     """Streaming figures of the best unidirectional trial (None when no trial was unidirectional)."""
-    import soundfile as sf
-
-    from ..checkpoint import load_separator
-    from ..separate import stream_file
-
     rows = [r for r in _tune_summary(ctx)["rows"] if r["status"] == "ok" and r["lstm"] == "uni" and r.get("checkpoint")]
     if not rows:
         return None
@@ -376,8 +346,6 @@ def stream_speed(ctx: Context, cache, folder: Path) -> dict[str, Any] | None:
 
 
 def stage_export(ctx: Context) -> dict[str, Any]:
-    from ..checkpoint import load_separator
-
     dest, tmp = ctx.out / "model", ctx.out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ctx.out / "train" / "best", tmp)
@@ -391,30 +359,12 @@ def stage_export(ctx: Context) -> dict[str, Any]:
     return {"files": files, "size_mb": size_mb, "outputs": ["model/separator.json"]}
 
 
-def _serve_module():
-    """The repository's ``serve/app.py`` (the Serve application shipped beside the package)."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "serve" / "app.py").is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            import serve.app
-
-            return serve.app
-    raise DemoError("the serve stage needs the repository's serve/app.py: run the demo from a clone of distunmix")
-
-
 def stage_serve(ctx: Context) -> dict[str, Any]:
     """One request to the Serve app on 127.0.0.1, checked against separating the same clip here."""
-    import soundfile as sf
-    import torch
-    from ray import serve
-    from tqdm import tqdm
+    from ray import serve  # Ray Serve and FastAPI: imported when the stage runs
 
-    from ..checkpoint import load_separator
-    from ..client import _request
-    from ..serving import free_port
+    from ..serve.app import AppSettings, deployment
 
-    app = _serve_module()
     cache = _test_split(ctx)
     clip = cache.mixture(0)[:, : int(ctx.size.clip_seconds * cache.sample_rate)]
     buf = io.BytesIO()
@@ -424,13 +374,13 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
     bar = tqdm(total=4, desc="serve", unit="step", disable=not ctx.settings.progress)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deployment = app.SeparatorDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 1})
-        serve.run(deployment.bind(model=str(ctx.out / "model")), name="distunmix-demo", route_prefix="/")
+        app = deployment(AppSettings(model=str(ctx.out / "model"), device="cpu"))
+        serve.run(app, name="distunmix-demo", route_prefix="/")
         bar.update()
-        info = json.loads(_request(f"{url}/models", timeout=60)[0])
+        info = json.loads(request(f"{url}/models", timeout=60)[0])
         bar.update()
         t0 = time.perf_counter()
-        body, ctype = _request(f"{url}/separate?format=wav&niter=1", buf.getvalue(), timeout=300)
+        body, ctype = request(f"{url}/separate?format=wav&niter=1", buf.getvalue(), timeout=300)
         latency = time.perf_counter() - t0
         bar.update()
     finally:
@@ -455,9 +405,7 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
 
 
 def stage_report(ctx: Context) -> dict[str, Any]:
-    from .report import write_report
-
-    paths = write_report(ctx.out)
+    paths = write_report(ctx.out, [stage.name for stage in STAGES])
     return {"outputs": [_rel(ctx, p) for p in paths]}
 
 
@@ -465,22 +413,22 @@ def _rel(ctx: Context, path: Path) -> str:
     return os.path.relpath(path, ctx.out)
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "data": stage_data,
-    "tune": stage_tune,
-    "train": stage_train,
-    "evaluate": stage_evaluate,
-    "export": stage_export,
-    "serve": stage_serve,
-    "report": stage_report,
-}
-STAGE_TITLES = {
-    "data": "generated MUSDB18-HQ-format dataset, caches and input statistics",
-    "tune": "the quick search space with ASHA early stopping (Ray Tune)",
-    "train": "the best configuration, a few more epochs with DDP workers (Ray Train)",
-    "evaluate": "museval on the test split: trained, tuned, untrained, mixture; separation speed",
-    "export": "the trained model as a model folder",
-    "serve": "one separation request to the Serve app on 127.0.0.1",
-    "report": "report.md and figures from the results",
-}
-RAY_STAGES = {"tune", "train", "evaluate", "serve"}
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: its name, its function, the line it prints, whether it needs Ray."""
+
+    name: str
+    run: Callable[[Context], dict[str, Any]]
+    title: str
+    uses_ray: bool = False
+
+
+STAGES = (
+    Stage("data", stage_data, "generated MUSDB18-HQ-format dataset, caches and input statistics"),
+    Stage("tune", stage_tune, "the quick search space with ASHA early stopping (Ray Tune)", uses_ray=True),
+    Stage("train", stage_train, "the best configuration, a few more epochs with DDP workers (Ray Train)", True),
+    Stage("evaluate", stage_evaluate, "museval on the test split: trained, tuned, untrained, mixture; speed", True),
+    Stage("export", stage_export, "the trained model as a model folder"),
+    Stage("serve", stage_serve, "one separation request to the Serve app on 127.0.0.1", uses_ray=True),
+    Stage("report", stage_report, "report.md and figures from the results"),
+)

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..checkpoint import atomic_write_bytes
-from ..tuning.report import _pyplot, _save
+from .. import plots
+from ..fileio import atomic_write_text
+from ..tables import fmt, markdown_table
 from ..tuning.report import plot_sdr_speed as tuning_plot
-from .pipeline import STAGES
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 TRIAL_COLUMNS = ("run", "batch size", "workers", "hidden size", "samples/track", "LSTM", "lr", "epochs",
@@ -33,16 +36,6 @@ MODEL_NOTES = {
     "untrained": "the same architecture freshly initialised (`untrained/`)",
     "mixture": "baseline: the mixture as every estimate",
 }
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    """A number as the report prints it ('n/a' for a missing or non-finite one)."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, (bool, int, np.integer)):
-        return str(int(value))
-    v = float(value)
-    return f"{v:.{digits}f}" if math.isfinite(v) else "n/a"
 
 
 def load_inputs(out: Path) -> dict[str, Any]:
@@ -95,11 +88,6 @@ def score_table(inputs: dict[str, Any]) -> list[dict[str, str]]:
             rows.append({"model": label, "target": target, **{m: fmt(s[m]) for m in METRICS},
                          "global SDR": fmt(s["global_SDR"])})  # fmt: skip
     return rows
-
-
-def markdown_table(columns: tuple[str, ...], rows: list[dict[str, str]]) -> list[str]:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return lines + ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
 
 
 # -- findings ----------------------------------------------------------------------------------------
@@ -179,8 +167,7 @@ def findings(inputs: dict[str, Any]) -> list[str]:
 # -- figures -----------------------------------------------------------------------------------------
 def plot_loss_curves(inputs: dict[str, Any], path: Path) -> None:
     """Validation loss per epoch: every trial (x where ASHA stopped it) and the final run after it."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plots.figure(7, 4.2)
     rows = [r for r in inputs["tune"]["rows"] if r["status"] == "ok"]
     best_trial = inputs["tune"]["best"]["trial"]
     start: tuple[float, float] | None = None  # the best trial's last point, where the final run starts
@@ -203,8 +190,7 @@ def plot_loss_curves(inputs: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("validation loss (dashed: unidirectional; x: stopped by ASHA)")
-    fig.tight_layout()
-    _save(fig, path)
+    plots.save(fig, path)
 
 
 def plot_sdr_speed(inputs: dict[str, Any], path: Path) -> None:
@@ -215,10 +201,9 @@ def plot_sdr_speed(inputs: dict[str, Any], path: Path) -> None:
 
 
 # -- the report --------------------------------------------------------------------------------------
-def write_report(out: Path) -> list[Path]:
-    """Write ``report.md``, ``loss_curves.png``, ``sdr_vs_speed.png``, ``scores.png`` in ``out``."""
-    import torch
-
+def write_report(out: Path, stages: Sequence[str]) -> list[Path]:
+    """Write ``report.md``, ``loss_curves.png``, ``sdr_vs_speed.png``, ``scores.png`` in ``out``;
+    ``stages`` orders the stage-time table."""
     out = Path(out)
     inputs = load_inputs(out)
     plot_loss_curves(inputs, out / "loss_curves.png")
@@ -227,7 +212,7 @@ def write_report(out: Path) -> list[Path]:
     demo, settings, data = inputs["demo"], inputs["tune_settings"], inputs["demo"]["stages"]["data"]
     tracks = data["tracks"]
     stage_rows = [{"stage": name, "seconds": fmt(demo["stages"][name]["seconds"], 1)}
-                  for name in STAGES if name in demo["stages"]]  # fmt: skip
+                  for name in stages if name in demo["stages"]]  # fmt: skip
     md = [
         "# distunmix demo report",
         "",
@@ -270,11 +255,9 @@ def write_report(out: Path) -> list[Path]:
         "final run: `best/`, history, loss plot), `evaluation/` (scores, per-track museval JSON, speed), "
         "`serve.json` (the Serve request), `demo.json` (stage records).",
     ]
-    atomic_write_bytes(out / "report.md", ("\n".join(md) + "\n").encode())
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return [out / "report.md", out / "loss_curves.png", out / "sdr_vs_speed.png", out / "scores.png"]
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -30,12 +31,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import spectral
-from ..checkpoint import CheckpointError, atomic_torch_save, load_target_model, save_model_dir
+from ..checkpoint import atomic_torch_save, load_target_model, read_state_dict, save_model_dir
 from ..data.config import load_split
 from ..data.datasets import EpochSampler, TrainExcerpts, ValidTracks, mix_batch
 from ..data.loader import ExcerptLoader
+from ..data.stats import input_statistics
+from ..errors import CheckpointError, ConfigError
 from ..model import OpenUnmix
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,6 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
-            import shutil
-
             latest, tmp = self.folder / "latest", self.folder / ".latest.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp)
@@ -354,8 +355,6 @@ def save_checkpoint(folder: Path, targets: list[Target], config: TrainConfig, ep
 
 def load_checkpoint(folder: Path, targets: list[Target]) -> tuple[int, list[dict]]:
     """Restore models, optimisers, schedulers and early stopping; (last epoch, history)."""
-    from ..checkpoint import read_state_dict
-
     folder = Path(folder)
     path = folder / STATE_FILE
     if not path.is_file():
@@ -387,8 +386,6 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, np.ndarray, np.ndarray]:
 
     Returns the config with absolute data paths, and the per-bin mean and std of the training
     mixtures' magnitudes (the models' input scaler)."""
-    from ..data.stats import input_statistics
-
     data = config.data.resolved()
     if config.init_from:
         config = replace(config, init_from=check_init_from(config))
@@ -496,7 +493,7 @@ def run_worker(
             start, history = load_checkpoint(folder, targets)
             log.info("rank %d: resumed after epoch %d from %s", rank, start, folder)
     logger = _wandb_run(config) if rank == 0 and config.logger == "wandb" else None
-    with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.nb_workers) as loader:
+    with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.loader_workers) as loader:
         for epoch in range(start + 1, config.epochs + 1):
             if not any(t.active for t in targets):
                 break
@@ -571,9 +568,9 @@ class _Ticker:
             )
 
 
-def _wandb_run(config: TrainConfig):
+def _wandb_run(config: TrainConfig) -> Any:
     """A wandb run for rank 0: offline unless an API key or WANDB_MODE says otherwise."""
-    import wandb
+    import wandb  # optional and slow to import: only when --logger wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     local = Path(config.run_dir) if "://" not in config.run_dir else Path(tempfile.gettempdir()) / config.name

@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from .config import ConfigError, TrainConfig, check_writable, load_config
-from .loop import checkpoint_folder, prepare
+from ..cluster import ray_session
+from ..errors import ConfigError
+from .config import TrainConfig, check_writable, load_config
+from .estimate import warn_if_slow
+from .loop import STATE_FILE, checkpoint_folder, prepare, run_worker
 from .outputs import publish, stage_outputs
 
 log = logging.getLogger(__name__)
@@ -64,10 +68,6 @@ class RaySession:
 
 def train_fn_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point."""
-    import torch
-
-    from .loop import run_worker
-
     config = TrainConfig.from_dict(payload["config"])
     session = RaySession()
     if session.device.type == "cuda":
@@ -109,23 +109,19 @@ def check_storage(config: TrainConfig) -> None:
             )
 
 
-def _ray_init(config: TrainConfig) -> bool:
-    """Connect to (or start) Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if config.address:
-        ray.init(address=config.address, log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)
-    return True
+def fitted_cpus(config: TrainConfig, available: float) -> float:
+    """``--cpus-per-worker``, or what fits when it is not given: min(2, CPUs / --num-workers)."""
+    if config.cpus_per_worker is not None:
+        return config.cpus_per_worker
+    return max(min(2.0, available / config.num_workers), 0.1)
 
 
-def _check_resources(config: TrainConfig) -> None:
-    import ray
+def _check_resources(config: TrainConfig) -> TrainConfig:
+    """The config with ``cpus_per_worker`` set, after checking the cluster can hold the workers."""
+    import ray  # the Ray edge
 
     have = ray.cluster_resources()
+    config = replace(config, cpus_per_worker=fitted_cpus(config, have.get("CPU", 0)))
     need_cpu = config.num_workers * config.cpus_per_worker
     if config.address is None and have.get("CPU", 0) < need_cpu:
         raise ConfigError(
@@ -134,6 +130,7 @@ def _check_resources(config: TrainConfig) -> None:
         )
     if config.use_gpu and config.address is None and have.get("GPU", 0) < config.num_workers:
         raise ConfigError(f"--use-gpu with --num-workers {config.num_workers}: Ray sees {have.get('GPU', 0):g} GPU(s)")
+    return config
 
 
 class _ProgressBar:
@@ -187,7 +184,11 @@ class _ProgressBar:
             self.queue.shutdown()
 
 
-def fit(config: TrainConfig, prepared: tuple[TrainConfig, np.ndarray, np.ndarray] | None = None) -> TrainResult:
+def fit(
+    config: TrainConfig,
+    prepared: tuple[TrainConfig, np.ndarray, np.ndarray] | None = None,
+    verbose: bool = False,
+) -> TrainResult:
     """Run ``distunmix train``: checks, data, Ray Train, then the run folder's outputs.
 
     ``prepared``: :func:`check_storage` has passed and this is :func:`prepare`'s result (the CLI
@@ -198,15 +199,11 @@ def fit(config: TrainConfig, prepared: tuple[TrainConfig, np.ndarray, np.ndarray
         prepared = prepare(config)
     resolved, mean, std = prepared
     resolved = replace(resolved, storage_path=_absolute(config.storage_path))  # workers run elsewhere
-    started = _ray_init(config)
-    try:
-        _check_resources(config)
+    with ray_session(config.address, verbose=verbose or log.isEnabledFor(logging.INFO)):
+        config = _check_resources(config)
+        resolved = replace(resolved, cpus_per_worker=config.cpus_per_worker)
+        warn_if_slow(resolved)
         return _fit(config, resolved, mean, std)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.ndarray) -> TrainResult:
@@ -252,10 +249,6 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
         bar.close()
     if result.checkpoint is None:
         raise RuntimeError(f"{run_dir}: training reported no checkpoint")
-    import torch
-
-    from .loop import STATE_FILE
-
     with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         history = list(state["history"])
@@ -265,6 +258,7 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
 
 
 def publish_text(run_dir: str, name: str, text: str) -> None:
+    """Write one text file into the run folder (local path or URI)."""
     with tempfile.TemporaryDirectory() as staging:
         (Path(staging) / name).write_text(text)
         publish(Path(staging), run_dir)

@@ -11,14 +11,23 @@ import csv
 import io
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..checkpoint import STANDARD_TARGETS, atomic_write_bytes
+from .. import plots
+from ..checkpoint import STANDARD_TARGETS, load_separator
+from ..data.synth import synth_track
+from ..fileio import atomic_write_text
+from ..model import OpenUnmix
+from ..tables import fmt
 from ..train.config import TrainConfig
+from ..train.loop import STATE_FILE
+from .space import trial_config
 
 COLUMNS = [
     "trial",
@@ -41,14 +50,12 @@ COLUMNS = [
 ]
 
 
-def trial_rows(grid, space, base: TrainConfig, settings) -> list[dict[str, Any]]:
-    """One dict per trial (COLUMNS, plus ``history`` and ``checkpoint``)."""
-    from .runner import best_checkpoint_dir, trial_config
-
+def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[dict[str, Any]]:
+    """One dict per trial of a Tune result grid (COLUMNS, plus ``history`` and ``checkpoint``)."""
     rows = []
     for result in grid:
         values = {p.name: result.config.get(p.name) for p in space.params}
-        config = trial_config(values, base.to_dict(), space.fixed)
+        config = trial_config(base, space.fixed, values)
         trial = "_".join(Path(result.path).name.split("_")[1:3])  # trainable_<exp>_<n>_...: <exp>_<n>
         row: dict[str, Any] = {
             "trial": trial,
@@ -87,7 +94,28 @@ def trial_rows(grid, space, base: TrainConfig, settings) -> list[dict[str, Any]]
     return rows
 
 
-def _history(df) -> list[dict[str, Any]]:
+def best_checkpoint_dir(result: Any) -> Path | None:
+    """The folder of a trial's last checkpoint (single-process or DDP trial)."""
+    if result.checkpoint is not None:
+        return Path(result.checkpoint.path)
+    path = (result.metrics or {}).get("checkpoint_path")
+    return Path(path) if path else None
+
+
+def export_best(checkpoint_dir: Path, dest: Path) -> Path:
+    """Copy a trial checkpoint's ``best/`` model folder to ``dest`` (replacing it)."""
+    if not (checkpoint_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a complete training checkpoint")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / "best", tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _history(df: Any) -> list[dict[str, Any]]:
     prefixes = ("valid_", "train_", "active_", "samples")
     keep = [c for c in df.columns if c == "epoch" or "/" in c or c.startswith(prefixes)]
     return [
@@ -97,19 +125,12 @@ def _history(df) -> list[dict[str, Any]]:
 
 
 def _params(config: TrainConfig) -> int:
-    from ..model import OpenUnmix
-
     model = OpenUnmix.from_config(config.model_config())
     return sum(p.numel() for p in model.parameters()) * len(config.targets)
 
 
 def separation_speed(model_dir: Path, seconds: float) -> float:
     """x real time of ``distunmix separate``'s separator (niter 1) on generated audio, here."""
-    import torch
-
-    from ..checkpoint import load_separator
-    from ..data.synth import synth_track
-
     separator = load_separator(model_dir)
     song = torch.from_numpy(sum(synth_track(seconds, int(separator.sample_rate), seed=123).values()))[None]
     with torch.inference_mode():
@@ -120,6 +141,7 @@ def separation_speed(model_dir: Path, seconds: float) -> float:
 
 
 def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The best finished trial by ``metric`` (None when none finished)."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("checkpoint")]
     if not ok:
         return None
@@ -128,16 +150,8 @@ def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     return min(ok, key=lambda r: r["best_valid_loss"])
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def write_results(folder: Path, rows: list[dict[str, Any]], settings) -> dict[str, Any]:
+def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
     """results.csv / .md / .json, loss_curves.png, sdr_vs_speed.png and ``best/``."""
-    from .runner import export_best
-
     best = best_row(rows, settings.metric)
     if best is not None:
         export_best(Path(best["checkpoint"]), folder / "best")
@@ -145,8 +159,8 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings) -> dict[st
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: _fmt(r.get(k)) for k in COLUMNS})
-    atomic_write_bytes(folder / "results.csv", buf.getvalue().encode())
+        writer.writerow({k: fmt(r.get(k), 4, significant=True, missing="") for k in COLUMNS})
+    atomic_write_text(folder / "results.csv", buf.getvalue())
     epochs = sum(len(r["history"]) for r in rows)
     md = [
         f"# {folder.name}: {len(rows)} trials, {epochs} trial-epochs",
@@ -173,7 +187,7 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings) -> dict[st
                  *[f"{r[f'valid_sdr_{t}']:.2f}" for t in STANDARD_TARGETS],
                  f"{r['train_time_s']:.1f}", f"{r['params_m']:.2f}", f"{r['speed_x_rt']:.1f}"]  # fmt: skip
         md.append("| " + " | ".join(str(c) for c in cells) + " |")
-    atomic_write_bytes(folder / "results.md", ("\n".join(md) + "\n").encode())
+    atomic_write_text(folder / "results.md", "\n".join(md) + "\n")
     plot_curves(rows, folder / "loss_curves.png", settings.max_epochs)
     plot_sdr_speed(rows, folder / "sdr_vs_speed.png")
     summary = {
@@ -182,30 +196,13 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings) -> dict[st
         "best": {k: v for k, v in best.items() if k != "history"} if best else None,
         "rows": [{k: v for k, v in r.items()} for r in rows],
     }
-    atomic_write_bytes(folder / "results.json", (json.dumps(summary, indent=1, default=str) + "\n").encode())
+    atomic_write_text(folder / "results.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, max_epochs: int) -> None:
     """Validation loss against epoch for every trial; a cross where a trial stopped early."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plots.figure(7, 4.2)
     for i, r in enumerate(rows):
         pts = [(h["epoch"], h["valid_loss"]) for h in r["history"] if math.isfinite(h.get("valid_loss", math.nan))]
         if not pts:
@@ -221,8 +218,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, max_epochs: int) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("validation loss per trial (x: stopped early)")
-    fig.tight_layout()
-    _save(fig, path)
+    plots.save(fig, path)
 
 
 def plot_sdr_speed(
@@ -230,8 +226,7 @@ def plot_sdr_speed(
 ) -> None:
     """Validation SDR against separation speed, bidirectional and unidirectional marked; ``final``
     (speed, SDR) adds a model trained after the search."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
+    fig, ax = plots.figure(6, 4.2)
     for lstm, marker, color in (("bi", "o", "C0"), ("uni", "^", "C3")):
         ok = [r for r in rows if r["status"] == "ok" and r["lstm"] == lstm]
         pts = [(r["speed_x_rt"], r["valid_sdr"], r["hidden_size"]) for r in ok]
@@ -250,5 +245,4 @@ def plot_sdr_speed(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    _save(fig, path)
+    plots.save(fig, path)

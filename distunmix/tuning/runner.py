@@ -11,45 +11,61 @@ V2, not the deprecated ``Tuner(trainer)``). Every report is one epoch; ASHA stop
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
-import shutil
+import signal
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..train.config import ConfigError, TrainConfig, check_setting, check_writable
-from ..train.loop import STATE_FILE, checkpoint_folder, prepare, run_worker
-from .space import SearchSpace
+from ..fileio import atomic_write_json
+from ..flags import setting
+from ..train.config import (
+    ConfigError,
+    TrainConfig,
+    address_setting,
+    check_setting,
+    check_writable,
+    logger_setting,
+    max_failures_setting,
+    name_setting,
+    resume_setting,
+    storage_path_setting,
+)
+from ..train.loop import checkpoint_folder, prepare, run_worker
+from .report import trial_rows, write_results
+from .space import SearchSpace, trial_config
 
 METRICS = {"valid_loss": "min", "valid_sdr": "max"}
 INTERRUPT_ENV = "DISTUNMIX_TUNE_INTERRUPT_AFTER"  # test hook: SIGINT the driver after N finished trials
+_G = "search"
 
 
 @dataclass(frozen=True)
 class TuneSettings:
-    """The experiment's settings; field ``x_y`` is flag ``--x-y`` of ``python -m tune``."""
+    """The experiment's settings; field ``x_y`` is flag ``--x-y`` of ``distunmix tune``."""
 
-    space: str = "quick"
-    metric: str = "valid_loss"
-    num_samples: int = 1
-    max_epochs: int = 4
-    grace_period: int = 1
-    reduction_factor: int = 2
-    scheduler: str = "asha"
-    max_concurrent_trials: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1
-    storage_path: str = "runs"
-    name: str = "tune"
-    resume: bool = False
-    max_failures: int = 0
-    logger: str = "none"
-    address: str | None = None
-    speed_seconds: float = 10.0
+    space: str = setting("quick", "quick | seed | a YAML file (see distunmix/tuning/spaces/)", group=_G)
+    metric: str = setting("valid_loss", "what ranks trials and drives ASHA", group=_G, choices=tuple(METRICS))
+    num_samples: int = setting(1, "samples of the space (each sample is every grid point)", group=_G)
+    max_epochs: int = setting(4, "epochs per trial at most", group=_G)
+    grace_period: int = setting(1, "ASHA: epochs before a trial may be stopped", group=_G)
+    reduction_factor: int = setting(2, "ASHA: keep 1/N of the trials at each rung", group=_G)
+    scheduler: str = setting("asha", "none: run every trial to --max-epochs", group=_G, choices=("asha", "none"))
+    max_concurrent_trials: int = setting(0, "trials at once (0: as the resources allow)", group=_G)
+    cpus_per_trial: float = setting(1.0, "CPUs per DDP worker of a trial", group=_G)
+    gpus_per_trial: float = setting(0.0, "GPUs per DDP worker of a trial (fractions share a GPU)", group=_G)
+    workers_per_trial: int = setting(1, "DDP workers (ranks) per trial", group=_G)
+    speed_seconds: float = setting(10.0, "seconds of audio timed per trial for the speed column", group=_G)
+    storage_path: str = storage_path_setting("experiments")
+    name: str = name_setting("tune", "experiment")
+    resume: bool = resume_setting("experiment")
+    max_failures: int = max_failures_setting("retries of a trial")
+    logger: str = logger_setting("every trial")
+    address: str | None = address_setting()
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,10 +88,12 @@ class TuneSettings:
 
     @property
     def mode(self) -> str:
+        """``min`` or ``max``: the metric's direction."""
         return METRICS[self.metric]
 
     @property
     def experiment_dir(self) -> str:
+        """``<storage_path>/<name>`` (a local path or a URI)."""
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
@@ -101,19 +119,13 @@ class TuneSession:
         tune.report(metrics, checkpoint=ckpt)
 
 
-def trial_config(values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any]) -> TrainConfig:
-    """One trial's TrainConfig: the base, the space's fixed settings, the trial's values."""
-    searched = {k: v for k, v in values.items() if k in base}
-    return replace(TrainConfig.from_dict(base), **fixed, **searched)
-
-
 def trainable(
     values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], workers: int, worker_resources: dict
 ) -> None:
     """Tune's function trainable: one trial."""
     from ray import tune
 
-    config = trial_config(values, base, fixed)
+    config = trial_config(TrainConfig.from_dict(base), fixed, values)
     context = tune.get_context()
     config = replace(config, name=context.get_trial_id(), progress=False, data=replace(config.data, progress=False))
     resolved, mean, std = prepare(config)
@@ -143,7 +155,9 @@ def trainable(
 
 
 # -- the experiment ------------------------------------------------------------------------------
-def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path, progress: bool = False):
+def _tuner(
+    base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path, progress: bool = False
+) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -205,7 +219,7 @@ def _tuner(base: TrainConfig, space: SearchSpace, settings: TuneSettings, experi
     )
 
 
-def _progress_bar(max_epochs: int):
+def _progress_bar(max_epochs: int) -> Any:
     """A Tune callback drawing one bar on the driver: trial-epochs reported, out of trials x max epochs
     (ASHA's stops end it early)."""
     from ray.tune import Callback
@@ -238,10 +252,8 @@ def _progress_bar(max_epochs: int):
     return TrialProgress()
 
 
-def _interrupt_after(count: int):
+def _interrupt_after(count: int) -> Any:
     """A Tune callback that interrupts the experiment (as Ctrl-C would) after ``count`` trials finish."""
-    import signal
-
     from ray.tune import Callback
 
     class InterruptAfter(Callback):
@@ -269,14 +281,11 @@ def check_experiment_dir(settings: TuneSettings) -> Path:
     return folder
 
 
-def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings) -> dict[str, Any]:
+def run_experiment(
+    base: TrainConfig, space: SearchSpace, settings: TuneSettings, verbose: bool = False
+) -> dict[str, Any]:
     """Run (or finish) the experiment and write its results; returns the summary."""
-    import json
-
-    import ray
-
-    from ..checkpoint import atomic_write_json
-    from .report import trial_rows, write_results
+    from ..cluster import ray_session
 
     experiment = check_experiment_dir(settings)
     progress = base.progress
@@ -288,11 +297,7 @@ def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings
         base = TrainConfig.from_dict(saved["base"])
     # one snapshot per reported checkpoint is what resuming needs; Tune warns about it otherwise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=settings.address) if settings.address else ray.init()
-        started = True
-    try:
+    with ray_session(settings.address, verbose=verbose):
         if not settings.resume:
             experiment.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
@@ -300,32 +305,8 @@ def run_experiment(base: TrainConfig, space: SearchSpace, settings: TuneSettings
                 {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed},
             )
         grid = _tuner(base, space, settings, experiment, progress).fit()
-    finally:
-        if started:
-            ray.shutdown()
     pending = sum(1 for r in grid if r.config is None or r.metrics_dataframe is None and r.error is None)
     if pending:  # interrupted (Ctrl-C, or the driver's end): the state on disk lets --resume finish it
         return {"interrupted": True, "pending": pending, "trials": len(grid)}
     rows = trial_rows(grid, space, base, settings)
     return write_results(experiment, rows, settings)
-
-
-def best_checkpoint_dir(result) -> Path | None:
-    """The folder of a trial's last checkpoint (single-process or DDP trial)."""
-    if result.checkpoint is not None:
-        return Path(result.checkpoint.path)
-    path = (result.metrics or {}).get("checkpoint_path")
-    return Path(path) if path else None
-
-
-def export_best(checkpoint_dir: Path, dest: Path) -> Path:
-    """Copy a trial checkpoint's ``best/`` model folder to ``dest`` (replacing it)."""
-    if not (checkpoint_dir / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a complete training checkpoint")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint_dir / "best", tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest

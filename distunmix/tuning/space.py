@@ -12,7 +12,8 @@ A space file has ``params`` (searched) and optionally ``fixed`` (set for every t
 
 Keys are ``distunmix train`` settings (``batch_size`` is ``--batch-size``). Every value is checked
 before Ray starts: an unknown key, a bad range, or a value ``distunmix train`` would refuse is an
-error naming the file and the key. ``quick`` and ``seed`` name the files in ``tune/spaces/``.
+error naming the file and the key. ``quick`` and ``seed`` name the package's own files
+(``distunmix/tuning/spaces/*.yaml``, installed with the package).
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..train.config import ConfigError, TrainConfig
+from ..errors import ConfigError, SpaceError
+from ..train.config import TrainConfig
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "tune" / "spaces"
+# the built-in spaces: package data, found the same way in a clone and in an installed wheel
+SPACES = resources.files(__package__) / "spaces"
 # settings a trial may vary, with their types
 TUNABLE: dict[str, type] = {
     "batch_size": int,
@@ -47,10 +51,6 @@ TUNABLE: dict[str, type] = {
     "precision": str,
 }
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-
-
-class SpaceError(ValueError):
-    """A search space file that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class SearchSpace:
 
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         """``base`` with the fixed settings and one trial's sampled values."""
-        return replace(base, **self.fixed, **values)
+        return trial_config(base, self.fixed, values)
 
     def to_param_space(self) -> dict[str, Any]:
         """Ray Tune's ``param_space`` for the searched parameters."""
@@ -90,14 +90,25 @@ class SearchSpace:
         return {p.name: make[p.kind](p.values) for p in self.params}
 
 
+def trial_config(base: TrainConfig, fixed: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
+    """One trial's TrainConfig: ``base``, the space's fixed settings, the trial's searched values
+    (keys that are no training setting, such as Tune's own, are left out)."""
+    searched = {k: v for k, v in values.items() if k in TUNABLE}
+    return replace(base, **fixed, **searched)
+
+
+def builtin_spaces() -> list[str]:
+    """Names of the spaces shipped with the package."""
+    return sorted(p.name.removesuffix(".yaml") for p in SPACES.iterdir() if p.name.endswith(".yaml"))
+
+
 def resolve_path(space: str) -> Path:
     """``quick`` / ``seed`` (built-in) or a path to a YAML file."""
     path = Path(space)
-    if not path.suffix and (SPACES_DIR / f"{space}.yaml").is_file():
-        return SPACES_DIR / f"{space}.yaml"
+    if not path.suffix and space in builtin_spaces():
+        return Path(str(SPACES / f"{space}.yaml"))
     if not path.is_file():
-        builtin = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-        raise SpaceError(f"--space {space}: no such file, and not a built-in space ({builtin})")
+        raise SpaceError(f"--space {space}: no such file, and not a built-in space ({', '.join(builtin_spaces())})")
     return path
 
 

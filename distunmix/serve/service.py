@@ -1,11 +1,12 @@
 """The separation service behind the HTTP endpoint: no Ray, no web framework, only bytes in and out.
 
+:class:`ServiceConfig` holds every setting of the app (``serve/config.yaml``'s ``args``).
 :class:`SeparationService` decodes an upload (anything libsndfile reads; any rate, mono or stereo),
 checks it (size, duration, finite samples), separates it with a model folder's separator and
 encodes the stems (WAV or FLAC, at the model's sample rate). Every problem a client can cause is a
 :class:`ServiceError` with an HTTP status and a message a person can act on; nothing from a request
-is used as a file path. :class:`JobStore` keeps long jobs' stems on disk for a while. ``serve/``
-wraps both in a Ray Serve deployment.
+is used as a file path. :class:`JobStore` keeps long jobs' stems on disk for a while.
+:mod:`distunmix.serve.app` wraps both in a Ray Serve deployment.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import threading
 import time
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from email.parser import BytesParser
+from email.policy import HTTP
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +28,61 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .audio import resample
-from .checkpoint import CheckpointError, load_separator
+from ..audio import resample
+from ..checkpoint import load_separator, model_label
+from ..devices import DEVICE_HELP, resolve_device
+from ..errors import CheckpointError, ConfigError, ServiceError
+from ..flags import setting
 
 FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
-
-
-class ServiceError(Exception):
-    """A request that cannot be served: ``status`` is the HTTP status code."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+_LIMITS = "limits"
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Limits and defaults of the service (all settable in serve/config.yaml)."""
+    """Every setting of the app: ``serve/config.yaml``'s ``args`` and ``distunmix serve``'s flags."""
 
-    model: str
-    device: str = "cpu"
-    max_upload_bytes: int = 100 * 1024 * 1024
-    max_seconds: float = 600.0
-    max_niter: int = 3
-    job_dir: str | None = None
-    job_ttl_seconds: float = 3600.0
+    model: str | None = setting(None, "model folder to serve", short="-m",
+                                shown_default="the newest runs/*/best, else a generated untrained model")  # fmt: skip
+    device: str = setting("auto", DEVICE_HELP)
+    max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
+    max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
+    max_niter: int = setting(3, "most Wiener EM iterations a request may ask for", group=_LIMITS)
+    batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
+    batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
+    batch_max_seconds: float = setting(30.0, "clips longer than this are separated alone", group=_LIMITS)
+    job_dir: str | None = setting(None, "where jobs' stems are kept", group=_LIMITS,
+                                  shown_default="<tmp>/distunmix-jobs, shared by a node's replicas")  # fmt: skip
+    job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_upload_mb > 0, "max_upload_mb", self.max_upload_mb, "> 0"),
+            (self.max_seconds > 0, "max_seconds", self.max_seconds, "> 0"),
+            (self.max_niter >= 0, "max_niter", self.max_niter, ">= 0"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
+            (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
+            (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
+            (self.job_ttl_s > 0, "job_ttl_s", self.job_ttl_s, "> 0"),
+        ]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise ConfigError(f"{key} {value}: expected {expected}")
+
+    @classmethod
+    def from_mapping(cls, args: dict[str, Any] | None) -> ServiceConfig:
+        """The settings of a config file's ``args`` block (unknown keys are an error naming them)."""
+        args = dict(args or {})
+        unknown = sorted(set(args) - {f.name for f in fields(cls)})
+        if unknown:
+            names = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"unknown app setting(s) {', '.join(unknown)}; expected some of {names}")
+        return cls(**args)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mb`` in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
 
 
 @dataclass
@@ -66,9 +98,12 @@ class SeparationService:
     """A loaded model folder and the checks and codecs around it."""
 
     def __init__(self, config: ServiceConfig) -> None:
+        if config.model is None:
+            raise ConfigError("model: a model folder is needed (build_app chooses a default one)")
         self.config = config
         try:
-            self.separator = load_separator(config.model, device=config.device, niter=1).freeze()
+            device = resolve_device(config.device)
+            self.separator = load_separator(config.model, device=device, niter=1).freeze()
         except CheckpointError as e:
             raise RuntimeError(f"model {config.model}: {e}") from e
         self.targets = list(self.separator.targets)
@@ -176,7 +211,7 @@ class SeparationService:
         models = self.separator.target_models
         first = next(iter(models.values()))
         return {
-            "model": Path(self.config.model).name,
+            "model": model_label(self.config.model),
             "targets": self.targets,
             "sample_rate": self.rate,
             "nb_channels": self.separator.nb_channels,
@@ -277,9 +312,6 @@ class JobStore:
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
     """The ``file`` field of a multipart/form-data body."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
     message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
     if not message.is_multipart():
         raise ServiceError(400, "malformed multipart body")
@@ -287,12 +319,3 @@ def multipart_file(body: bytes, content_type: str) -> bytes:
         if part.get_param("name", header="content-disposition") == "file":
             return part.get_payload(decode=True) or b""
     raise ServiceError(422, "multipart upload without a 'file' field")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for local servers and tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

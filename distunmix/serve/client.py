@@ -1,23 +1,29 @@
-"""HTTP client of the serve/ application: upload a file, write the returned stems like ``separate``."""
+"""HTTP client of the Serve app: upload a file, write the returned stems like ``separate``."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from ..errors import ClientError
+from ..fileio import atomic_write_bytes
 
 
-class ClientError(RuntimeError):
-    """The server refused or failed a request; the message is the server's."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for local servers and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _request(url: str, data: bytes | None = None, timeout: float = 600.0) -> tuple[bytes, str]:
+def request(url: str, data: bytes | None = None, timeout: float = 600.0) -> tuple[bytes, str]:
+    """(body, content type) of a GET, or of a POST of ``data``; a ClientError with the server's message."""
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     if data is not None:
         req.add_header("Content-Type", "application/octet-stream")
@@ -46,11 +52,11 @@ def separate_remote(
 ) -> tuple[Path, list[Path]]:
     """POST ``path`` to ``/separate``; stems go to ``outdir/<model>/<track>/<target>.<fmt>``."""
     base = base_url.rstrip("/")
-    info = json.loads(_request(f"{base}/models", timeout=timeout)[0])
+    info = json.loads(request(f"{base}/models", timeout=timeout)[0])
     query = {"format": fmt, "niter": str(niter)}
     if targets:
         query["targets"] = targets
-    body, ctype = _request(f"{base}/separate?{urllib.parse.urlencode(query)}", Path(path).read_bytes(), timeout)
+    body, ctype = request(f"{base}/separate?{urllib.parse.urlencode(query)}", Path(path).read_bytes(), timeout)
     out_dir = Path(outdir) / info["model"] / Path(path).stem
     written = []
     if ctype.startswith("application/zip"):

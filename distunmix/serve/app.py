@@ -1,4 +1,7 @@
-"""Ray Serve deployment with a FastAPI ingress around :class:`distunmix.serving.SeparationService`.
+"""Ray Serve deployment with a FastAPI ingress around :class:`distunmix.serve.service.SeparationService`.
+
+``serve run distunmix.serve.app:build_app`` (or ``serve run serve/config.yaml``) builds it;
+``distunmix serve`` starts the same app with flags.
 
 Routes: ``POST /separate`` (raw body or multipart field ``file``; query ``targets``, ``format``,
 ``niter``) returns one stem or a ZIP; ``POST /jobs`` starts a long job, ``GET /jobs/{id}`` reports
@@ -6,18 +9,27 @@ it and ``GET /jobs/{id}/{target}`` downloads a stem; ``GET /models`` and ``GET /
 clips arriving together are separated as one batch (``@serve.batch``).
 """
 
+from __future__ import annotations
+
 import asyncio
+import logging
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from distunmix.serving import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, multipart_file
+from ..checkpoint import STANDARD_TARGETS, save_model_dir
+from ..model import ModelConfig, OpenUnmix
+from .service import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, multipart_file
+
+log = logging.getLogger(__name__)
 
 app = FastAPI(title="distunmix", description="Open-Unmix source separation")
 
@@ -32,36 +44,15 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 class SeparatorDeployment:
     """One replica: a loaded model, a job store, and a batcher for short clips."""
 
-    def __init__(
-        self,
-        model: str,
-        device: str = "cpu",
-        max_upload_mb: float = 100.0,
-        max_seconds: float = 600.0,
-        batch_size: int = 8,
-        batch_wait_s: float = 0.05,
-        batch_max_seconds: float = 30.0,
-        job_dir: str | None = None,
-        job_ttl_s: float = 3600.0,
-    ) -> None:
-        import torch
-
+    def __init__(self, config: ServiceConfig) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.service = SeparationService(
-            ServiceConfig(
-                model=model,
-                device=device,
-                max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                max_seconds=max_seconds,
-                job_ttl_seconds=job_ttl_s,
-            )
-        )
+        self.service = SeparationService(config)
         # one folder for every replica on this node, so any replica can answer for any job
-        self.jobs = JobStore(job_dir or Path(tempfile.gettempdir()) / "distunmix-jobs", job_ttl_s)
-        self.batch_max_seconds = batch_max_seconds
+        self.jobs = JobStore(config.job_dir or Path(tempfile.gettempdir()) / "distunmix-jobs", config.job_ttl_s)
+        self.batch_max_seconds = config.batch_max_seconds
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._separate_batch.set_max_batch_size(batch_size)
-        self._separate_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._separate_batch.set_max_batch_size(config.batch_size)
+        self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
 
     def check_health(self) -> None:
         self.service.healthy()
@@ -153,31 +144,30 @@ class SeparatorDeployment:
         return JSONResponse({"status": "ok", "replica": self.replica}, headers=self._headers())
 
 
-def default_model(storage: str = "runs") -> str:
-    """The newest tuning experiment's best/ under ``storage``, else a generated default model."""
-    from pathlib import Path
-
+def default_model(storage: str | Path = "runs") -> str:
+    """The newest ``best/`` under ``storage`` (runs and experiments), else a generated untrained model."""
     found = sorted(Path(storage).glob("*/best/separator.json"), key=lambda p: p.stat().st_mtime)
     if found:
         return str(found[-1].parent)
     folder = Path(storage) / "serve-default-model"
     if not (folder / "separator.json").is_file():
-        import torch
-
-        from distunmix.checkpoint import STANDARD_TARGETS, save_model_dir
-        from distunmix.model import ModelConfig, OpenUnmix
-
         torch.manual_seed(0)
         config = ModelConfig.from_bandwidth(hidden_size=128)
         save_model_dir(folder, {t: OpenUnmix.from_config(config) for t in STANDARD_TARGETS}, bandwidth=16000.0)
     return str(folder)
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder for ``serve run serve/config.yaml``: ``args`` are the deployment's
-    keyword arguments; ``model`` defaults to :func:`default_model`."""
-    args = dict(args or {})
-    if not args.get("model"):
-        args["model"] = default_model(args.pop("storage", "runs"))
-    args.pop("storage", None)
-    return SeparatorDeployment.bind(**args)
+def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
+    """The app for ``config`` (``config.model`` None: :func:`default_model`, and the choice is
+    logged); ``options`` are Serve deployment options (num_replicas, ray_actor_options, ...)."""
+    if config.model is None:
+        config = replace(config, model=default_model())
+        log.warning("no model given: serving %s", config.model)
+    config = replace(config, model=str(Path(config.model).expanduser().resolve()))
+    return SeparatorDeployment.options(**options).bind(config)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Application builder for ``serve run``: ``args`` are :class:`ServiceConfig`'s fields
+    (``serve/config.yaml``'s ``args`` block, or ``key=value`` pairs after the import path)."""
+    return deployment(ServiceConfig.from_mapping(args))

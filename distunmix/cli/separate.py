@@ -1,0 +1,118 @@
+"""``separate`` and ``stream``: model folders applied to audio files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..audio import find_audio_files
+from ..checkpoint import load_separator, model_label
+from ..devices import resolve_device
+from ..errors import AudioError, CheckpointError, ConfigError
+from ..flags import add_flags, from_args
+from ..separator import Separator, SeparatorOptions
+from ..stemfiles import separate_file
+from ..stream import stream_file
+from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
+
+EXTENSIONS = ("wav", "flac")
+
+
+def register(sub: Any) -> None:
+    """Add ``separate`` and ``stream``."""
+    p = command(sub, "separate", "separate audio files into stems with a model folder",
+                "Stems go to <out>/<model>/<file>/<target>.<ext>; <model> is the model folder's name, with its "
+                "run folder's name before generic ones (runs/x/best -> x-best). --targets picks the stems "
+                "written: the Wiener filter still uses every target of the model, as the Serve endpoint does; "
+                "with --residual the targets left out become one 'residual' stem instead.")  # fmt: skip
+    p.add_argument("inputs", nargs="+", help="audio files or folders (searched recursively)")
+    model_flag(p)
+    targets_flag(p)
+    device_flag(p)
+    out_flag(p, "separated", "output root")
+    flag(p, "--ext", choices=EXTENSIONS, default="wav", help="stem file format")
+    run_flags(p, "progress")
+    add_flags(p, SeparatorOptions)
+    p.set_defaults(func=run_separate)
+
+    p = command(sub, "stream", "separate a file block by block, as a live input (unidirectional models)",
+                "Feed a file through the streaming separator in blocks, as a live input would arrive, and report "
+                "latency and speed. Needs a model trained with --unidirectional; no Wiener EM (niter 0).")  # fmt: skip
+    p.add_argument("input", type=Path, help="audio file")
+    model_flag(p, help="model folder of unidirectional models")
+    flag(p, "--block", type=int, default=1024, help="samples per block")
+    targets_flag(p)
+    add_flags(p, SeparatorOptions, only=("residual", "softmask"))
+    device_flag(p)
+    out_flag(p, "separated", "output root")
+    flag(p, "--ext", choices=EXTENSIONS, default="wav", help="stem file format")
+    p.set_defaults(func=run_stream)
+
+
+def load_for_targets(args: argparse.Namespace, options: SeparatorOptions) -> tuple[Separator, list[str]]:
+    """The separator ``separate`` runs and the stems it writes.
+
+    Without ``--residual`` every target of the model is separated (the Wiener filter sees them
+    all) and ``--targets`` only picks the stems to write; with it the model's other targets are
+    left out and come back as the residual (open-unmix's karaoke set-up).
+    """
+    device = resolve_device(args.device)
+    if options.residual:
+        separator = load_separator(args.model, device=device, targets=args.targets, **options.kwargs())
+        return separator, separator.targets
+    separator = load_separator(args.model, device=device, **options.kwargs())
+    wanted = list(args.targets or separator.targets)
+    unknown = [t for t in wanted if t not in separator.targets]
+    if unknown:
+        raise CheckpointError(
+            f"{args.model}: unknown target(s) {', '.join(unknown)}; this folder has: {', '.join(separator.targets)}"
+        )
+    return separator, wanted
+
+
+def run_separate(args: argparse.Namespace) -> int:
+    """``distunmix separate``."""
+    options = from_args(SeparatorOptions, args)
+    separator, targets = load_for_targets(args, options)
+    files = find_audio_files(args.inputs)
+    if not files:
+        raise ConfigError(f"no audio files found in {', '.join(args.inputs)}")
+    label = model_label(args.model)
+    failed = 0
+    for path in files:
+        out_dir = args.out / label / path.stem
+        try:
+            written = separate_file(separator, path, out_dir, ext=args.ext, progress=args.progress, targets=targets)
+        except (AudioError, OSError) as e:
+            failed += 1
+            print(f"error: {e}" if str(path) in str(e) else f"error: {path}: {e}", file=sys.stderr)
+            continue
+        print(f"{path} -> {out_dir}/ ({', '.join(p.name for p in written.values())})")
+    if failed:
+        print(f"{failed} of {len(files)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    """``distunmix stream``."""
+    options = from_args(SeparatorOptions, args, niter=0)
+    separator = load_separator(
+        args.model, targets=args.targets, device=resolve_device(args.device), niter=0,
+        residual=options.residual, softmask=options.softmask,
+    )  # fmt: skip
+    out_dir = args.out / model_label(args.model) / args.input.stem
+    try:
+        paths, stats = stream_file(separator, args.input, out_dir, block=args.block, ext=args.ext)
+    except (AudioError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.input} -> {out_dir}/ ({', '.join(p.name for p in paths.values())})")
+    print(
+        f"latency {stats['latency_ms']:.1f} ms (STFT {stats['latency_ms'] - stats['block_ms']:.1f} ms + one block "
+        f"{stats['block_ms']:.1f} ms); {stats['realtime_factor']:.1f}x real time; per block p50 "
+        f"{stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms, max {stats['max_ms']:.2f} ms; "
+        f"{stats['late_blocks']} of {stats['blocks']} blocks late"
+    )
+    return 0
