@@ -3,6 +3,7 @@
 #
 #   ./run.sh demo    set up (ffmpeg, .venv) and run the main job (distunmix demo [flags])
 #   ./run.sh test    set up (ffmpeg, .venv) and run the whole test suite
+#   ./run.sh test --quick    the same without the Ray, Serve, wheel and README integration tests
 #   ./run.sh setup   set up only
 #
 # Set-up is idempotent: it installs ffmpeg (apt) when it is missing, creates .venv with
@@ -106,9 +107,14 @@ case "$cmd" in
         ;;
     test)
         setup
-        "$VENV/bin/ruff" check distunmix tests benchmarks tune serve
-        "$VENV/bin/ruff" format --check distunmix tests benchmarks tune serve
-        "$PY" -m pytest -q "$@"
+        "$VENV/bin/ruff" check distunmix tests benchmarks tune
+        "$VENV/bin/ruff" format --check distunmix tests benchmarks tune
+        if [ "${1:-}" = "--quick" ]; then
+            shift
+            "$PY" -m pytest -q -m "not integration" "$@"   # the inner loop: no Ray, Serve, wheel or README runs
+        else
+            "$PY" -m pytest -q "$@"
+        fi
         ;;
     *)
         echo "usage: ./run.sh demo|test|setup [args...]" >&2

@@ -12,12 +12,14 @@ def fmt(value: Any, digits: int = 2, *, significant: bool = False, missing: str 
     """A number as the reports print it.
 
     ``digits`` decimals (or significant digits with ``significant``); None and NaN print as
-    ``missing``; infinities as ``inf`` / ``-inf``; integers and booleans as integers; anything
-    else as ``str``.
+    ``missing``; infinities as ``inf`` / ``-inf``; integers as integers; anything else (a
+    boolean too) as ``str``.
     """
     if value is None:
         return missing
-    if isinstance(value, bool | Integral):
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, Integral):
         return str(int(value))
     if not isinstance(value, Real):
         return str(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,97 @@ def test_a_failure_mid_separation_leaves_no_partial_stems(model_dir, inputs, tmp
     with pytest.raises(RuntimeError, match="device lost"):
         separate_file(separator, inputs / "song.wav", tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- behaviours a new user meets ---------------------------------------------------------------------------
+def test_targets_alone_writes_those_stems_as_the_serve_endpoint_does(model_dir, inputs, tmp_path):
+    assert main(separate_args(inputs / "song.wav", model_dir, tmp_path, "--targets", "vocals")) == 0
+    assert [p.name for p in (tmp_path / "tiny" / "song").iterdir()] == ["vocals.wav"]
+    song, _ = read_audio(inputs / "song.wav")
+    with torch.no_grad():  # every target goes through the Wiener filter; vocals is written
+        expected = load_separator(model_dir)(torch.from_numpy(song)[None])[0, 0].numpy()
+    assert np.abs(read_audio(tmp_path / "tiny" / "song" / "vocals.wav")[0] - expected).max() < 1e-6
+
+
+def test_stems_of_runs_never_share_a_folder(model_dir, inputs, tmp_path):
+    import shutil
+
+    for run in ("run-a", "run-b"):
+        shutil.copytree(model_dir, tmp_path / run / "best")
+        assert main(separate_args(inputs / "song.wav", tmp_path / run / "best", tmp_path / "out")) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run-a-best", "run-b-best"]
+
+
+def test_progress_counts_seconds_of_audio(model_dir, inputs, tmp_path, capsys):
+    args = ["separate", str(inputs / "song.wav"), "-m", str(model_dir), "-o", str(tmp_path), "--chunk-seconds", "1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "/4.0 [" in err and "s/s]" in err  # 4 s of audio, at audio seconds per second
+
+
+def test_interrupt_exits_130_with_the_resume_hint(capsys):
+    import argparse
+
+    from distunmix.cli.common import run
+
+    def interrupted(args):
+        args.resume_hint = "run it again to resume"
+        raise KeyboardInterrupt
+
+    assert run(interrupted, argparse.Namespace()) == 130
+    assert "interrupted; run it again to resume" in capsys.readouterr().err
+
+    def bug(args):
+        raise ValueError("a bug, not a user error")
+
+    with pytest.raises(ValueError):  # only DistunmixError becomes exit 2
+        run(bug, argparse.Namespace())
+
+
+def test_evaluate_checks_its_model_before_writing_data(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    code = main(["evaluate", "-m", str(tmp_path / "missing"), "--cache-dir", str(cache), "--serial", "-q"])
+    assert code == 2 and "model folder not found" in capsys.readouterr().err
+    assert not cache.exists()
+
+
+def test_a_dead_cluster_address_fails_within_seconds(tmp_path, capsys):
+    import time
+
+    from distunmix.serve.client import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    t0 = time.perf_counter()
+    code = main(["evaluate", "-m", "mixture", "--address", dead, "--synth-tracks", "3", "--synth-duration", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "eval"), "-q"])  # fmt: skip
+    assert code == 2 and time.perf_counter() - t0 < 60
+    assert f"--address {dead}: no Ray cluster answers" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_leftover_cluster_address_does_not_delay_a_command(tmp_path):
+    """A dead cluster's address left in Ray's temp folder (by a past ``ray start``) is not joined:
+    the command starts its own Ray, quietly, and finishes."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from distunmix.serve.client import free_port
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live below it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled")
+    args = ["evaluate", "-m", "mixture", "--synth-tracks", "3", "--synth-duration", "2", "-q",
+            "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "eval")]  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "distunmix.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert time.perf_counter() - t0 < 180 and (tmp_path / "eval" / "scores.csv").is_file()
+    assert "Started a local Ray instance" not in p.stdout + p.stderr and "Traceback" not in p.stderr

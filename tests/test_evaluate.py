@@ -103,6 +103,7 @@ def ray_cluster():
     mp.undo()
 
 
+@pytest.mark.integration
 def test_ray_tasks_give_the_serial_numbers(test_split, ray_cluster):
     config, tmp = test_split
     assert main(["init-model", str(tmp / "m"), "--hidden-size", "8", "--targets", ",".join(TARGETS)]) == 0

@@ -320,6 +320,7 @@ def readme_run(sandbox):
     return results
 
 
+@pytest.mark.integration
 def test_readme_commands_run(readme_run):
     failed = {
         c: (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
@@ -330,6 +331,7 @@ def test_readme_commands_run(readme_run):
     assert len(readme_run) == len([c for _, lang, c in readme_commands() if rule_for(lang, c).kind != "ci"])
 
 
+@pytest.mark.integration
 def test_readme_commands_made_their_outputs(sandbox, readme_run):
     repo, home = sandbox.repo, sandbox.home
     expected = [
@@ -376,6 +378,7 @@ def _md_table(text: str, header_start: str) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.integration
 def test_demo_wrote_every_stage_and_report_file(demo):
     state = json.loads((demo / "demo.json").read_text())
     assert set(state["stages"]) == {"data", "tune", "train", "evaluate", "export", "serve", "report"}
@@ -389,6 +392,7 @@ def test_demo_wrote_every_stage_and_report_file(demo):
     assert train["num_workers"] == 2 and train["init_from"].endswith("tune/best")
 
 
+@pytest.mark.integration
 def test_report_tables_equal_their_sources(demo):
     text = (demo / "report.md").read_text()
     trials = _md_table(text, "run")
@@ -422,6 +426,7 @@ def test_report_tables_equal_their_sources(demo):
                 assert float(row[metric]) == pytest.approx(float(src[metric]), abs=6e-3), (row, metric)
 
 
+@pytest.mark.integration
 def test_report_findings_follow_the_numbers(demo):
     text = (demo / "report.md").read_text()
     rows = [r for r in json.loads((demo / "tune" / "results.json").read_text())["rows"] if r["status"] == "ok"]
@@ -435,6 +440,7 @@ def test_report_findings_follow_the_numbers(demo):
     assert f"{speed['offline_x_rt']:.1f}x real time" in text
 
 
+@pytest.mark.integration
 def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
     """The real stages: a re-run reuses them and remakes a lost report (tests/test_demo.py covers the
     rules with stand-in stages)."""
@@ -448,9 +454,12 @@ def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
     assert "] report: report.md and figures" in p.stdout
     assert (demo / "report.md").read_text() == report  # the same numbers from the same files
     after = json.loads((demo / "demo.json").read_text())
-    assert all(after["stages"][name] == state["stages"][name] for name in [s.name for s in STAGES[:-1]])  # not run again
+    assert all(
+        after["stages"][name] == state["stages"][name] for name in [s.name for s in STAGES[:-1]]
+    )  # not run again
 
 
+@pytest.mark.integration
 def test_demo_refuses_other_settings_in_the_same_folder(sandbox, demo):
     p = sandbox.run(".venv/bin/distunmix demo --size full -q", 120)
     assert p.returncode == 2

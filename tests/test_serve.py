@@ -25,6 +25,8 @@ from distunmix.serve.app import deployment
 from distunmix.serve.client import free_port
 from distunmix.serve.service import ServiceConfig
 
+pytestmark = pytest.mark.integration  # Ray: skipped by ./run.sh test --quick
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -174,11 +176,11 @@ def test_models_endpoint_and_two_replicas_serve(server):
 
 
 def test_client_writes_stems_like_separate(server, tmp_path, capsys):
-    url, _, _ = server
+    url, model, _ = server
     wav = tmp_path / "song.wav"
     sf.write(wav, _clip(1.0).T, 44100, subtype="FLOAT")
     assert main(["client", url, str(wav), "-o", str(tmp_path / "out")]) == 0
-    folder = tmp_path / "out" / "model" / "song"
+    folder = tmp_path / "out" / f"{model.parent.name}-model" / "song"  # named as separate names it
     assert sorted(p.name for p in folder.iterdir()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"nonsense" * 100)

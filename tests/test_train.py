@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -341,3 +342,34 @@ def test_train_help_lists_every_config_flag(capsys):
     for field in TrainConfig.__dataclass_fields__:
         if field not in skip:
             assert "--" + field.replace("_", "-") in text, field
+
+
+def test_a_refused_run_leaves_no_run_folder(no_ray, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    flags = ("--root", str(tmp_path / "empty"), "--storage-path", str(tmp_path / "runs"), "--name", "r")
+    assert main(_train(*flags)) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cpus_per_worker_defaults_to_what_fits():
+    from distunmix.train.ray_trainer import fitted_cpus
+
+    assert fitted_cpus(TrainConfig(num_workers=2), available=2.0) == 1.0  # 2 workers on a 2-core machine
+    assert fitted_cpus(TrainConfig(num_workers=1), available=2.0) == 2.0
+    assert fitted_cpus(TrainConfig(num_workers=1), available=64.0) == 2.0
+    assert fitted_cpus(TrainConfig(num_workers=4, cpus_per_worker=3.0), available=2.0) == 3.0
+
+
+def test_a_run_of_days_on_a_cpu_says_so(synth_root, tmp_path, caplog, monkeypatch):
+    from distunmix.train import estimate
+
+    monkeypatch.setattr(estimate, "matmul_flops", lambda: 2e10)
+    data = DataConfig(root=str(synth_root), cache_dir=str(tmp_path / "cache"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="distunmix.train.estimate"):
+        seconds = estimate.warn_if_slow(TrainConfig(data=data))  # open-unmix's defaults: 1000 epochs, hidden 512
+    assert seconds > 2 * 86400 and "days on this machine's CPU" in caplog.text
+    caplog.clear()
+    small = TrainConfig(data=data, epochs=2, hidden_size=16, samples_per_track=4)
+    assert estimate.warn_if_slow(small) < 60 and not caplog.text
+    assert estimate.warn_if_slow(replace(small, use_gpu=True)) is None

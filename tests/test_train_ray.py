@@ -20,6 +20,8 @@ from distunmix.data.synth import synth_track, write_dataset
 from distunmix.train.config import TrainConfig
 from distunmix.train.ray_trainer import FAULT_ENV, fit
 
+pytestmark = pytest.mark.integration  # Ray: skipped by ./run.sh test --quick
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():

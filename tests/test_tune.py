@@ -111,6 +111,7 @@ def asha_experiment(data, ray_cluster):
     return tmp / "exp" / "asha"
 
 
+@pytest.mark.integration
 def test_asha_stops_trials_and_the_results_hold_one_row_per_trial(asha_experiment):
     with open(asha_experiment / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -131,6 +132,7 @@ def test_asha_stops_trials_and_the_results_hold_one_row_per_trial(asha_experimen
     assert list(asha_experiment.glob("trainable_*/events.out.tfevents.*"))  # TensorBoard
 
 
+@pytest.mark.integration
 def test_the_best_trials_model_is_exported_and_separates(asha_experiment):
     separator = load_separator(asha_experiment / "best")
     assert separator.targets == ["vocals", "drums", "bass", "other"]
@@ -141,6 +143,7 @@ def test_the_best_trials_model_is_exported_and_separates(asha_experiment):
     assert out.shape == (1, 4, 2, 44100) and torch.isfinite(out).all()
 
 
+@pytest.mark.integration
 def test_a_resumed_experiment_does_not_rerun_finished_trials(data, ray_cluster, monkeypatch, capsys):
     config, tmp = data
     flags = _flags(config, tmp, "resumed", "--max-epochs", "2")

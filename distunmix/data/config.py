@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..flags import setting
 from . import tracks as T
 from .cache import AudioCache, build_cache
+from .musdb import decode_stems
 from .synth import write_dataset
 from .tracks import TrackFiles
 
@@ -112,8 +113,6 @@ def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
         else:
             entries = T.musdb_tracks(root, "train", split, is_wav)
         if not is_wav:
-            from .musdb import decode_stems
-
             entries = decode_stems(entries, config.cache_root / "decoded" / _slug(root), config.progress)
         return entries
     loader = T.trackfolder if config.dataset == "trackfolder" else T.sourcefolder

@@ -12,6 +12,7 @@ which order. :class:`EpochSampler` hands each rank a disjoint share of each epoc
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([], dtype=dtype).set_(storage).view(shape)
 
 
-def collate_batch(batch):
+def collate_batch(batch: Any) -> Any:
     """``collate_fn`` for datasets that return whole batches from ``__getitems__``."""
     return batch
 

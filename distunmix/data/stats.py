@@ -16,7 +16,9 @@ from .. import spectral
 from .cache import AudioCache
 
 
-def input_statistics(cache: AudioCache, n_fft: int = 4096, n_hop: int = 1024, progress: bool = True):
+def input_statistics(
+    cache: AudioCache, n_fft: int = 4096, n_hop: int = 1024, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean, std), float32 arrays of n_fft // 2 + 1 bins, cached in the cache folder."""
     path = cache.folder / f"stats_{n_fft}_{n_hop}.npz"
     if path.is_file():

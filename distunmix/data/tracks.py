@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ..audio import AUDIO_EXTENSIONS
 from ..errors import DataError
 
@@ -153,8 +155,6 @@ def musdb_tracks(root: Path, subset: str, split: str | None, is_wav: bool) -> li
 
 def _wav_tracks(root: Path, subset: str, split: str | None, setup: str | None) -> list[TrackFiles]:
     """MUSDB18-HQ folders listed without musdb (no ffmpeg here); the split from ``setup.yaml``."""
-    import yaml
-
     valid = set()
     if setup:
         valid = set(yaml.safe_load((root / setup).read_text()).get("validation_tracks") or [])

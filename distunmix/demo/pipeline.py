@@ -48,6 +48,7 @@ from ..fileio import atomic_write_json
 from ..flags import setting
 from ..model import OpenUnmix
 from ..serve.client import free_port, request
+from ..serve.service import ServiceConfig
 from ..stream import stream_file
 from ..train.config import TrainConfig, address_setting, progress_setting
 from ..train.loop import prepare
@@ -363,7 +364,7 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
     """One request to the Serve app on 127.0.0.1, checked against separating the same clip here."""
     from ray import serve  # Ray Serve and FastAPI: imported when the stage runs
 
-    from ..serve.app import AppSettings, deployment
+    from ..serve.app import deployment
 
     cache = _test_split(ctx)
     clip = cache.mixture(0)[:, : int(ctx.size.clip_seconds * cache.sample_rate)]
@@ -374,7 +375,7 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
     bar = tqdm(total=4, desc="serve", unit="step", disable=not ctx.settings.progress)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = deployment(AppSettings(model=str(ctx.out / "model"), device="cpu"))
+        app = deployment(ServiceConfig(model=str(ctx.out / "model"), device="cpu"))
         serve.run(app, name="distunmix-demo", route_prefix="/")
         bar.update()
         info = json.loads(request(f"{url}/models", timeout=60)[0])

@@ -9,8 +9,7 @@ it and ``GET /jobs/{id}/{target}`` downloads a stem; ``GET /models`` and ``GET /
 clips arriving together are separated as one batch (``@serve.batch``).
 """
 
-from __future__ import annotations
-
+# no "from __future__ import annotations": FastAPI reads the route signatures' annotations at runtime
 import asyncio
 import logging
 import os

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_bytes
+from .. import plots
+from ..fileio import atomic_write_bytes
 
 
 def history_columns(history: Sequence[dict[str, Any]]) -> list[str]:
@@ -39,13 +40,8 @@ def write_history(folder: Path, history: Sequence[dict[str, Any]]) -> None:
 
 def plot_losses(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Training and validation loss per target against epoch, best epochs marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     targets = sorted({k.split("/", 1)[1] for row in history for k in row if k.startswith("valid_loss/")})
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, ax = plots.figure(7, 4.2)
     for i, t in enumerate(targets):
         color = f"C{i}"
         for key, style, label in ((f"train_loss/{t}", "--", "train"), (f"valid_loss/{t}", "-", "valid")):
@@ -62,11 +58,7 @@ def plot_losses(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title or "loss per target (circles: best epoch)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    plots.save(fig, path)
 
 
 def stage_outputs(staging: Path, checkpoint_dir: Path, history: Sequence[dict[str, Any]], name: str) -> Path:
@@ -86,7 +78,7 @@ def publish(staging: Path, run_dir: str) -> None:
             if src.is_file():
                 atomic_write_bytes(dest / src.relative_to(staging), src.read_bytes())
         return
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # Ray's dependency; only for URIs
 
     fs, path = pafs.FileSystem.from_uri(run_dir)
     pafs.copy_files(str(staging), path, destination_filesystem=fs)

@@ -6,6 +6,8 @@ torch-only loop with a :class:`RaySession` (rank, device, ``ray.train.get_checkp
 bar. Faults: ``FailureConfig(max_failures)`` restarts the worker group from the last registered
 checkpoint. Resume: Ray restores a run from ``<storage_path>/<name>/``'s snapshot; the driver
 allows that only with ``--resume`` and the same settings.
+
+Ray is imported inside the functions that use it, as in every Ray edge (see :mod:`distunmix.tuning.runner`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..cluster import ray_session
 from ..errors import ConfigError
@@ -83,7 +86,7 @@ def check_storage(config: TrainConfig) -> None:
     """The run folder can be written, and exists exactly when ``--resume`` is asked."""
     run_dir = config.run_dir
     if "://" in run_dir:
-        import pyarrow.fs as pafs
+        import pyarrow.fs as pafs  # Ray's dependency; only for URIs
 
         try:
             fs, path = pafs.FileSystem.from_uri(run_dir)
@@ -148,7 +151,6 @@ class _ProgressBar:
 
     def _run(self) -> None:
         from ray.util.queue import Empty
-        from tqdm import tqdm
 
         bar = None
         while not self._stop.is_set() or not self.queue.empty():

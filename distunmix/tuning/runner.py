@@ -6,6 +6,10 @@ the trial launches a Ray Train TorchTrainer running the same loop on that many D
 forwards its reports to Tune with ``TuneReportCallback`` (Ray 2.60's pattern for Tune with Train
 V2, not the deprecated ``Tuner(trainer)``). Every report is one epoch; ASHA stops trials on the
 ``epoch`` attribute.
+
+Ray is imported inside the functions that use it (here and in the other Ray edges): the command
+line imports these modules for their settings, and its commands that need no Ray should not pay
+for importing it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from ..cluster import ray_session
 from ..fileio import atomic_write_json
 from ..flags import setting
 from ..train.config import (
@@ -36,6 +42,7 @@ from ..train.config import (
     storage_path_setting,
 )
 from ..train.loop import checkpoint_folder, prepare, run_worker
+from ..train.ray_trainer import train_fn_per_worker
 from .report import trial_rows, write_results
 from .space import SearchSpace, trial_config
 
@@ -138,8 +145,6 @@ def trainable(
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..train.ray_trainer import train_fn_per_worker
-
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": resolved.to_dict(), "mean": mean.tolist(), "std": std.tolist()},
@@ -234,8 +239,6 @@ def _progress_bar(max_epochs: int) -> Any:
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if self.bar is None:
-                from tqdm import tqdm
-
                 self.bar = tqdm(desc="tune", unit="trial-epoch", dynamic_ncols=True)
             self.bar.total = len(trials) * max_epochs
             self.bar.update(1)
@@ -285,8 +288,6 @@ def run_experiment(
     base: TrainConfig, space: SearchSpace, settings: TuneSettings, verbose: bool = False
 ) -> dict[str, Any]:
     """Run (or finish) the experiment and write its results; returns the summary."""
-    from ..cluster import ray_session
-
     experiment = check_experiment_dir(settings)
     progress = base.progress
     base = replace(base, epochs=settings.max_epochs, progress=False)
