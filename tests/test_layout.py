@@ -167,3 +167,18 @@ def test_fmt_and_markdown_table():
     assert fmt(3) == "3" and fmt(2.345, 1) == "2.3" and fmt(True) == "True" and fmt("ok") == "ok"
     assert fmt(0.000123456, 4, significant=True) == "0.0001235"
     assert markdown_table(("a", "b"), [{"a": "1", "b": "2"}]) == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
+
+
+def test_every_flag_of_every_command_has_help_and_one_name_per_concept():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            assert action.help, f"distunmix {name} {action.option_strings or action.dest}: no help"
+        flags = {s for a in parser._actions for s in a.option_strings}
+        assert not flags & {"--outdir", "--workers", "--nb-workers"}, name  # renamed: -o/--out, --num-workers...
+        if "--device" in flags:
+            assert parser._option_string_actions["--device"].default == "auto", name
+        if "--out" in flags:
+            assert "-o" in parser._option_string_actions["--out"].option_strings, name
+        if "--model" in flags:
+            assert "-m" in parser._option_string_actions["--model"].option_strings, name

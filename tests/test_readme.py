@@ -336,9 +336,10 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
     repo, home = sandbox.repo, sandbox.home
     expected = [
         repo / "song.wav",
-        repo / "separated" / "model" / "song" / "vocals.wav",  # separate -m runs/demo/model
-        repo / "separated" / "model" / "other_song" / "bass.wav",
-        repo / "separated" / "model" / "track1" / "other.wav",
+        repo / "separated" / "demo-model" / "song" / "vocals.wav",  # separate -m runs/demo/model
+        repo / "separated" / "demo-model" / "other_song" / "bass.wav",
+        repo / "separated" / "demo-model" / "track1" / "other.wav",
+        repo / "separated" / "readme-train-best" / "song" / "vocals.wav",  # separate -m runs/readme-train/best
         repo / "separated" / "umxhq" / "song" / "drums.wav",  # official-style weights
         repo / "runs" / "readme-train" / "best" / "separator.json",
         repo / "runs" / "readme-tune" / "results.md",

@@ -18,12 +18,18 @@ from distunmix.data.config import DataConfig
 from distunmix.data.synth import write_dataset
 from distunmix.train.config import TrainConfig
 from distunmix.tuning.runner import INTERRUPT_ENV
-from distunmix.tuning.space import SpaceError, load_space
+from distunmix.tuning.space import SpaceError, load_space, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- spaces (no Ray) -----------------------------------------------------------------------------
+def test_a_trials_values_override_the_fixed_settings_and_foreign_keys_are_ignored():
+    config = trial_config(TrainConfig(), {"batch_size": 4, "seq_dur": 1.0}, {"batch_size": 8, "hidden_size": 16,
+                                                                             "tune_internal": 1})  # fmt: skip
+    assert (config.batch_size, config.seq_dur, config.hidden_size) == (8, 1.0, 16)
+
+
 def test_builtin_spaces_load_with_the_seed_grid():
     seed = load_space("seed", TrainConfig())
     assert seed.grid_size == 48

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from ..audio import find_audio_files
 from ..checkpoint import load_separator
-from ..cluster import ray_session
 from ..errors import ClientError, ConfigError
 from ..flags import add_flags, from_args
 from ..serve.client import separate_remote
@@ -44,28 +42,16 @@ def register(sub: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``distunmix serve``."""
-    from ray import serve  # Ray Serve and FastAPI: only this command needs them
+    from ..serve.app import default_model, serve_foreground  # Ray Serve and FastAPI: only this command
 
-    from ..serve.app import default_model, deployment
-
-    if args.replicas < 1 or args.num_gpus < 0:
-        raise ConfigError(f"--replicas {args.replicas} --num-gpus {args.num_gpus}: expected >= 1 and >= 0")
     config = from_args(ServiceConfig, args)
     model = config.model or default_model()
     load_separator(model)  # a CheckpointError names the folder before Ray starts
-    config = from_args(ServiceConfig, args, model=model)
-    with ray_session(args.address, verbose=getattr(args, "verbose", False)):
-        serve.start(http_options={"host": args.host, "port": args.port})
-        options = {"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": 1, "num_gpus": args.num_gpus}}
-        serve.run(deployment(config, **options), name="distunmix", route_prefix="/")
-        print(f"serving {model} at http://{args.host}:{args.port}/ (POST /separate, /jobs; GET /models, /healthz)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            serve.shutdown()
+    serve_foreground(
+        from_args(ServiceConfig, args, model=model), args.host, args.port, args.replicas, args.num_gpus,
+        args.address, getattr(args, "verbose", False),
+        on_ready=lambda url: print(f"serving {model} at {url} (POST /separate, /jobs; GET /models, /healthz)"),
+    )  # fmt: skip
     return 0
 
 

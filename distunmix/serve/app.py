@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from ..checkpoint import STANDARD_TARGETS, save_model_dir
+from ..cluster import ray_session
+from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
 from .service import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, multipart_file
 
@@ -170,3 +173,31 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Application builder for ``serve run``: ``args`` are :class:`ServiceConfig`'s fields
     (``serve/config.yaml``'s ``args`` block, or ``key=value`` pairs after the import path)."""
     return deployment(ServiceConfig.from_mapping(args))
+
+
+def serve_foreground(
+    config: ServiceConfig,
+    host: str,
+    port: int,
+    replicas: int = 1,
+    num_gpus: float = 0.0,
+    address: str | None = None,
+    verbose: bool = False,
+    on_ready: Callable[[str], None] = print,
+) -> None:
+    """``distunmix serve``: the app on ``host:port`` until Ctrl-C, on this machine's own Ray or the
+    cluster at ``address``; ``on_ready`` gets the URL once it answers."""
+    if replicas < 1 or num_gpus < 0:
+        raise ConfigError(f"--replicas {replicas} --num-gpus {num_gpus}: expected >= 1 and >= 0")
+    with ray_session(address, verbose=verbose):
+        serve.start(http_options={"host": host, "port": port})
+        options = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1, "num_gpus": num_gpus}}
+        serve.run(deployment(config, **options), name="distunmix", route_prefix="/")
+        on_ready(f"http://{host}:{port}/")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()

@@ -94,7 +94,7 @@ def trial_config(base: TrainConfig, fixed: dict[str, Any], values: dict[str, Any
     """One trial's TrainConfig: ``base``, the space's fixed settings, the trial's searched values
     (keys that are no training setting, such as Tune's own, are left out)."""
     searched = {k: v for k, v in values.items() if k in TUNABLE}
-    return replace(base, **fixed, **searched)
+    return replace(base, **{**fixed, **searched})
 
 
 def builtin_spaces() -> list[str]:
