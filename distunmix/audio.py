@@ -24,7 +24,8 @@ SUBTYPES = {"wav": "FLOAT", "flac": "PCM_24"}
 
 
 def find_audio_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given directly, plus audio files (by extension) found recursively in given folders.
+    """Files given directly, plus audio files (by extension) found recursively in given folders,
+    each file once.
 
     A path that does not exist is kept, so that it is reported as an error with the others.
     """
@@ -34,7 +35,10 @@ def find_audio_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             files.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS))
         else:
             files.append(item)
-    return files
+    unique: dict[Path, Path] = {}
+    for f in files:
+        unique.setdefault(f.expanduser().resolve(), f)
+    return list(unique.values())
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -94,18 +98,34 @@ class StemWriter:
         if ext not in SUBTYPES:
             raise ValueError(f"unsupported output format {ext!r}; expected one of {', '.join(SUBTYPES)}")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise AudioError(f"{self.path}: cannot write a stem there, it is a folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".{ext}", dir=self.path.parent)
         os.close(fd)
-        os.chmod(tmp, default_file_mode())
         self.tmp = Path(tmp)
-        self.file = sf.SoundFile(
-            self.tmp, "w", samplerate=int(sample_rate), channels=channels, format=ext.upper(), subtype=SUBTYPES[ext]
-        )
+        try:
+            os.chmod(tmp, default_file_mode())
+            self.file = sf.SoundFile(
+                self.tmp, "w", samplerate=int(sample_rate), channels=channels, format=ext.upper(), subtype=SUBTYPES[ext]
+            )
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, block: np.ndarray) -> None:
         """Append (channels, samples) audio."""
         self.file.write(np.ascontiguousarray(block.T))
+
+    def discard(self) -> None:
+        """Close and remove the temporary file."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Close and rename the temporary file into place."""
+        self.file.close()
+        os.replace(self.tmp, self.path)
 
     def __enter__(self) -> StemWriter:
         return self
@@ -113,11 +133,55 @@ class StemWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.file.close()
         if exc_type is None:
-            os.replace(self.tmp, self.path)
+            self.commit()
         else:
-            self.tmp.unlink(missing_ok=True)
+            self.discard()
+
+
+class StemSet:
+    """Several stems written together: all appear when every one is complete, or none does.
+
+    Each stem goes to a temporary file; at the end they are renamed into place, and if one rename
+    fails the stems already renamed are removed again.
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike], sample_rate: int, channels: int, ext: str = "wav") -> None:
+        self.paths = [Path(p) for p in paths]
+        self.args = (sample_rate, channels, ext)
+        self.writers: list[StemWriter] = []
+
+    def __enter__(self) -> list[StemWriter]:
+        try:
+            for path in self.paths:
+                self.writers.append(StemWriter(path, *self.args))
+        except BaseException:
+            self._discard()
+            raise
+        return self.writers
+
+    def _discard(self) -> None:
+        for w in self.writers:
+            w.discard()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        done: list[StemWriter] = []
+        try:
+            for w in self.writers:
+                w.commit()
+                done.append(w)
+        except BaseException:
+            for w in self.writers:
+                if w in done:
+                    w.path.unlink(missing_ok=True)
+                else:
+                    w.discard()
+            raise
 
 
 def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int, ext: str | None = None) -> Path:

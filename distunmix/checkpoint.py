@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .fileio import atomic_write_bytes, atomic_write_json
+from .fileio import PLAIN_NAME, atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, OpenUnmix
 from .separator import Separator, SeparatorOptions
 
@@ -115,6 +116,54 @@ def save_model_dir(
 
 
 # -- reading -------------------------------------------------------------------------------------
+# what a model folder's JSON values may be: (integer, low, high); None: a boolean. The ranges hold
+# every real model with room to spare and keep a hostile file from asking for huge allocations.
+_INT, _FLOAT = True, False
+JSON_VALUES: dict[str, tuple[bool, float, float] | None] = {
+    "sample_rate": (_FLOAT, 1000.0, 384000.0),
+    "nfft": (_INT, 16, 65536),
+    "nhop": (_INT, 1, 65536),
+    "nb_channels": (_INT, 1, 2),
+    "hidden_size": (_INT, 1, 16384),
+    "nb_layers": (_INT, 1, 64),
+    "max_bin": (_INT, 1, 32769),
+    "bandwidth": (_FLOAT, 1.0, 192000.0),
+    "unidirectional": None,
+}
+
+
+def check_json_value(path: Path, key: str, value: Any) -> Any:
+    """``value`` of ``key`` in a model folder's JSON, checked by type and range (None passes):
+    booleans are no numbers, NaN, infinities and absurd sizes are refused."""
+    spec = JSON_VALUES.get(key, ())
+    if value is None or spec == ():
+        return value
+    if spec is None:
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{path}: {key} is {value!r}; expected true or false")
+        return value
+    integer, low, high = spec
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not low <= value <= high:
+        raise CheckpointError(f"{path}: {key} is {value!r}; expected {kind} in [{low:g}, {high:g}]")
+    return value
+
+
+def check_target_names(path: Path, names: Any) -> list[str]:
+    """A JSON list of target names: distinct strings usable as file names."""
+    if not isinstance(names, list) or not names:
+        raise CheckpointError(f"{path}: targets is {names!r}; expected a non-empty list of target names")
+    for name in names:
+        if not isinstance(name, str) or not PLAIN_NAME.match(name):
+            raise CheckpointError(
+                f"{path}: target name {name!r}; expected letters, digits, '_', '.' or '-' (a file name)"
+            )
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: targets {names!r} repeat a name")
+    return names
+
+
 def _read_json(path: Path) -> dict:
     try:
         with open(path) as f:
@@ -162,7 +211,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: file not found") from e
     except Exception as e:  # truncated, corrupt, not a torch file, or unsafe pickle content
         raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch weight file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{path}: cannot be read as a PyTorch weight file ({type(e).__name__}: {_first_line(e)}); "
             "expected an open-unmix state_dict saved with torch.save"
         ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -170,6 +219,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict), got {type(obj).__name__}")
     return obj
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or ["(no message)"])[0][:200]
 
 
 def infer_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
@@ -230,9 +283,7 @@ def _load_target(model_dir: Path, target: str) -> tuple[OpenUnmix, float | None]
     config = infer_config(state, path)
     json_path = model_dir / f"{target}.json"
     if json_path.is_file():
-        args = _read_json(json_path).get("args", {})
-        if isinstance(args, dict):
-            _check_args(config, args, json_path)
+        _check_args(config, _target_args(json_path), json_path)
     model = OpenUnmix.from_config(config)
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
@@ -258,23 +309,29 @@ def read_separator_config(model_dir: Path, targets: Iterable[str], legacy_rate: 
     conf: dict[str, Any] = {}
     sep_json = model_dir / "separator.json"
     if sep_json.is_file():
-        conf.update(_read_json(sep_json))
+        conf.update({k: check_json_value(sep_json, k, v) for k, v in _read_json(sep_json).items()})
     for target in targets:
         json_path = model_dir / f"{target}.json"
         if json_path.is_file():
-            args = _read_json(json_path).get("args", {})
+            args = _target_args(json_path)
             for key in ("sample_rate", "nhop"):
-                if key not in conf and isinstance(args, dict) and key in args:
+                if key not in conf and key in args:
                     conf[key] = args[key]
     if "sample_rate" not in conf and legacy_rate is not None:
         conf["sample_rate"] = legacy_rate
     conf.setdefault("sample_rate", DEFAULT_SAMPLE_RATE)
     conf.setdefault("nhop", DEFAULT_HOP)
     for key in ("sample_rate", "nhop"):
-        value = conf[key]
-        if not isinstance(value, int | float) or value <= 0:
-            raise CheckpointError(f"{model_dir}: {key} must be a positive number, got {value!r}")
+        check_json_value(sep_json, key, conf[key])
     return conf
+
+
+def _target_args(json_path: Path) -> dict[str, Any]:
+    """The checked ``args`` block of ``<target>.json`` ({} when it has none)."""
+    args = _read_json(json_path).get("args", {})
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{json_path}: args is {type(args).__name__}; expected a JSON object")
+    return {k: check_json_value(json_path, k, v) for k, v in args.items()}
 
 
 def load_separator(
@@ -302,7 +359,9 @@ def load_separator(
         sep_json = model_dir / "separator.json"
         if sep_json.is_file():
             listed = _read_json(sep_json).get("targets")
-        targets = listed if isinstance(listed, list) and listed else found
+            if listed is not None:
+                check_target_names(sep_json, listed)
+        targets = listed or found
     targets = list(targets)
     if not targets:
         raise CheckpointError(f"{model_dir}: no <target>.pth weight files found")
@@ -316,8 +375,14 @@ def load_separator(
     legacy_rate = next((rate for _, rate in loaded.values() if rate is not None), None)
     conf = read_separator_config(model_dir, targets, legacy_rate)
     n_fft = next(iter(models.values())).config.n_fft
+    sep_json = model_dir / "separator.json"
     if "nfft" in conf and conf["nfft"] != n_fft:
-        raise CheckpointError(f"{model_dir / 'separator.json'}: nfft is {conf['nfft']} but the weights have {n_fft}")
+        raise CheckpointError(f"{sep_json}: nfft is {conf['nfft']} but the weights have {n_fft}")
+    if conf["nhop"] > n_fft:
+        raise CheckpointError(f"{sep_json}: nhop is {conf['nhop']}; expected at most the FFT size {n_fft}")
+    channels = next(iter(models.values())).config.nb_channels
+    if conf.get("nb_channels", channels) != channels:
+        raise CheckpointError(f"{sep_json}: nb_channels is {conf['nb_channels']} but the weights have {channels}")
     try:
         separator = Separator(
             models,

@@ -7,9 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+# a name that can be a file name anywhere: no folders, no '..', no hidden files (target names, stems)
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def plain_name(text: str, default: str = "unnamed") -> str:
+    """``text`` made a :data:`PLAIN_NAME`: other characters become '_', a leading '.' or '-' gets
+    a '_' before it, at most 64 characters."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+    if not name:
+        return default
+    return (name if PLAIN_NAME.match(name[:64]) else f"_{name}")[:64]
 
 
 def default_file_mode() -> int:

@@ -10,8 +10,33 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .audio import StemWriter, read_at_rate
+from .audio import StemSet, read_at_rate
 from .separator import Separator
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """The output folder name of each input file: its name without extension; where names collide,
+    its path from the colliding files' common folder (``cd1/01.wav``, ``cd2/01.wav`` -> ``cd1-01``,
+    ``cd2-01``), with the extension where even that collides. No two files share a name."""
+    names = [f.stem for f in files]
+    for name in sorted(set(names)):
+        group = [i for i, n in enumerate(names) if n == name]
+        if len(group) < 2:
+            continue
+        paths = [files[i].expanduser().resolve() for i in group]
+        common = Path(os.path.commonpath([p.parent for p in paths]))
+        rel = [p.relative_to(common) for p in paths]
+        qualified = [r.with_suffix("").as_posix().replace("/", "-") for r in rel]
+        if len(set(qualified)) < len(qualified):
+            qualified = [r.as_posix().replace("/", "-") for r in rel]
+        for i, q in zip(group, qualified, strict=True):
+            names[i] = q
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):  # a qualified name may still meet another file's plain one
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            names[i] = f"{name}-{seen[name]}"
+    return names
 
 
 def separate_file(
@@ -35,10 +60,8 @@ def separate_file(
     channels = max(audio.shape[0], separator.nb_channels)
     rows = {t: separator.targets.index(t) for t in (targets or separator.targets)}
     paths = {t: out_dir / f"{t}.{ext}" for t in rows}
-    with contextlib.ExitStack() as stack:  # on any error every writer discards its temporary file
-        writers = [
-            stack.enter_context(StemWriter(p, int(separator.sample_rate), channels, ext)) for p in paths.values()
-        ]
+    with contextlib.ExitStack() as stack:  # on any error no stem appears
+        writers = stack.enter_context(StemSet(paths.values(), int(separator.sample_rate), channels, ext))
         seconds = audio.shape[1] / separator.sample_rate
         bar = stack.enter_context(
             tqdm(total=round(seconds, 1), desc=path.name, unit="s", unit_scale=False, disable=not progress)

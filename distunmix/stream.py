@@ -16,7 +16,6 @@ signal to float32 rounding (tested at >= 100 dB SNR).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import spectral
-from .audio import StemWriter, read_at_rate
+from .audio import StemSet, read_at_rate
 from .errors import ConfigError
 from .separator import Separator
 
@@ -169,10 +168,7 @@ def stream_file(
     channels = max(audio.shape[0], separator.nb_channels)
     paths = {t: out_dir / f"{t}.{ext}" for t in separator.targets}
     times = []
-    with contextlib.ExitStack() as stack:
-        writers = [
-            stack.enter_context(StemWriter(p, int(separator.sample_rate), channels, ext)) for p in paths.values()
-        ]
+    with StemSet(paths.values(), int(separator.sample_rate), channels, ext) as writers:
         pieces = [audio[:, i : i + block] for i in range(0, audio.shape[1], block)]
         for k, piece in enumerate([*pieces, None]):
             t0 = time.perf_counter()

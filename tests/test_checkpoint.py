@@ -189,3 +189,52 @@ def test_load_separator_positional_order_is_the_public_one(folder):
     sep = load_separator(path, "cpu", 0, True, 100)
     assert sep.device.type == "cpu" and sep.niter == 0 and sep.residual and sep.wiener_win_len == 100
     assert sep.targets == ["vocals", "drums", "bass", "other", "residual"]
+
+
+def test_an_empty_weight_file_is_a_clean_error(folder, capsys):
+    from distunmix.cli import main
+
+    path, _ = folder
+    (path / "drums.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"drums\.pth: cannot be read as a PyTorch weight file"):
+        load_separator(path)
+    assert main(["separate", str(path / "nothing.wav"), "-m", str(path)]) == 2
+    assert "drums.pth: cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "file, key, value, message",
+    [
+        ("separator.json", "nhop", True, "nhop is True; expected an integer"),  # a boolean is no integer
+        ("separator.json", "sample_rate", float("nan"), "sample_rate is nan; expected a number"),
+        ("separator.json", "sample_rate", float("inf"), "sample_rate is inf"),
+        ("separator.json", "sample_rate", 1e12, "sample_rate is 1000000000000.0; expected a number in [1000, 384000]"),
+        ("separator.json", "sample_rate", "44100", "sample_rate is '44100'"),
+        ("separator.json", "nhop", 0, "nhop is 0"),
+        ("separator.json", "nhop", 8192, "nhop is 8192; expected at most the FFT size 4096"),
+        ("separator.json", "nfft", 1 << 30, "nfft is 1073741824"),
+        ("separator.json", "nb_channels", 3, "nb_channels is 3"),
+        ("separator.json", "targets", [1, 2], "target name 1"),
+        ("separator.json", "targets", ["../../etc/passwd"], "target name '../../etc/passwd'"),
+        ("separator.json", "targets", "vocals", "targets is 'vocals'; expected a non-empty list"),
+        ("vocals.json", "args.hidden_size", 24.0, "hidden_size is 24.0; expected an integer"),
+        ("vocals.json", "args.unidirectional", 1, "unidirectional is 1; expected true or false"),
+        ("vocals.json", "args.nb_layers", True, "nb_layers is True; expected an integer"),
+    ],
+)
+def test_bad_json_values_name_the_file_and_key(folder, file, key, value, message, capsys):
+    from distunmix.cli import main
+
+    path, _ = folder
+    doc = json.loads((path / file).read_text())
+    *parents, last = key.split(".")
+    node = doc
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (path / file).write_text(json.dumps(doc))  # NaN and inf as JSON's NaN / Infinity, as Python writes them
+    with pytest.raises(CheckpointError) as e:
+        load_separator(path)
+    assert str(path / file) in str(e.value) and message in str(e.value)
+    assert main(["separate", str(path / "song.wav"), "-m", str(path)]) == 2
+    assert message in capsys.readouterr().err

@@ -198,3 +198,62 @@ def test_a_leftover_cluster_address_does_not_delay_a_command(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert time.perf_counter() - t0 < 180 and (tmp_path / "eval" / "scores.csv").is_file()
     assert "Started a local Ray instance" not in p.stdout + p.stderr and "Traceback" not in p.stderr
+
+
+def test_inputs_with_the_same_name_keep_their_stems_apart(model_dir, inputs, tmp_path):
+    import shutil
+
+    for album in ("cd1", "cd2"):
+        (tmp_path / "in" / album).mkdir(parents=True)
+        shutil.copy(inputs / "song.wav", tmp_path / "in" / album / "song.wav")
+    shutil.copy(inputs / "song.wav", tmp_path / "in" / "cd1" / "song.flac.wav")  # a plain name, no collision
+    args = ["separate", str(tmp_path / "in"), str(tmp_path / "in" / "cd1" / "song.wav"), "-m", str(model_dir)]
+    assert main([*args, "-o", str(tmp_path / "out"), "-q"]) == 0  # the repeated file is separated once
+    folders = sorted(p.name for p in (tmp_path / "out" / "tiny").iterdir())
+    assert folders == ["cd1-song", "cd2-song", "song.flac"]
+    assert all(len(list((tmp_path / "out" / "tiny" / f).iterdir())) == 4 for f in folders)
+
+
+def test_output_names_stay_unique():
+    from distunmix.stemfiles import output_names
+
+    files = [Path("a/x/song.wav"), Path("b/x/song.wav"), Path("a/x/song.flac"), Path("a-x-song.wav"), Path("t.wav")]
+    names = output_names(files)
+    assert len(set(names)) == len(names) and names[-1] == "t"
+
+
+def test_a_stem_that_cannot_be_written_leaves_no_stem(model_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out" / "tiny" / "song"
+    (out / "drums.wav").mkdir(parents=True)  # a folder where a stem goes
+    assert main(["separate", str(inputs / "song.wav"), "-m", str(model_dir), "-o", str(tmp_path / "out"), "-q"]) == 1
+    assert "drums.wav: cannot write a stem there, it is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["drums.wav"]  # no other stem, no temporary file
+
+
+def test_stems_appear_all_or_none_when_a_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    from distunmix.audio import StemSet
+
+    paths = [tmp_path / f"{t}.wav" for t in ("a", "b", "c")]
+    real = os.replace
+
+    def fail_on_c(src, dst):
+        if str(dst).endswith("c.wav"):
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_c)
+    with pytest.raises(OSError, match="disk full"), StemSet(paths, 44100, 2) as writers:
+        for w in writers:
+            w.write(np.zeros((2, 100), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_names_a_server_sends_cannot_leave_the_output_folder():
+    from distunmix.fileio import PLAIN_NAME, plain_name
+
+    for hostile in ("..", "../../etc/passwd", "/abs", ".hidden", "a/b", ""):
+        name = plain_name(hostile)
+        assert PLAIN_NAME.match(name) and "/" not in name and name not in (".", "..")
+    assert plain_name("my model") == "my_model" and plain_name("train-0412-best") == "train-0412-best"

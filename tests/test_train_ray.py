@@ -120,12 +120,17 @@ def test_exported_model_separates_here_and_in_openunmix(straight, openunmix):
     assert err < 1e-8
 
 
-def test_resume_reproduces_the_uninterrupted_run(straight, base_config):
+@pytest.fixture(scope="module")
+def split(ray_cluster, base_config):
+    """The same run stopped after epoch 1 and resumed."""
     first = fit(replace(base_config, name="split", epochs=1))
     assert [h["epoch"] for h in first.history] == [1]
-    resumed = fit(replace(base_config, name="split", resume=True))
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
-    _assert_same_weights(_last_weights(straight.run_dir), _last_weights(resumed.run_dir))
+    return fit(replace(base_config, name="split", resume=True))
+
+
+def test_resume_reproduces_the_uninterrupted_run(straight, split):
+    assert [h["epoch"] for h in split.history] == [1, 2]
+    _assert_same_weights(_last_weights(straight.run_dir), _last_weights(split.run_dir))
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(straight, base_config, monkeypatch):
@@ -138,3 +143,20 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(straight, base_co
     assert len(markers) == 1 and "killed rank 1 at epoch 2" in markers[0].read_text()
     assert [h["epoch"] for h in result.history] == [1, 2]
     _assert_same_weights(_last_weights(straight.run_dir), _last_weights(run))
+
+
+def test_a_torn_newest_checkpoint_resumes_from_the_one_before(straight, split, base_config, capsys):
+    """The newest checkpoint of a run lost a file's tail (a crash mid-upload): --resume says so and
+    continues from the previous one, to the same weights as a run never interrupted."""
+    from pathlib import Path
+
+    run = Path(split.run_dir)  # checkpoints after epochs 1 and 2
+    newest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
+    weights = newest / "last" / "vocals.pth"
+    weights.write_bytes(weights.read_bytes()[:100])
+    resumed = fit(replace(base_config, name="split", resume=True))
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    err = capsys.readouterr().err
+    assert "incomplete checkpoint (last/vocals.pth missing or truncated)" in err and "resumed from" in err
+    _assert_same_weights(_last_weights(straight.run_dir), _last_weights(run))
+    assert (run / "best" / "vocals.pth").stat().st_size > 100  # the run folder is whole again

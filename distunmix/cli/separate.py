@@ -13,7 +13,7 @@ from ..devices import resolve_device
 from ..errors import AudioError, CheckpointError, ConfigError
 from ..flags import add_flags, from_args
 from ..separator import Separator, SeparatorOptions
-from ..stemfiles import separate_file
+from ..stemfiles import output_names, separate_file
 from ..stream import stream_file
 from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
@@ -81,8 +81,8 @@ def run_separate(args: argparse.Namespace) -> int:
         raise ConfigError(f"no audio files found in {', '.join(args.inputs)}")
     label = model_label(args.model)
     failed = 0
-    for path in files:
-        out_dir = args.out / label / path.stem
+    for path, name in zip(files, output_names(files), strict=True):
+        out_dir = args.out / label / name
         try:
             written = separate_file(separator, path, out_dir, ext=args.ext, progress=args.progress, targets=targets)
         except (AudioError, OSError) as e:

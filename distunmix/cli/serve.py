@@ -12,6 +12,7 @@ from ..errors import ClientError, ConfigError
 from ..flags import add_flags, from_args
 from ..serve.client import separate_remote
 from ..serve.service import FORMATS, ServiceConfig
+from ..stemfiles import output_names
 from .common import command, flag, out_flag, run_flags
 
 
@@ -61,10 +62,10 @@ def run_client(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"no audio files found in {', '.join(args.inputs)}")
     failed = 0
-    for path in files:
+    for path, name in zip(files, output_names(files), strict=True):
         try:
             out_dir, written = separate_remote(
-                args.url, path, args.out, args.targets, args.format, args.niter, args.timeout
+                args.url, path, args.out, args.targets, args.format, args.niter, args.timeout, name
             )
         except ClientError as e:
             failed += 1

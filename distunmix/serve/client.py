@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import ClientError
-from ..fileio import atomic_write_bytes
+from ..fileio import PLAIN_NAME, atomic_write_bytes, plain_name
 
 
 def free_port() -> int:
@@ -49,24 +49,33 @@ def separate_remote(
     fmt: str = "wav",
     niter: int = 1,
     timeout: float = 600.0,
+    name: str | None = None,
 ) -> tuple[Path, list[Path]]:
-    """POST ``path`` to ``/separate``; stems go to ``outdir/<model>/<track>/<target>.<fmt>``."""
+    """POST ``path`` to ``/separate``; stems go to ``outdir/<model>/<name>/<target>.<fmt>`` (``name``:
+    the file's name without extension by default). Names the server sends must be plain file names."""
     base = base_url.rstrip("/")
     info = json.loads(request(f"{base}/models", timeout=timeout)[0])
     query = {"format": fmt, "niter": str(niter)}
     if targets:
         query["targets"] = targets
     body, ctype = request(f"{base}/separate?{urllib.parse.urlencode(query)}", Path(path).read_bytes(), timeout)
-    out_dir = Path(outdir) / info["model"] / Path(path).stem
+    out_dir = Path(outdir) / plain_name(str(info.get("model")), "model") / (name or Path(path).stem)
     written = []
     if ctype.startswith("application/zip"):
         with zipfile.ZipFile(io.BytesIO(body)) as z:
-            for name in z.namelist():
-                stem = Path(name).name  # never a path from the server
-                atomic_write_bytes(out_dir / stem, z.read(name))
+            for entry in z.namelist():
+                stem = _plain(entry, "stem name")  # never a path from the server
+                atomic_write_bytes(out_dir / stem, z.read(entry))
                 written.append(out_dir / stem)
     else:
-        target = (targets or info["targets"][0]).split(",")[0]
+        target = _plain((targets or info["targets"][0]).split(",")[0], "target")
         atomic_write_bytes(out_dir / f"{target}.{fmt}", body)
         written.append(out_dir / f"{target}.{fmt}")
     return out_dir, written
+
+
+def _plain(text: object, what: str) -> str:
+    """``text`` when it is a plain file name (no folders, no '..'), else a ClientError."""
+    if not isinstance(text, str) or not PLAIN_NAME.match(text):
+        raise ClientError(f"the server sent the {what} {text!r}; expected a plain file name")
+    return text

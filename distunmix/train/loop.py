@@ -58,6 +58,9 @@ class Session(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Report one epoch; every rank calls it, rank 0 with the checkpoint folder."""
 
+    def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
+        """The checkpoints before :meth:`checkpoint`'s, newest first (to resume when it is torn)."""
+
 
 @contextlib.contextmanager
 def checkpoint_folder(checkpoint) -> Iterator[Path | None]:
@@ -83,6 +86,9 @@ class LocalSession:
     def checkpoint(self) -> Iterator[Path | None]:
         latest = self.folder / "latest"
         yield latest if (latest / STATE_FILE).is_file() else None
+
+    def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
+        return []  # one checkpoint is kept here
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -487,11 +493,7 @@ def run_worker(
     valid = ValidTracks(valid_cache, config.targets)
     targets = build_targets(config, stats[0], stats[1], device)
     sampler = EpochSampler(len(dataset), rank, world, shuffle=True, seed=config.seed)
-    start, history = 0, []
-    with session.checkpoint() as folder:
-        if folder is not None:
-            start, history = load_checkpoint(folder, targets)
-            log.info("rank %d: resumed after epoch %d from %s", rank, start, folder)
+    start, history = restore(session, targets, progress if rank == 0 else None)
     logger = _wandb_run(config) if rank == 0 and config.logger == "wandb" else None
     with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.loader_workers) as loader:
         for epoch in range(start + 1, config.epochs + 1):
@@ -536,6 +538,35 @@ def run_worker(
     if logger is not None:
         logger.finish()
     return history
+
+
+def restore(
+    session: Session, targets: list[Target], note: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """(last epoch, history) of the session's checkpoint, loaded into ``targets``; (0, []) for a
+    fresh run. A torn checkpoint (a file missing or cut short) falls back to the newest intact
+    earlier one, and ``note`` hears about it."""
+    with session.checkpoint() as folder:
+        if folder is None:
+            return 0, []
+        try:
+            start, history = load_checkpoint(folder, targets)
+            log.info("rank %d: resumed after epoch %d from %s", session.rank, start, folder)
+            return start, history
+        except CheckpointError as e:
+            problem = str(e)
+    for candidate in session.earlier_checkpoints():
+        with candidate as folder:
+            try:
+                start, history = load_checkpoint(folder, targets)
+            except CheckpointError:
+                continue
+        text = f"{problem}: resumed from the newest intact checkpoint, {folder.name} (after epoch {start})"
+        log.warning("%s", text)
+        if note is not None:
+            note({"event": "note", "text": text})
+        return start, history
+    raise CheckpointError(f"{problem}, and no earlier checkpoint is intact")
 
 
 class _Ticker:

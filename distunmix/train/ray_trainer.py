@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 import uuid
@@ -67,6 +68,27 @@ class RaySession:
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+    def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
+        import ray.train
+
+        return earlier_checkpoints(ray.train.get_checkpoint())
+
+
+def earlier_checkpoints(checkpoint: Any) -> list[contextlib.AbstractContextManager[Path]]:
+    """The checkpoints beside a Ray ``Checkpoint`` in its run or trial folder that are older than it,
+    newest first (local or on any filesystem Ray writes to)."""
+    if checkpoint is None:
+        return []
+    import pyarrow.fs as pafs  # Ray's dependency
+    from ray.train import Checkpoint
+
+    fs = checkpoint.filesystem
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = fs.get_file_info(pafs.FileSelector(parent))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    older = sorted((n for n in names if n.startswith("checkpoint_") and n < name), reverse=True)
+    return [checkpoint_folder(Checkpoint(f"{parent}/{n}", filesystem=fs)) for n in older]
 
 
 def train_fn_per_worker(payload: dict[str, Any]) -> None:
@@ -160,7 +182,7 @@ class _ProgressBar:
                 continue
             except Exception:  # the queue actor went away
                 return
-            if not self.enabled:
+            if not self.enabled and ev["event"] != "note":
                 continue
             if ev["event"] == "batch":
                 if bar is None or bar.desc != f"epoch {ev['epoch']}/{self.epochs}":
@@ -169,6 +191,8 @@ class _ProgressBar:
                     bar = tqdm(total=ev["batches"], desc=f"epoch {ev['epoch']}/{self.epochs}", unit="batch")
                 bar.n = ev["batch"]
                 bar.set_postfix(loss=f"{ev['loss']:.4g}", samples_s=f"{ev['samples_per_s']:.1f}")
+            elif ev["event"] == "note":  # shown with or without progress bars
+                tqdm.write(f"WARNING {ev['text']}", file=sys.stderr)
             elif ev["event"] == "epoch" and bar is not None:
                 post = {"valid_loss": f"{ev['valid_loss']:.4g}", "samples_s": f"{ev['samples_per_s']:.1f}"}
                 if "valid_sdr" in ev:

@@ -42,7 +42,7 @@ from ..train.config import (
     storage_path_setting,
 )
 from ..train.loop import checkpoint_folder, prepare, run_worker
-from ..train.ray_trainer import train_fn_per_worker
+from ..train.ray_trainer import earlier_checkpoints, train_fn_per_worker
 from .report import trial_rows, write_results
 from .space import SearchSpace, trial_config
 
@@ -124,6 +124,11 @@ class TuneSession:
 
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         tune.report(metrics, checkpoint=ckpt)
+
+    def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
+        from ray import tune
+
+        return earlier_checkpoints(tune.get_checkpoint())
 
 
 def trainable(
