@@ -205,3 +205,27 @@ def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
     assert set(codes) == {200, 503} and codes.count(200) >= 2
     assert _call(f"{url}/tight/healthz")[0] == 200
     serve.delete("tight")
+
+
+def test_every_error_is_json_docs_are_off_and_head_works(server):
+    url, _, _ = server
+    cases = [
+        ("GET", "/nowhere", 404, "no route GET /nowhere; the routes are POST /separate"),
+        ("GET", "/separate", 405, "GET /separate: method not allowed here (allowed: POST)"),
+        ("DELETE", "/models", 405, "method not allowed"),
+        ("GET", "/docs", 404, "the API docs are off"),
+        ("GET", "/openapi.json", 404, "the API docs are off"),
+        ("GET", "/jobs/not-a-job", 404, "no job 'not-a-job'"),
+    ]
+    for method, path, status, message in cases:
+        req = urllib.request.Request(f"{url}{path}", method=method)
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            raise AssertionError(f"{method} {path} succeeded")
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
+            assert e.code == status and set(body) == {"error"} and message in body["error"], (path, body)
+            assert "object at 0x" not in body["error"] and "Traceback" not in body["error"]
+    for path in ("/healthz", "/models"):
+        with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", method="HEAD"), timeout=30) as r:
+            assert r.status == 200 and r.read() == b""

@@ -22,8 +22,11 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
@@ -33,12 +36,45 @@ from .service import FORMATS, JobStore, SeparationService, ServiceConfig, Servic
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="distunmix", description="Open-Unmix source separation")
+# API docs are off unless ServiceConfig.api_docs turns them on (routes below): no schema for strangers
+app = FastAPI(title="distunmix", description="Open-Unmix source separation", docs_url=None, redoc_url=None,
+              openapi_url=None)  # fmt: skip
+ROUTES = "POST /separate, POST /jobs, GET /jobs/{id}, GET /jobs/{id}/{target}, GET /models, GET /healthz"
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error the app returns: JSON ``{"error": message}``."""
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
 @app.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content={"error": exc.message})
+    return _error(exc.status, exc.message)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        message = f"no route {where}; the routes are {ROUTES}"
+    elif exc.status_code == 405:
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "?")
+        message = f"{where}: method not allowed here (allowed: {allowed})"
+    else:
+        message = f"{where}: {exc.detail}"
+    return _error(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+    return _error(422, f"invalid request: {problems}")
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)  # the details stay in the replica's log
+    return _error(500, "the server failed to process this request; it was logged, and the server goes on")
 
 
 @serve.deployment(name="Separator", max_ongoing_requests=8, max_queued_requests=32, health_check_period_s=10)
@@ -127,23 +163,38 @@ class SeparatorDeployment:
         except Exception as e:  # a failed job is reported, the replica goes on
             self.jobs.update(job_id, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
 
-    @app.get("/jobs/{job_id}")
+    @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(self, job_id: str) -> JSONResponse:
         return JSONResponse(self.jobs.status(job_id), headers=self._headers())
 
-    @app.get("/jobs/{job_id}/{target}")
+    @app.api_route("/jobs/{job_id}/{target}", methods=["GET", "HEAD"])
     async def job_stem(self, job_id: str, target: str) -> Response:
         data, fmt = self.jobs.stem(job_id, target)
         headers = self._headers({"Content-Disposition": f'attachment; filename="{target}.{fmt}"'})
         return Response(data, media_type=FORMATS[fmt][2], headers=headers)
 
-    @app.get("/models")
+    @app.api_route("/models", methods=["GET", "HEAD"])
     async def models(self) -> JSONResponse:
         return JSONResponse(self.service.model_info(), headers=self._headers())
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "replica": self.replica}, headers=self._headers())
+
+    def _docs_enabled(self, request: Request) -> None:
+        if not self.service.config.api_docs:
+            raise ServiceError(404, f"no route {request.method} {request.url.path}: the API docs are off (api_docs)")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._docs_enabled(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._docs_enabled(request)
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="distunmix API")
 
 
 def default_model(storage: str | Path = "runs") -> str:

@@ -54,6 +54,7 @@ class ServiceConfig:
     job_dir: str | None = setting(None, "where jobs' stems are kept", group=_LIMITS,
                                   shown_default="<tmp>/distunmix-jobs, shared by a node's replicas")  # fmt: skip
     job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
+    api_docs: bool = setting(False, "serve the API docs at /docs and /openapi.json")
 
     def __post_init__(self) -> None:
         checks = [
