@@ -229,3 +229,57 @@ def test_every_error_is_json_docs_are_off_and_head_works(server):
     for path in ("/healthz", "/models"):
         with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", method="HEAD"), timeout=30) as r:
             assert r.status == 200 and r.read() == b""
+
+
+def _replica_peak_rss(app: str) -> dict[str, int]:
+    """Peak resident memory (VmHWM, bytes) of each replica process of ``app``, read in the replica."""
+
+    def peak(_actor) -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"::{app}#" in a["name"]]
+    return {n: ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(peak)) for n in names}
+
+
+def test_decode_bombs_are_refused_from_the_header_before_decoding(server, tmp_path):
+    """Small files that would decode to hundreds of MB: refused by their header, and the replica's
+    peak memory does not move (decoding them would take 0.2 to 0.9 GB)."""
+    url, model, _ = server
+    config = ServiceConfig(str(model), device="cpu", max_seconds=3600.0, max_decoded_mb=64.0, max_upload_mb=4.0)
+    app = deployment(config, name="Bombs", ray_actor_options={"num_cpus": 0.5})
+    serve.run(app, name="bombs", route_prefix="/bombs")
+    silent = tmp_path / "silence.flac"  # 600 s of stereo silence at 192 kHz: 0.9 GB of float32, a few 100 KB
+    with sf.SoundFile(silent, "w", 192000, 2, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((192000 * 10, 2), np.int16)
+        for _ in range(60):
+            f.write(block)
+    channels = io.BytesIO()  # 8 channels: FLAC's most
+    sf.write(channels, np.zeros((48000 * 60, 8), np.int16), 48000, format="FLAC", subtype="PCM_16")
+    fast = io.BytesIO()  # a rate no audio has
+    sf.write(fast, np.zeros((4096, 2), np.float32), 1_000_000, format="WAV", subtype="FLOAT")
+    cases = [
+        (silent.read_bytes(), 413, "would decode to 202 MiB; the limit is 64"),
+        (channels.getvalue(), 422, "audio has 8 channels; expected mono or stereo"),
+        (fast.getvalue(), 422, "sample rate 1000000 Hz; expected 8000 to 192000 Hz"),
+    ]
+    before = _replica_peak_rss("bombs")
+    for body, status, message in cases:
+        assert len(body) < 4 * 1024 * 1024
+        code, _, answer = _call(f"{url}/bombs/separate", body)
+        assert code == status and message in json.loads(answer)["error"], answer
+    after = _replica_peak_rss("bombs")
+    assert before.keys() == after.keys() and len(after) == 1
+    assert max(after[p] - before[p] for p in after) < 32 * 2**20  # not decoded
+    code, _, answer = _call(f"{url}/bombs/separate", _wav(_clip(1.0)))  # a valid request still works
+    assert code == 200 and len(_stems(answer)) == 4
+    assert _call(f"{url}/bombs/healthz")[0] == 200
+    serve.delete("bombs")
+
+
+def test_a_streamed_zip_is_a_valid_zip_of_every_stem(server):
+    url, model, _ = server
+    status, headers, body = _call(f"{url}/separate?format=flac", _wav(_clip(1.0)))
+    assert status == 200 and headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(body)) as z:
+        assert z.testzip() is None and sorted(z.namelist()) == ["bass.flac", "drums.flac", "other.flac", "vocals.flac"]

@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -135,9 +135,9 @@ class SeparatorDeployment:
             stems = await self._separate_batch((clip, n))
         else:
             stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [n]))[0]
-        body, media, name = await asyncio.to_thread(self.service.package, stems, names, fmt)
+        pieces, media, name = self.service.package(stems, names, fmt)  # encoded as sent, off the event loop
         headers = self._headers({"Content-Disposition": f'attachment; filename="{name}"'})
-        return Response(body, media_type=media, headers=headers)
+        return StreamingResponse(pieces, media_type=media, headers=headers)
 
     @app.post("/jobs")
     async def create_job(

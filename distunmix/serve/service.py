@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -26,15 +27,17 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
-from ..audio import resample
 from ..checkpoint import load_separator, model_label
 from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, ConfigError, ServiceError
 from ..flags import setting
 
 FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
+MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
+DECODE_BLOCK = 1 << 16  # frames decoded (and resampled) at a time
 _LIMITS = "limits"
 
 
@@ -48,6 +51,9 @@ class ServiceConfig:
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
     max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
     max_niter: int = setting(3, "most Wiener EM iterations a request may ask for", group=_LIMITS)
+    max_decoded_mb: float = setting(
+        256.0, "largest clip after decoding at the model's rate, in MiB (600 s of stereo is 202 MiB)", group=_LIMITS
+    )
     batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
     batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
     batch_max_seconds: float = setting(30.0, "clips longer than this are separated alone", group=_LIMITS)
@@ -61,6 +67,7 @@ class ServiceConfig:
             (self.max_upload_mb > 0, "max_upload_mb", self.max_upload_mb, "> 0"),
             (self.max_seconds > 0, "max_seconds", self.max_seconds, "> 0"),
             (self.max_niter >= 0, "max_niter", self.max_niter, ">= 0"),
+            (self.max_decoded_mb > 0, "max_decoded_mb", self.max_decoded_mb, "> 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
             (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
@@ -137,20 +144,22 @@ class SeparationService:
         return value
 
     def decode(self, data: bytes) -> Clip:
-        """Upload bytes -> a checked clip at the model's rate."""
+        """Upload bytes -> a checked clip at the model's rate.
+
+        The container's header (frames, sample rate, channels) is checked before a sample is
+        decoded: more than 2 channels, a rate outside [MIN_RATE, MAX_RATE], more than
+        ``max_seconds`` or a decoded clip over ``max_decoded_mb`` are refused. Decoding and
+        resampling then run in blocks, so memory stays near the clip's own size.
+        """
         if len(data) > self.config.max_upload_bytes:
             raise ServiceError(413, f"upload of {len(data)} bytes exceeds the limit of {self.config.max_upload_bytes}")
         if not data:
             raise ServiceError(400, "empty upload: send the audio file as the request body or as the form field 'file'")
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
-                seconds = f.frames / f.samplerate
-                if seconds > self.config.max_seconds:
-                    raise ServiceError(
-                        413, f"audio of {seconds:.1f} s exceeds the limit of {self.config.max_seconds:g} s"
-                    )
-                audio = f.read(dtype="float32", always_2d=True).T
-                rate = f.samplerate
+                rate, channels, frames = f.samplerate, f.channels, f.frames
+                self._check_header(rate, channels, frames)
+                audio = self._read_resampled(f)
         except ServiceError:
             raise
         except sf.LibsndfileError as e:
@@ -160,17 +169,48 @@ class SeparationService:
             raise ServiceError(400, f"corrupt audio ({e})") from None
         except (RuntimeError, ValueError) as e:
             raise ServiceError(400, f"corrupt audio ({e})") from None
-        if audio.shape[0] not in (1, 2):
-            raise ServiceError(422, f"audio has {audio.shape[0]} channels; expected mono or stereo")
-        if not np.isfinite(audio).all():
-            raise ServiceError(422, "audio holds NaN or infinite samples")
-        if rate != self.rate:
-            audio = resample(audio, rate, self.rate)
         min_len = self.separator.n_fft // 2 + 1
         if audio.shape[1] < min_len:
             raise ServiceError(422, f"audio is too short ({audio.shape[1] / self.rate:.3f} s); need more than "
                                     f"{min_len / self.rate:.3f} s")  # fmt: skip
-        return Clip(np.ascontiguousarray(audio), rate, audio.shape[1] / self.rate)
+        return Clip(audio, rate, audio.shape[1] / self.rate)
+
+    def _budget_frames(self) -> int:
+        """Most frames at the model's rate a decoded stereo clip may hold (``max_decoded_mb``)."""
+        return int(self.config.max_decoded_mb * 1024 * 1024 / (4 * 2))
+
+    def _check_header(self, rate: int, channels: int, frames: int) -> None:
+        if channels not in (1, 2):
+            raise ServiceError(422, f"audio has {channels} channels; expected mono or stereo")
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise ServiceError(422, f"sample rate {rate} Hz; expected {MIN_RATE} to {MAX_RATE} Hz")
+        seconds = frames / rate
+        if seconds > self.config.max_seconds:
+            raise ServiceError(413, f"audio of {seconds:.1f} s exceeds the limit of {self.config.max_seconds:g} s")
+        if frames * self.rate / rate > self._budget_frames():
+            mb = frames * self.rate / rate * 8 / 2**20
+            raise ServiceError(413, f"audio would decode to {mb:.0f} MiB; the limit is {self.config.max_decoded_mb:g}")
+
+    def _read_resampled(self, f: sf.SoundFile) -> np.ndarray:
+        """(channels, samples) float32 at the model's rate, decoded and resampled block by block; a
+        file longer than its header said stops at the budget."""
+        budget = self._budget_frames()
+        stream = None if f.samplerate == self.rate else soxr.ResampleStream(
+            f.samplerate, self.rate, f.channels, dtype="float32", quality="HQ"
+        )  # fmt: skip
+        pieces, total = [], 0
+        for block in f.blocks(blocksize=DECODE_BLOCK, dtype="float32", always_2d=True):
+            if not np.isfinite(block).all():
+                raise ServiceError(422, "audio holds NaN or infinite samples")
+            out = stream.resample_chunk(block) if stream is not None else block.copy()
+            total += out.shape[0]
+            if total > budget:
+                raise ServiceError(413, f"audio decodes to more than {self.config.max_decoded_mb:g} MiB")
+            pieces.append(out)
+        if stream is not None:
+            pieces.append(stream.resample_chunk(np.zeros((0, f.channels), np.float32), last=True))
+        audio = np.concatenate(pieces) if pieces else np.zeros((0, f.channels), np.float32)
+        return np.ascontiguousarray(audio.T)
 
     # -- separation --------------------------------------------------------------------------
     def separate_batch(self, clips: list[Clip], niter: list[int]) -> list[np.ndarray]:
@@ -197,16 +237,14 @@ class SeparationService:
         sf.write(buf, stem.T, self.rate, format=container, subtype=subtype)
         return buf.getvalue()
 
-    def package(self, stems: np.ndarray, targets: list[str], fmt: str) -> tuple[bytes, str, str]:
-        """(body, media type, file name): one stem file, or a ZIP of several."""
+    def package(self, stems: np.ndarray, targets: list[str], fmt: str) -> tuple[Iterator[bytes], str, str]:
+        """(body pieces, media type, file name): one stem file, or a ZIP of several, produced one
+        stem at a time so the whole answer is never held in memory."""
         rows = [self.targets.index(t) for t in targets]
         if len(targets) == 1:
-            return self.encode(stems[rows[0]], fmt), FORMATS[fmt][2], f"{targets[0]}.{fmt}"
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
-            for t, r in zip(targets, rows, strict=True):
-                z.writestr(f"{t}.{fmt}", self.encode(stems[r], fmt))
-        return buf.getvalue(), "application/zip", "stems.zip"
+            return iter([self.encode(stems[rows[0]], fmt)]), FORMATS[fmt][2], f"{targets[0]}.{fmt}"
+        entries = [(f"{t}.{fmt}", lambda r=r: self.encode(stems[r], fmt)) for t, r in zip(targets, rows, strict=True)]
+        return zip_stream(entries), "application/zip", "stems.zip"
 
     def model_info(self) -> dict[str, Any]:
         models = self.separator.target_models
@@ -223,6 +261,8 @@ class SeparationService:
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_seconds": self.config.max_seconds,
                 "max_niter": self.config.max_niter,
+                "max_decoded_mb": self.config.max_decoded_mb,
+                "sample_rates": [MIN_RATE, MAX_RATE],
             },
         }
 
@@ -309,6 +349,39 @@ class JobStore:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed
+
+
+class _Sink(io.RawIOBase):
+    """A write-only stream that hands its bytes on: a ZIP written into it is streamed out."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.pieces.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def drain(self) -> Iterator[bytes]:
+        pieces, self.pieces = self.pieces, []
+        yield b"".join(pieces)
+
+
+def zip_stream(entries: list[tuple[str, Callable[[], bytes]]]) -> Iterator[bytes]:
+    """A stored (uncompressed) ZIP of ``entries`` (name, make bytes), made and sent one at a time."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, make in entries:
+            z.writestr(name, make())
+            yield from sink.drain()
+    yield from sink.drain()
 
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
