@@ -45,9 +45,11 @@ class ClientError(DistunmixError, RuntimeError):
 
 
 class ServiceError(DistunmixError):
-    """A request that cannot be served: ``status`` is the HTTP status code."""
+    """A request that cannot be served: ``status`` is the HTTP status code; ``retry_after``
+    (seconds) tells a client when to try again (429, 503)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after

@@ -283,3 +283,75 @@ def test_a_streamed_zip_is_a_valid_zip_of_every_stem(server):
     assert status == 200 and headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(body)) as z:
         assert z.testzip() is None and sorted(z.namelist()) == ["bass.flac", "drums.flac", "other.flac", "vocals.flac"]
+
+
+def _stall(port: int, path: str, count: int) -> list:
+    """``count`` connections that send the headers of a 100 kB upload and four bytes of it, then stall."""
+    import socket
+
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                  "Content-Length: 100000\r\n\r\nRIFF".encode())  # fmt: skip
+        socks.append(s)
+    return socks
+
+
+def _answer(sock) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    answer = json.loads(body[body.find(b"{") :])
+    if b"retry-after:" in head.lower():
+        answer["retry-after"] = True
+    return int(head.split()[1]), answer
+
+
+def test_stalled_uploads_get_408_and_never_starve_working_clients(server):
+    url, model, _ = server
+    config = ServiceConfig(str(model), device="cpu", max_uploads=2, upload_idle_s=3.0)
+    serve.run(deployment(config, name="Slow", ray_actor_options={"num_cpus": 0.5}), name="slow", route_prefix="/slow")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = _stall(port, "/slow/separate", 10)  # five times the replica's upload slots
+    try:
+        time.sleep(1.5)
+        for _ in range(3):  # while they stall: health, the model, and valid uploads all answer
+            assert _call(f"{url}/slow/healthz")[0] == 200 and _call(f"{url}/slow/models")[0] == 200
+            code, _, body = _call(f"{url}/slow/separate", _wav(_clip(1.0)))
+            assert code == 200 and len(_stems(body)) == 4
+        t0 = time.perf_counter()
+        answers = [_answer(s) for s in stalled]
+        assert time.perf_counter() - t0 < 30
+        # each is answered: 408 once it held a slot and stalled, 503 (try again) when no slot was free
+        assert {code for code, _ in answers} == {408, 503}, answers
+        assert all(("stalled" if code == 408 else "try again") in body["error"] for code, body in answers)
+        assert all(body.get("retry-after") for code, body in answers if code == 503)
+    finally:
+        for s in stalled:
+            s.close()
+    assert _call(f"{url}/slow/healthz")[0] == 200
+    serve.delete("slow")
+
+
+def test_a_multipart_flood_of_parts_is_refused_while_it_streams(server):
+    url, _, _ = server
+    boundary = "x" * 16
+    part = f'--{boundary}\r\nContent-Disposition: form-data; name="p"\r\n\r\nv\r\n'
+    body = (part * 10000 + f"--{boundary}--\r\n").encode()  # 10 000 parts in under 1 MB
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, answer = _call(f"{url}/separate", body, headers)
+    assert status == 413 and "more than 16 parts" in json.loads(answer)["error"]
+    headers = {"Content-Type": "multipart/form-data"}  # no boundary
+    status, _, answer = _call(f"{url}/separate", body, headers)
+    assert status == 400 and "without a boundary" in json.loads(answer)["error"]
+    huge = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; {"a" * 5000}\r\n\r\nv\r\n--{boundary}--\r\n'
+    status, _, answer = _call(
+        f"{url}/separate", huge.encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert status == 400 and "malformed multipart body" in json.loads(answer)["error"]
+    assert _call(f"{url}/healthz")[0] == 200

@@ -32,13 +32,16 @@ from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
-from .service import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, multipart_file
+from .service import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, UploadReader
 
 log = logging.getLogger(__name__)
 
 # API docs are off unless ServiceConfig.api_docs turns them on (routes below): no schema for strangers
 app = FastAPI(title="distunmix", description="Open-Unmix source separation", docs_url=None, redoc_url=None,
               openapi_url=None)  # fmt: skip
+UPLOAD_GRACE_S = 10.0  # the minimum upload rate applies after this
+UPLOAD_POLL_S = 0.25  # how often a waiting upload checks its clocks
+EVICT_IDLE_S = 1.0  # an upload silent this long may be dropped for a newcomer when all slots are taken
 ROUTES = "POST /separate, POST /jobs, GET /jobs/{id}, GET /jobs/{id}/{target}, GET /models, GET /healthz"
 
 
@@ -49,7 +52,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 @app.exception_handler(ServiceError)
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return _error(exc.status, exc.message)
+    retry = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    return _error(exc.status, exc.message, retry)
 
 
 @app.exception_handler(HTTPException)
@@ -77,7 +81,9 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "the server failed to process this request; it was logged, and the server goes on")
 
 
-@serve.deployment(name="Separator", max_ongoing_requests=8, max_queued_requests=32, health_check_period_s=10)
+# max_ongoing_requests leaves room beyond max_uploads and the separations, so /healthz and /models
+# always find a slot; the app bounds uploads and work itself
+@serve.deployment(name="Separator", max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=10)
 @serve.ingress(app)
 class SeparatorDeployment:
     """One replica: a loaded model, a job store, and a batcher for short clips."""
@@ -91,6 +97,7 @@ class SeparatorDeployment:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._separate_batch.set_max_batch_size(config.batch_size)
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
+        self._uploads: list[dict[str, Any]] = []  # bodies being read now (one event loop: no lock)
 
     def check_health(self) -> None:
         self.service.healthy()
@@ -101,27 +108,71 @@ class SeparatorDeployment:
         return await asyncio.to_thread(self.service.separate_batch, clips, niters)
 
     async def _read_upload(self, request: Request) -> bytes:
-        """The audio bytes of a raw or multipart body, refusing oversized ones before reading them."""
-        limit = self.service.config.max_upload_bytes
+        """The audio bytes of a raw or multipart body, refusing oversized ones before reading them.
+
+        At most ``max_uploads`` bodies are read at once. When all are taken, the one that has
+        sent nothing for longest (over ``EVICT_IDLE_S``) is dropped for the newcomer, else the
+        newcomer gets 503: stalled clients never hold the slots of working ones. A body that stalls
+        for ``upload_idle_s``, arrives slower than ``min_upload_kib_s`` or not within
+        ``upload_timeout_s`` gets 408."""
+        config = self.service.config
+        limit = config.max_upload_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit + 64 * 1024:
             raise ServiceError(413, f"upload of {length} bytes exceeds the limit of {limit}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit + 64 * 1024:
-                raise ServiceError(413, f"upload exceeds the limit of {limit} bytes")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            return multipart_file(bytes(body), ctype)
-        return bytes(body)
+        reader = UploadReader(request.headers.get("content-type", ""), limit)
+        loop = asyncio.get_running_loop()
+        upload = self._admit(loop.time())
+        chunks = request.stream().__aiter__()
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                now = loop.time()
+                elapsed = now - upload["start"]
+                if upload["evicted"]:
+                    raise ServiceError(408, "the upload stalled while other uploads waited, and was dropped")
+                if elapsed > UPLOAD_GRACE_S and reader.received < config.min_upload_kib_s * 1024 * elapsed:
+                    raise ServiceError(408, f"the upload arrives slower than {config.min_upload_kib_s:g} KiB/s")
+                if now - upload["last"] > config.upload_idle_s:
+                    raise ServiceError(408, f"the upload stalled: nothing arrived for {config.upload_idle_s:g} s")
+                if elapsed > config.upload_timeout_s:
+                    raise ServiceError(408, f"the upload did not arrive within {config.upload_timeout_s:g} s")
+                pending = pending or asyncio.ensure_future(chunks.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=UPLOAD_POLL_S)
+                if not done:
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    pending = None
+                    break
+                pending = None
+                upload["last"] = loop.time()
+                reader.feed(chunk)
+            return reader.finish()
+        finally:
+            if pending is not None:
+                pending.cancel()
+            self._uploads.remove(upload)
+
+    def _admit(self, now: float) -> dict[str, Any]:
+        """A slot for a new upload (dropping the longest-stalled one when all are taken), or 503."""
+        if len(self._uploads) >= self.service.config.max_uploads:
+            stalled = [u for u in self._uploads if not u["evicted"] and now - u["last"] > EVICT_IDLE_S]
+            if not stalled:
+                raise ServiceError(503, "this replica is reading as many uploads as it may; try again shortly", 1)
+            min(stalled, key=lambda u: u["last"])["evicted"] = True
+        upload = {"start": now, "last": now, "evicted": False}
+        self._uploads.append(upload)
+        return upload
 
     async def _parse(self, request: Request, targets: str | None, fmt: str | None, niter: str | None):
         """Checked (targets, format, niter, clip) of a separation request; parameters before the upload."""
         names = self.service.parse_targets(targets)
         fmt = self.service.parse_format(fmt)
         n = self.service.parse_niter(niter)
-        return names, fmt, n, self.service.decode(await self._read_upload(request))
+        data = await self._read_upload(request)
+        return names, fmt, n, await asyncio.to_thread(self.service.decode, data)
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"X-Replica": self.replica, **(extra or {})}

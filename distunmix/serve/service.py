@@ -20,8 +20,6 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from email.parser import BytesParser
-from email.policy import HTTP
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..checkpoint import load_separator, model_label
 from ..devices import DEVICE_HELP, resolve_device
@@ -38,6 +38,7 @@ from ..flags import setting
 FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
 MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
 DECODE_BLOCK = 1 << 16  # frames decoded (and resampled) at a time
+MAX_PARTS = 16  # parts of a multipart upload
 _LIMITS = "limits"
 
 
@@ -51,6 +52,12 @@ class ServiceConfig:
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
     max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
     max_niter: int = setting(3, "most Wiener EM iterations a request may ask for", group=_LIMITS)
+    max_uploads: int = setting(8, "uploads a replica reads at once; more get 503 at once", group=_LIMITS)
+    upload_idle_s: float = setting(10.0, "an upload that sends nothing for this long gets 408", group=_LIMITS)
+    upload_timeout_s: float = setting(300.0, "an upload must arrive completely within this, in seconds", group=_LIMITS)
+    min_upload_kib_s: float = setting(
+        16.0, "slowest average upload rate after the first 10 s, in KiB/s (slower: 408)", group=_LIMITS
+    )
     max_decoded_mb: float = setting(
         256.0, "largest clip after decoding at the model's rate, in MiB (600 s of stereo is 202 MiB)", group=_LIMITS
     )
@@ -68,6 +75,10 @@ class ServiceConfig:
             (self.max_seconds > 0, "max_seconds", self.max_seconds, "> 0"),
             (self.max_niter >= 0, "max_niter", self.max_niter, ">= 0"),
             (self.max_decoded_mb > 0, "max_decoded_mb", self.max_decoded_mb, "> 0"),
+            (self.max_uploads >= 1, "max_uploads", self.max_uploads, ">= 1"),
+            (self.upload_idle_s > 0, "upload_idle_s", self.upload_idle_s, "> 0"),
+            (self.upload_timeout_s > 0, "upload_timeout_s", self.upload_timeout_s, "> 0"),
+            (self.min_upload_kib_s >= 0, "min_upload_kib_s", self.min_upload_kib_s, ">= 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
             (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
@@ -384,12 +395,73 @@ def zip_stream(entries: list[tuple[str, Callable[[], bytes]]]) -> Iterator[bytes
     yield from sink.drain()
 
 
-def multipart_file(body: bytes, content_type: str) -> bytes:
-    """The ``file`` field of a multipart/form-data body."""
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-    if not message.is_multipart():
-        raise ServiceError(400, "malformed multipart body")
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == "file":
-            return part.get_payload(decode=True) or b""
-    raise ServiceError(422, "multipart upload without a 'file' field")
+class UploadReader:
+    """An upload's bytes as they arrive: the raw body, or the ``file`` field of a
+    multipart/form-data body parsed as it streams (python-multipart), with caps on its size, its
+    parts and their headers. Each :meth:`feed` does work in proportion to its chunk."""
+
+    def __init__(self, content_type: str, max_bytes: int, max_parts: int = MAX_PARTS) -> None:
+        self.max_bytes, self.max_parts = max_bytes, max_parts
+        self.data = bytearray()
+        self.received = 0
+        self.parser = None
+        if content_type.startswith("multipart/form-data"):
+            _, params = parse_options_header(content_type)
+            boundary = params.get(b"boundary")
+            if not boundary:
+                raise ServiceError(400, "multipart upload without a boundary in its Content-Type")
+            self.parts, self.in_file, self.found = 0, False, False
+            self.header: list[bytearray] = [bytearray(), bytearray()]
+            callbacks = {
+                "on_part_begin": self._part_begin,
+                "on_header_field": lambda d, a, b: self.header[0].extend(d[a:b]),
+                "on_header_value": lambda d, a, b: self.header[1].extend(d[a:b]),
+                "on_header_end": self._header_end,
+                "on_part_data": self._part_data,
+            }
+            self.parser = MultipartParser(boundary, callbacks, max_header_count=8, max_header_size=1024)
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        self.in_file = False
+        if self.parts > self.max_parts:
+            raise ServiceError(413, f"multipart upload with more than {self.max_parts} parts; send the field 'file'")
+
+    def _header_end(self) -> None:
+        name, value = bytes(self.header[0]).lower(), bytes(self.header[1])
+        self.header = [bytearray(), bytearray()]
+        if name == b"content-disposition" and parse_options_header(value)[1].get(b"name") == b"file":
+            self.in_file = self.found = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.in_file:
+            self._append(data[start:end])
+
+    def _append(self, data: bytes) -> None:
+        if len(self.data) + len(data) > self.max_bytes:
+            raise ServiceError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
+        self.data += data
+
+    def feed(self, chunk: bytes) -> None:
+        """The next piece of the body."""
+        self.received += len(chunk)
+        if self.received > self.max_bytes + 64 * 1024:  # room for a multipart body's own lines
+            raise ServiceError(413, f"upload exceeds the limit of {self.max_bytes} bytes")
+        if self.parser is None:
+            self._append(chunk)
+            return
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as e:
+            raise ServiceError(400, f"malformed multipart body ({e})") from None
+
+    def finish(self) -> bytes:
+        """The upload, once the body is complete."""
+        if self.parser is not None:
+            try:
+                self.parser.finalize()
+            except MultipartParseError as e:
+                raise ServiceError(400, f"malformed multipart body ({e})") from None
+            if not self.found:
+                raise ServiceError(422, "multipart upload without a 'file' field")
+        return bytes(self.data)
