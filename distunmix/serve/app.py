@@ -32,7 +32,15 @@ from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
-from .service import FORMATS, JobStore, SeparationService, ServiceConfig, ServiceError, UploadReader
+from .service import (
+    FORMATS,
+    JobStore,
+    LoopWatchdog,
+    SeparationService,
+    ServiceConfig,
+    ServiceError,
+    UploadReader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +105,15 @@ class SeparatorDeployment:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._separate_batch.set_max_batch_size(config.batch_size)
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.watchdog = LoopWatchdog()
         self._uploads: list[dict[str, Any]] = []  # bodies being read now (one event loop: no lock)
 
-    def check_health(self) -> None:
-        self.service.healthy()
+    async def check_health(self) -> None:
+        """Serve's health check: the event loop answers (a blocked one times this check out) and
+        was not blocked longer than ``max_loop_block_s``, and the model gives finite output."""
+        self.watchdog.start()
+        self.watchdog.check(self.service.config.max_loop_block_s)
+        await asyncio.to_thread(self.service.healthy)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _separate_batch(self, items: list[tuple[Any, int]]) -> list[Any]:

@@ -11,6 +11,7 @@ is used as a file path. :class:`JobStore` keeps long jobs' stems on disk for a w
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -67,6 +68,9 @@ class ServiceConfig:
     job_dir: str | None = setting(None, "where jobs' stems are kept", group=_LIMITS,
                                   shown_default="<tmp>/distunmix-jobs, shared by a node's replicas")  # fmt: skip
     job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
+    max_loop_block_s: float = setting(
+        5.0, "the health check fails (Ray replaces the replica) when its event loop was blocked this long"
+    )
     api_docs: bool = setting(False, "serve the API docs at /docs and /openapi.json")
 
     def __post_init__(self) -> None:
@@ -79,6 +83,7 @@ class ServiceConfig:
             (self.upload_idle_s > 0, "upload_idle_s", self.upload_idle_s, "> 0"),
             (self.upload_timeout_s > 0, "upload_timeout_s", self.upload_timeout_s, "> 0"),
             (self.min_upload_kib_s >= 0, "min_upload_kib_s", self.min_upload_kib_s, ">= 0"),
+            (self.max_loop_block_s > 0, "max_loop_block_s", self.max_loop_block_s, "> 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
             (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
@@ -360,6 +365,35 @@ class JobStore:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed
+
+
+class LoopWatchdog:
+    """How long the event loop it runs on was blocked: a task that sleeps ``period`` seconds and
+    records by how much more than that it was late to wake up (a blocked loop wakes no task)."""
+
+    def __init__(self, period: float = 0.25) -> None:
+        self.period = period
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start watching the running loop (once)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.period)
+            self.worst = max(self.worst, loop.time() - t0 - self.period)
+
+    def check(self, limit: float) -> None:
+        """Raise (failing a health check) when the loop was blocked longer than ``limit`` seconds
+        since the last check."""
+        worst, self.worst = self.worst, 0.0
+        if worst > limit:
+            raise RuntimeError(f"the event loop was blocked for {worst:.1f} s (limit {limit:g} s)")
 
 
 class _Sink(io.RawIOBase):
