@@ -355,3 +355,32 @@ def test_a_multipart_flood_of_parts_is_refused_while_it_streams(server):
     )
     assert status == 400 and "malformed multipart body" in json.loads(answer)["error"]
     assert _call(f"{url}/healthz")[0] == 200
+
+
+def test_a_flood_of_jobs_beyond_the_queue_gets_503_and_results_expire_on_a_timer(server, tmp_path):
+    url, model, _ = server
+    config = ServiceConfig(str(model), device="cpu", max_pending=2, job_ttl_s=3.0, job_dir=str(tmp_path / "jobs"))
+    serve.run(deployment(config, name="Queue", ray_actor_options={"num_cpus": 0.5}), name="queue", route_prefix="/q")
+    body = _wav(_clip(3.0))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _call(f"{url}/q/jobs", body), range(8)))
+    codes = [code for code, _, _ in answers]
+    assert codes.count(202) >= 2 and set(codes) == {202, 503}, codes
+    refused = [(h, json.loads(b)) for code, h, b in answers if code == 503]
+    assert all("retry-after" in h and "try again in about" in b["error"] for h, b in refused)
+    assert _call(f"{url}/q/healthz")[0] == 200
+    ids = [json.loads(b)["id"] for code, _, b in answers if code == 202]
+    for job_id in ids:  # every accepted job finishes
+        for _ in range(120):
+            state = json.loads(_call(f"{url}/q/jobs/{job_id}")[2])
+            if state["status"] in ("done", "failed"):
+                break
+            time.sleep(0.5)
+        assert state["status"] == "done", state
+    assert not list((tmp_path / "jobs").glob("*/input.npy"))  # parked clips are gone once used
+    code, _, answer = _call(f"{url}/q/separate", _wav(_clip(1.0)))  # the queue is free again
+    assert code == 200
+    time.sleep(5.0)  # past the time-to-live: the timer removes the results, no new request needed
+    assert all(_call(f"{url}/q/jobs/{job_id}")[0] == 404 for job_id in ids)
+    assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+    serve.delete("queue")

@@ -21,7 +21,9 @@ def test_the_watchdog_sees_a_blocked_event_loop():
         dog.check(limit=0.5)  # an idle loop passes
         time.sleep(0.8)  # a handler that blocks the loop
         await asyncio.sleep(0.1)
-        with pytest.raises(RuntimeError, match=r"the event loop was blocked for (0\.[6-9]|1\.[0-9]) s \(limit 0\.5 s\)"):
+        with pytest.raises(
+            RuntimeError, match=r"the event loop was blocked for (0\.[6-9]|1\.[0-9]) s \(limit 0\.5 s\)"
+        ):
             dog.check(limit=0.5)
         dog.check(limit=0.5)  # once reported, the next check starts afresh
 
@@ -65,3 +67,91 @@ def test_zip_stream_makes_a_valid_zip_piece_by_piece():
     data = first + b"".join(stream)
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         assert z.testzip() is None and z.read("b.wav") == b"b" * 2000
+
+
+# -- the job store ---------------------------------------------------------------------------------
+@pytest.fixture
+def store(tmp_path):
+    from distunmix.serve.jobs import JobStore
+
+    return JobStore(tmp_path / "jobs", ttl_seconds=3600, quota_bytes=10_000, lease_seconds=30)
+
+
+def _job(store, status="done", **extra):
+    job_id = store.create({"targets": ["vocals"], "format": "wav", "seconds": 1.0, "replica": "r"}, need_bytes=100)
+    store.update(job_id, {"status": status, **extra})
+    return job_id
+
+
+def test_the_job_store_is_private(tmp_path, store):
+    import os
+    import stat
+
+    from distunmix.errors import ConfigError
+    from distunmix.serve.jobs import MARKER, JobStore
+
+    assert stat.S_IMODE(os.stat(store.root).st_mode) == 0o700 and (store.root / MARKER).is_file()
+    JobStore(store.root, 1, 1)  # its own folder opens again
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "mine.txt").write_text("x")
+    (tmp_path / "shared").mkdir(mode=0o777)
+    os.chmod(tmp_path / "shared", 0o777)
+    (tmp_path / "link").symlink_to(store.root)
+    for name, message in (("busy", "not a job store this app made"), ("shared", "can be written by others"),
+                          ("link", "is a symbolic link")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            JobStore(tmp_path / name, 1, 1)
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    assert JobStore(tmp_path / "empty", 1, 1).root == tmp_path / "empty"  # an empty folder is adopted
+
+
+def test_planted_links_and_damaged_records_are_refused(tmp_path, store):
+    import json
+    import uuid
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve me")
+    job_id = _job(store)
+    (store.root / job_id / "vocals.wav").symlink_to(secret)  # a planted stem
+    with pytest.raises(ServiceError, match="not a regular file of this job; refused") as e:
+        store.open_stem(job_id, "vocals")
+    assert e.value.status == 404
+    planted = str(uuid.uuid4())  # a planted job folder: a link to another folder
+    (store.root / planted).symlink_to(tmp_path)
+    with pytest.raises(ServiceError, match="not a folder; refused"):
+        store.status(planted)
+    damaged = _job(store)
+    (store.root / damaged / "status.json").write_text(json.dumps({"status": "done", "targets": ["../x"]}))
+    state = store.status(damaged)
+    assert state["status"] == "failed" and "the job's record is damaged" in state["error"]
+    with pytest.raises(ServiceError, match="no job 'x/../..'"):
+        store.status("x/../..")
+
+
+def test_jobs_of_a_dead_replica_fail_and_old_or_excess_jobs_go(store, monkeypatch):
+    import time
+
+    running = _job(store, status="running")
+    assert store.status(running)["status"] == "running"
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 31)  # no heartbeat for 31 s: its replica died
+    state = store.status(running)
+    assert state["status"] == "failed" and "stopped (no heartbeat" in state["error"]
+    monkeypatch.setattr(time, "time", real)
+    # the quota: the oldest finished jobs make room; unfinished ones are never removed
+    old, new = _job(store), _job(store)
+    store.write_stem(new, "vocals", "wav", b"x" * 400)
+    queued = _job(store, status="queued")
+    sizes = {job_id: size for _, job_id, _, size in store._jobs()}
+    room = store.quota - sum(sizes.values()) + sizes[running] + sizes[old]  # fits once the two oldest go
+    store.make_room(room)
+    assert [p.exists() for p in (store.root / running, store.root / old)] == [False, False]
+    assert (store.root / new).exists() and (store.root / queued).exists()
+    with pytest.raises(ServiceError, match="full of unfinished jobs") as e:
+        store.make_room(store.quota - sizes[queued] + 1)
+    assert e.value.status == 503 and e.value.retry_after
+    with pytest.raises(ServiceError, match="would take") as e:
+        store.make_room(10**9)
+    assert e.value.status == 413
+    assert store.expire(now=real() + 7200) == 1 and not any(p.is_dir() for p in store.root.iterdir())

@@ -11,9 +11,9 @@ clips arriving together are separated as one batch (``@serve.batch``).
 
 # no "from __future__ import annotations": FastAPI reads the route signatures' annotations at runtime
 import asyncio
+import contextlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,9 +32,10 @@ from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
+from .jobs import JobStore, default_job_dir
 from .service import (
     FORMATS,
-    JobStore,
+    Clip,
     LoopWatchdog,
     SeparationService,
     ServiceConfig,
@@ -99,19 +100,54 @@ class SeparatorDeployment:
     def __init__(self, config: ServiceConfig) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.service = SeparationService(config)
-        # one folder for every replica on this node, so any replica can answer for any job
-        self.jobs = JobStore(config.job_dir or Path(tempfile.gettempdir()) / "distunmix-jobs", config.job_ttl_s)
+        # one private folder for every replica on this node, so any replica can answer for any job
+        self.jobs = JobStore(config.job_dir or default_job_dir(), config.job_ttl_s,
+                             int(config.job_quota_mb * 2**20), config.job_lease_s)  # fmt: skip
         self.batch_max_seconds = config.batch_max_seconds
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._separate_batch.set_max_batch_size(config.batch_size)
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
         self.watchdog = LoopWatchdog()
         self._uploads: list[dict[str, Any]] = []  # bodies being read now (one event loop: no lock)
+        self._pending = 0  # separations held: running or waiting, requests and jobs
+        self._seconds_per_item = 1.0  # running mean of a separation's wall time (for Retry-After)
+        self._queue: asyncio.Queue[tuple[str, list[str], str, int]] = asyncio.Queue()
+        self._held: set[str] = set()  # jobs of this replica, queued or running (their heartbeats)
+        self._background: list[asyncio.Task] = []
+
+    def _start_background(self) -> None:
+        """The job worker, the job heartbeats and the expiry timer (on the replica's event loop)."""
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self.watchdog.start()
+            self._background = [loop.create_task(c) for c in (self._job_worker(), self._beat(), self._expire())]
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.service.config.job_lease_s / 3)
+            await asyncio.to_thread(self.jobs.touch, sorted(self._held))
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.service.config.job_ttl_s / 4, 60.0))
+            await asyncio.to_thread(self.jobs.expire)
+
+    def _reserve(self) -> None:
+        """Hold a place for one separation, or 503 with when to try again."""
+        if self._pending >= self.service.config.max_pending:
+            wait = min(600.0, max(1.0, self._pending * self._seconds_per_item))
+            raise ServiceError(503, f"this replica holds {self._pending} separations already; try again in about "
+                                    f"{wait:.0f} s", retry_after=wait)  # fmt: skip
+        self._pending += 1
+
+    def _release(self, seconds: float) -> None:
+        self._pending -= 1
+        self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds
 
     async def check_health(self) -> None:
         """Serve's health check: the event loop answers (a blocked one times this check out) and
         was not blocked longer than ``max_loop_block_s``, and the model gives finite output."""
-        self.watchdog.start()
+        self._start_background()
         self.watchdog.check(self.service.config.max_loop_block_s)
         await asyncio.to_thread(self.service.healthy)
 
@@ -179,13 +215,21 @@ class SeparatorDeployment:
         self._uploads.append(upload)
         return upload
 
-    async def _parse(self, request: Request, targets: str | None, fmt: str | None, niter: str | None):
-        """Checked (targets, format, niter, clip) of a separation request; parameters before the upload."""
+    async def _parse(
+        self, request: Request, targets: str | None, fmt: str | None, niter: str | None
+    ) -> tuple[list[str], str, int, Any]:
+        """Checked (targets, format, niter, clip) of a separation request, parameters before the
+        upload; on success one separation place is held (:meth:`_release` it)."""
         names = self.service.parse_targets(targets)
         fmt = self.service.parse_format(fmt)
         n = self.service.parse_niter(niter)
         data = await self._read_upload(request)
-        return names, fmt, n, await asyncio.to_thread(self.service.decode, data)
+        self._reserve()
+        try:
+            return names, fmt, n, await asyncio.to_thread(self.service.decode, data)
+        except BaseException:
+            self._release(0.0)
+            raise
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"X-Replica": self.replica, **(extra or {})}
@@ -195,10 +239,14 @@ class SeparatorDeployment:
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> Response:
         names, fmt, n, clip = await self._parse(request, targets, format, niter)
-        if clip.seconds <= self.batch_max_seconds:
-            stems = await self._separate_batch((clip, n))
-        else:
-            stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [n]))[0]
+        t0 = time.perf_counter()
+        try:
+            if clip.seconds <= self.batch_max_seconds:
+                stems = await self._separate_batch((clip, n))
+            else:
+                stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [n]))[0]
+        finally:
+            self._release(time.perf_counter() - t0)
         pieces, media, name = self.service.package(stems, names, fmt)  # encoded as sent, off the event loop
         headers = self._headers({"Content-Disposition": f'attachment; filename="{name}"'})
         return StreamingResponse(pieces, media_type=media, headers=headers)
@@ -207,35 +255,58 @@ class SeparatorDeployment:
     async def create_job(
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> JSONResponse:
+        self._start_background()
         names, fmt, n, clip = await self._parse(request, targets, format, niter)
-        self.jobs.expire()
-        job_id = self.jobs.create({"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica})
-        asyncio.get_running_loop().create_task(self._run_job(job_id, clip, names, fmt, n))
+        try:  # the clip waits on disk; room for it and its stems is made in the store first
+            need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
+            info = {"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica}
+            job_id = await asyncio.to_thread(self.jobs.create, info, need)
+            await asyncio.to_thread(self.jobs.save_input, job_id, clip.audio)
+        except BaseException:
+            self._release(0.0)
+            raise
+        self._held.add(job_id)
+        self._queue.put_nowait((job_id, names, fmt, n))
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202, headers=self._headers())
 
-    async def _run_job(self, job_id: str, clip, names: list[str], fmt: str, niter: int) -> None:
+    async def _job_worker(self) -> None:
+        """Run this replica's jobs one after another (each already holds its separation place)."""
+        while True:
+            job_id, names, fmt, niter = await self._queue.get()
+            t0 = time.perf_counter()
+            try:
+                await self._run_job(job_id, names, fmt, niter)
+            finally:
+                self._held.discard(job_id)
+                self._release(time.perf_counter() - t0)
+
+    async def _run_job(self, job_id: str, names: list[str], fmt: str, niter: int) -> None:
         t0 = time.time()
         try:
             self.jobs.update(job_id, {"status": "running", "progress": 0.1})
+            audio = await asyncio.to_thread(self.jobs.load_input, job_id)
+            clip = Clip(audio, self.service.rate, audio.shape[1] / self.service.rate)
             stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [niter]))[0]
             self.jobs.update(job_id, {"progress": 0.8})
             for k, t in enumerate(names):
                 data = await asyncio.to_thread(self.service.encode, stems[self.service.targets.index(t)], fmt)
-                self.jobs.write_stem(job_id, t, fmt, data)
+                await asyncio.to_thread(self.jobs.write_stem, job_id, t, fmt, data)
                 self.jobs.update(job_id, {"progress": 0.8 + 0.2 * (k + 1) / len(names)})
             self.jobs.update(job_id, {"status": "done", "progress": 1.0, "seconds_taken": time.time() - t0})
         except Exception as e:  # a failed job is reported, the replica goes on
-            self.jobs.update(job_id, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            log.exception("job %s failed", job_id)
+            with contextlib.suppress(ServiceError):
+                self.jobs.update(job_id, {"status": "failed", "error": f"the separation failed ({type(e).__name__})"})
 
     @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(self, job_id: str) -> JSONResponse:
-        return JSONResponse(self.jobs.status(job_id), headers=self._headers())
+        return JSONResponse(await asyncio.to_thread(self.jobs.status, job_id), headers=self._headers())
 
     @app.api_route("/jobs/{job_id}/{target}", methods=["GET", "HEAD"])
     async def job_stem(self, job_id: str, target: str) -> Response:
-        data, fmt = self.jobs.stem(job_id, target)
+        pieces, fmt = await asyncio.to_thread(self.jobs.open_stem, job_id, target)
         headers = self._headers({"Content-Disposition": f'attachment; filename="{target}.{fmt}"'})
-        return Response(data, media_type=FORMATS[fmt][2], headers=headers)
+        return StreamingResponse(pieces, media_type=FORMATS[fmt][2], headers=headers)
 
     @app.api_route("/models", methods=["GET", "HEAD"])
     async def models(self) -> JSONResponse:

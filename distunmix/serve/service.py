@@ -5,7 +5,7 @@
 checks it (size, duration, finite samples), separates it with a model folder's separator and
 encodes the stems (WAV or FLAC, at the model's sample rate). Every problem a client can cause is a
 :class:`ServiceError` with an HTTP status and a message a person can act on; nothing from a request
-is used as a file path. :class:`JobStore` keeps long jobs' stems on disk for a while.
+is used as a file path. :mod:`.jobs` keeps long jobs on disk.
 :mod:`distunmix.serve.app` wraps both in a Ray Serve deployment.
 """
 
@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
-import shutil
 import threading
-import time
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,9 +60,15 @@ class ServiceConfig:
     batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
     batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
     batch_max_seconds: float = setting(30.0, "clips longer than this are separated alone", group=_LIMITS)
-    job_dir: str | None = setting(None, "where jobs' stems are kept", group=_LIMITS,
-                                  shown_default="<tmp>/distunmix-jobs, shared by a node's replicas")  # fmt: skip
+    max_pending: int = setting(16, "separations a replica holds (running and queued, requests and jobs); "
+                               "more get 503 with Retry-After", group=_LIMITS)  # fmt: skip
+    job_dir: str | None = setting(None, "a private folder for jobs, shared by a node's replicas", group=_LIMITS,
+                                  shown_default="$XDG_STATE_HOME/distunmix/jobs")  # fmt: skip
     job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
+    job_quota_mb: float = setting(2048.0, "disk the job store may use, in MiB (oldest results go first)",
+                                  group=_LIMITS)  # fmt: skip
+    job_lease_s: float = setting(30.0, "a job whose replica has not beaten its heartbeat for this long failed",
+                                 group=_LIMITS)  # fmt: skip
     max_loop_block_s: float = setting(
         5.0, "the health check fails (Ray replaces the replica) when its event loop was blocked this long"
     )
@@ -88,6 +89,9 @@ class ServiceConfig:
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
             (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
             (self.job_ttl_s > 0, "job_ttl_s", self.job_ttl_s, "> 0"),
+            (self.max_pending >= 1, "max_pending", self.max_pending, ">= 1"),
+            (self.job_quota_mb > 0, "job_quota_mb", self.job_quota_mb, "> 0"),
+            (self.job_lease_s > 0, "job_lease_s", self.job_lease_s, "> 0"),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -290,81 +294,6 @@ class SeparationService:
             y = self.separator(x.to(self.separator.device))
         if not torch.isfinite(y).all():
             raise RuntimeError("the model returns non-finite output")
-
-
-class JobStore:
-    """Finished and running jobs on disk: ``<root>/<uuid>/{status.json, <target>.<ext>}``.
-
-    Job ids are random UUIDs, checked against that form before any path is built from them.
-    """
-
-    def __init__(self, root: str | Path, ttl_seconds: float) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.ttl = ttl_seconds
-        self._lock = threading.Lock()
-
-    def _folder(self, job_id: str) -> Path:
-        try:
-            canonical = str(uuid.UUID(job_id, version=4))
-        except (ValueError, AttributeError, TypeError):
-            raise ServiceError(404, f"no job {job_id!r}") from None
-        if canonical.replace("-", "") != job_id.replace("-", "").lower():
-            raise ServiceError(404, f"no job {job_id!r}")
-        return self.root / canonical
-
-    def create(self, info: dict[str, Any]) -> str:
-        job_id = str(uuid.uuid4())
-        folder = self.root / job_id
-        folder.mkdir()
-        self.update(job_id, {"status": "queued", "progress": 0.0, "created": time.time(), **info})
-        return job_id
-
-    def update(self, job_id: str, fields: dict[str, Any]) -> None:
-        folder = self._folder(job_id)
-        with self._lock:
-            path = folder / "status.json"
-            state = json.loads(path.read_text()) if path.is_file() else {}
-            state.update(fields)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(path)
-
-    def status(self, job_id: str) -> dict[str, Any]:
-        path = self._folder(job_id) / "status.json"
-        if not path.is_file():
-            raise ServiceError(404, f"no job {job_id!r} (unknown, or removed after it expired)")
-        return {"id": job_id, **json.loads(path.read_text())}
-
-    def write_stem(self, job_id: str, target: str, fmt: str, data: bytes) -> None:
-        folder = self._folder(job_id)
-        tmp = folder / f".{target}.{fmt}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / f"{target}.{fmt}")
-
-    def stem(self, job_id: str, target: str) -> tuple[bytes, str]:
-        state = self.status(job_id)
-        if state["status"] != "done":
-            raise ServiceError(409, f"job {job_id} is {state['status']}; poll GET /jobs/{job_id} until it is done")
-        if target not in state["targets"]:
-            raise ServiceError(404, f"job {job_id} has no target {target!r}; it has {','.join(state['targets'])}")
-        fmt = state["format"]
-        return (self._folder(job_id) / f"{target}.{fmt}").read_bytes(), fmt
-
-    def expire(self, now: float | None = None) -> int:
-        """Remove jobs older than the TTL; returns how many."""
-        now = time.time() if now is None else now
-        removed = 0
-        for folder in self.root.iterdir():
-            path = folder / "status.json"
-            try:
-                created = json.loads(path.read_text())["created"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if now - created > self.ttl:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
-        return removed
 
 
 class LoopWatchdog:
