@@ -359,7 +359,7 @@ def test_a_multipart_flood_of_parts_is_refused_while_it_streams(server):
 
 def test_a_flood_of_jobs_beyond_the_queue_gets_503_and_results_expire_on_a_timer(server, tmp_path):
     url, model, _ = server
-    config = ServiceConfig(str(model), device="cpu", max_pending=2, job_ttl_s=3.0, job_dir=str(tmp_path / "jobs"))
+    config = ServiceConfig(str(model), device="cpu", max_jobs=2, job_ttl_s=3.0, job_dir=str(tmp_path / "jobs"))
     serve.run(deployment(config, name="Queue", ray_actor_options={"num_cpus": 0.5}), name="queue", route_prefix="/q")
     body = _wav(_clip(3.0))
     with ThreadPoolExecutor(8) as pool:

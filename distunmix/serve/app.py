@@ -109,7 +109,10 @@ class SeparatorDeployment:
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
         self.watchdog = LoopWatchdog()
         self._uploads: list[dict[str, Any]] = []  # bodies being read now (one event loop: no lock)
-        self._pending = 0  # separations held: running or waiting, requests and jobs
+        self._pending = 0  # requests separating or waiting to
+        self._jobs = 0  # jobs held: accepted, queued or running
+        self._idle = asyncio.Event()  # set while no request separates or waits: jobs run then
+        self._idle.set()
         self._seconds_per_item = 1.0  # running mean of a separation's wall time (for Retry-After)
         self._queue: asyncio.Queue[tuple[str, list[str], str, int]] = asyncio.Queue()
         self._held: set[str] = set()  # jobs of this replica, queued or running (their heartbeats)
@@ -132,17 +135,30 @@ class SeparatorDeployment:
             await asyncio.sleep(min(self.service.config.job_ttl_s / 4, 60.0))
             await asyncio.to_thread(self.jobs.expire)
 
-    def _reserve(self) -> None:
-        """Hold a place for one separation, or 503 with when to try again."""
-        if self._pending >= self.service.config.max_pending:
-            wait = min(600.0, max(1.0, self._pending * self._seconds_per_item))
-            raise ServiceError(503, f"this replica holds {self._pending} separations already; try again in about "
-                                    f"{wait:.0f} s", retry_after=wait)  # fmt: skip
-        self._pending += 1
+    def _reserve(self, job: bool) -> None:
+        """Hold a place for one separation (a request's, or a job's), or 503 with when to try again."""
+        config = self.service.config
+        held, limit = (self._jobs, config.max_jobs) if job else (self._pending, config.max_pending)
+        if held >= limit:
+            wait = min(600.0, max(1.0, (self._pending + self._jobs) * self._seconds_per_item))
+            what = "jobs" if job else "separations"
+            raise ServiceError(503, f"this replica holds {held} {what} already; try again in about {wait:.0f} s",
+                               retry_after=wait)  # fmt: skip
+        if job:
+            self._jobs += 1
+        else:
+            self._pending += 1
+            self._idle.clear()
 
-    def _release(self, seconds: float) -> None:
-        self._pending -= 1
-        self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds
+    def _release(self, seconds: float, job: bool = False) -> None:
+        if job:
+            self._jobs -= 1
+        else:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()
+        if seconds > 0:
+            self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds
 
     async def check_health(self) -> None:
         """Serve's health check: the event loop answers (a blocked one times this check out) and
@@ -216,19 +232,19 @@ class SeparatorDeployment:
         return upload
 
     async def _parse(
-        self, request: Request, targets: str | None, fmt: str | None, niter: str | None
+        self, request: Request, targets: str | None, fmt: str | None, niter: str | None, job: bool = False
     ) -> tuple[list[str], str, int, Any]:
         """Checked (targets, format, niter, clip) of a separation request, parameters before the
-        upload; on success one separation place is held (:meth:`_release` it)."""
+        upload; a request's place is then held (:meth:`_release` it), a job's is checked."""
         names = self.service.parse_targets(targets)
         fmt = self.service.parse_format(fmt)
         n = self.service.parse_niter(niter)
         data = await self._read_upload(request)
-        self._reserve()
+        self._reserve(job)
         try:
             return names, fmt, n, await asyncio.to_thread(self.service.decode, data)
         except BaseException:
-            self._release(0.0)
+            self._release(0.0, job)
             raise
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -256,29 +272,32 @@ class SeparatorDeployment:
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> JSONResponse:
         self._start_background()
-        names, fmt, n, clip = await self._parse(request, targets, format, niter)
-        try:  # the clip waits on disk; room for it and its stems is made in the store first
-            need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
-            info = {"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica}
+        names, fmt, n, clip = await self._parse(request, targets, format, niter, job=True)
+        # the clip waits on disk; room for it and its stems is made in the store first
+        need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
+        info = {"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica}
+        try:
             job_id = await asyncio.to_thread(self.jobs.create, info, need)
             await asyncio.to_thread(self.jobs.save_input, job_id, clip.audio)
         except BaseException:
-            self._release(0.0)
+            self._release(0.0, job=True)
             raise
         self._held.add(job_id)
         self._queue.put_nowait((job_id, names, fmt, n))
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202, headers=self._headers())
 
     async def _job_worker(self) -> None:
-        """Run this replica's jobs one after another (each already holds its separation place)."""
+        """Run this replica's jobs one after another, each when no request is separating or waiting:
+        requests come first, jobs take the gaps."""
         while True:
             job_id, names, fmt, niter = await self._queue.get()
+            await self._idle.wait()
             t0 = time.perf_counter()
             try:
                 await self._run_job(job_id, names, fmt, niter)
             finally:
                 self._held.discard(job_id)
-                self._release(time.perf_counter() - t0)
+                self._release(time.perf_counter() - t0, job=True)
 
     async def _run_job(self, job_id: str, names: list[str], fmt: str, niter: int) -> None:
         t0 = time.time()

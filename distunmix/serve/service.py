@@ -60,8 +60,10 @@ class ServiceConfig:
     batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
     batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
     batch_max_seconds: float = setting(30.0, "clips longer than this are separated alone", group=_LIMITS)
-    max_pending: int = setting(16, "separations a replica holds (running and queued, requests and jobs); "
-                               "more get 503 with Retry-After", group=_LIMITS)  # fmt: skip
+    max_pending: int = setting(16, "requests a replica separates or holds waiting; more get 503 with Retry-After",
+                               group=_LIMITS)  # fmt: skip
+    max_jobs: int = setting(8, "jobs a replica holds (queued or running; their clips wait on disk); more get 503",
+                            group=_LIMITS)  # fmt: skip
     job_dir: str | None = setting(None, "a private folder for jobs, shared by a node's replicas", group=_LIMITS,
                                   shown_default="$XDG_STATE_HOME/distunmix/jobs")  # fmt: skip
     job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
@@ -90,6 +92,7 @@ class ServiceConfig:
             (self.batch_max_seconds >= 0, "batch_max_seconds", self.batch_max_seconds, ">= 0"),
             (self.job_ttl_s > 0, "job_ttl_s", self.job_ttl_s, "> 0"),
             (self.max_pending >= 1, "max_pending", self.max_pending, ">= 1"),
+            (self.max_jobs >= 1, "max_jobs", self.max_jobs, ">= 1"),
             (self.job_quota_mb > 0, "job_quota_mb", self.job_quota_mb, "> 0"),
             (self.job_lease_s > 0, "job_lease_s", self.job_lease_s, "> 0"),
         ]
