@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/serve.py                      # ~4 min on 2 cores
     python benchmarks/serve.py --device cuda --num-gpus 0.5   # GPU replicas
+    .venv/bin/python benchmarks/serve.py --adversarial        # valid load with and without an attack
+
+``--adversarial``: one replica with the default limits; ``--clients`` valid clients alone, then the
+same clients while other threads stall uploads (``--stallers``), send decode bombs (``--bombs``)
+and flood /jobs (``--flooders``). Prints valid requests/s and p99 both ways, their ratio (goal: at
+least 0.8, and no valid request failed), what the attackers got, and the replica's peak RSS.
 
 ``--clients`` threads each POST one ``--clip-seconds`` clip to /separate on 127.0.0.1 again and
 again for ``--seconds`` (bounded in time and count), per configuration:
@@ -78,6 +84,112 @@ def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
     }
 
 
+def _stall_loop(port: int, deadline: float, outcome: dict, lock: threading.Lock) -> None:
+    """An attacker: send an upload's headers and four bytes, stall until answered, again."""
+    import socket
+
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(b"POST /separate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+                          b"Content-Length: 1000000\r\n\r\nRIFF")  # fmt: skip
+                head = s.recv(64)
+            code = int(head.split()[1]) if head.startswith(b"HTTP/") else -1
+        except (OSError, ValueError, IndexError):
+            code = -1
+        with lock:
+            outcome[code] = outcome.get(code, 0) + 1
+
+
+def _post_loop(url: str, body: bytes, deadline: float, outcome: dict, lock: threading.Lock) -> None:
+    """An attacker: POST ``body`` to ``url`` again and again."""
+    while time.perf_counter() < deadline:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60) as r:
+                code = r.status
+        except urllib.error.HTTPError as e:
+            code = e.code
+        except OSError:
+            code = -1
+        with lock:
+            outcome[code] = outcome.get(code, 0) + 1
+        if code in (429, 503):
+            time.sleep(0.2)
+
+
+def _bombs() -> list[bytes]:
+    """Small files that decode to gigabytes: 1 h of stereo silence at 192 kHz as FLAC (5.5 GB of
+    float32 from about 2 MB), and 10 min of 8-channel silence (1.4 GB)."""
+    out = []
+    for seconds, channels in ((3600, 2), (600, 8)):
+        buf = io.BytesIO()
+        with sf.SoundFile(buf, "w", 192000, channels, format="FLAC", subtype="PCM_16") as f:
+            block = np.zeros((192000 * 10, channels), np.int16)
+            for _ in range(seconds // 10):
+                f.write(block)
+        out.append(buf.getvalue())
+    return out
+
+
+def _peak_rss(app: str) -> float:
+    """The largest peak RSS (MiB) among ``app``'s replicas, read in each replica."""
+    import ray
+
+    def peak(_actor) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmHWM:")))
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"::{app}#" in a["name"]]
+    return max(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(peak)) for n in names) / 1024
+
+
+def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, model: Path) -> dict:
+    """Valid load alone, then under attack; returns the figures."""
+    from ray import serve
+
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
+
+    config = ServiceConfig(model=str(model), device=args.device)
+    serve.run(deployment(config, ray_actor_options={"num_cpus": os.cpu_count() or 2}), name="distunmix",
+              route_prefix="/")  # fmt: skip
+    load(url, body, 2, 3.0, 4)  # warm-up
+    clean = load(url, body, args.clients, args.seconds, args.max_requests)
+    bombs = _bombs()
+    outcome: dict[str, dict] = {"stall": {}, "bomb": {}, "jobs": {}}
+    lock = threading.Lock()
+
+    def attack() -> None:
+        deadline = time.perf_counter() + args.seconds
+        threads = [threading.Thread(target=_stall_loop, args=(port, deadline, outcome["stall"], lock))
+                   for _ in range(args.stallers)]  # fmt: skip
+        threads += [threading.Thread(target=_post_loop, args=(f"{url}/separate", bombs[k % 2], deadline,
+                                                               outcome["bomb"], lock))
+                    for k in range(args.bombs)]  # fmt: skip
+        threads += [threading.Thread(target=_post_loop, args=(f"{url}/jobs", body, deadline, outcome["jobs"], lock))
+                    for _ in range(args.flooders)]  # fmt: skip
+        for t in threads:
+            t.start()
+        return threads
+
+    attacked = load(url, body, args.clients, args.seconds, args.max_requests, during=attack)
+    for t in attacked["extra"]:
+        t.join()
+    attacked["extra"] = None
+    peak = _peak_rss("distunmix")
+    ratio = attacked["requests_per_s"] / clean["requests_per_s"]
+    for name, r in (("clean", clean), ("under attack", attacked)):
+        latency = f"p50 {r['p50_ms']:6.0f} ms, p99 {r['p99_ms']:6.0f} ms"
+        print(
+            f"  {name:13s} {r['requests_per_s']:6.2f} valid req/s, {latency}, valid failed {r['errors']} {r['codes']}"
+        )
+    print(f"  under attack / clean throughput: {ratio:.2f} (goal >= 0.8); valid requests failed: {attacked['errors']}")
+    print(f"  attackers got: stalled uploads {outcome['stall']}, decode bombs {outcome['bomb']}, "
+          f"/jobs flood {outcome['jobs']}")  # fmt: skip
+    print(f"  replica peak RSS {peak:.0f} MiB (budget 4096 MiB; max_decoded_mb {config.max_decoded_mb:g})")
+    return {"clean": clean, "attacked": attacked, "ratio": ratio, "attackers": outcome, "peak_rss_mib": peak}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=8)
@@ -89,6 +201,10 @@ def main() -> None:
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     p.add_argument("--batch-size", type=int, default=8, help="batch size when batching is on")
     p.add_argument("--batch-wait-s", type=float, default=0.05, help="how long a batch waits to fill")
+    p.add_argument("--adversarial", action="store_true", help="valid load with and without an attack")
+    p.add_argument("--stallers", type=int, default=16, help="--adversarial: clients that stall uploads")
+    p.add_argument("--bombs", type=int, default=2, help="--adversarial: clients that send decode bombs")
+    p.add_argument("--flooders", type=int, default=2, help="--adversarial: clients that flood /jobs")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -120,6 +236,15 @@ def main() -> None:
         f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
     )
     results = {}
+    if args.adversarial:
+        try:
+            results = adversarial(args, url, port, body, tmp / "model")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        return
 
     def deploy(replicas: int, batch: int) -> None:
         serve.delete("distunmix")  # free the old replicas' CPUs before asking for new ones

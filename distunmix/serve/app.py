@@ -35,6 +35,7 @@ from ..model import ModelConfig, OpenUnmix
 from .jobs import JobStore, default_job_dir
 from .service import (
     FORMATS,
+    PROBE_BYTES,
     Clip,
     LoopWatchdog,
     SeparationService,
@@ -90,9 +91,9 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "the server failed to process this request; it was logged, and the server goes on")
 
 
-# max_ongoing_requests leaves room beyond max_uploads and the separations, so /healthz and /models
-# always find a slot; the app bounds uploads and work itself
-@serve.deployment(name="Separator", max_ongoing_requests=32, max_queued_requests=64, health_check_period_s=10)
+# max_ongoing_requests leaves room beyond max_uploads (64) and the separations (16), so /healthz and
+# /models always find a slot; the app bounds uploads and work itself
+@serve.deployment(name="Separator", max_ongoing_requests=100, max_queued_requests=100, health_check_period_s=10)
 @serve.ingress(app)
 class SeparatorDeployment:
     """One replica: a loaded model, a job store, and a batcher for short clips."""
@@ -187,9 +188,11 @@ class SeparatorDeployment:
             raise ServiceError(413, f"upload of {length} bytes exceeds the limit of {limit}")
         reader = UploadReader(request.headers.get("content-type", ""), limit)
         loop = asyncio.get_running_loop()
-        upload = self._admit(loop.time())
+        declared = int(length) if length and length.isdigit() else 0
+        upload = self._admit(loop.time(), declared)
         chunks = request.stream().__aiter__()
         pending: asyncio.Future | None = None
+        probed = False
         try:
             while True:
                 now = loop.time()
@@ -213,21 +216,32 @@ class SeparatorDeployment:
                     break
                 pending = None
                 upload["last"] = loop.time()
+                upload["bytes"] = max(upload["bytes"], reader.received + len(chunk))
+                if sum(u["bytes"] for u in self._uploads) > self.service.config.upload_budget_mb * 2**20:
+                    raise ServiceError(503, "the uploads being read hold as much memory as they may; try again "
+                                            "shortly", retry_after=1)  # fmt: skip
                 reader.feed(chunk)
+                if not probed and len(reader.data) >= PROBE_BYTES:
+                    probed = True  # a decode bomb is refused from its header, not after 2 MB
+                    self.service.probe(bytes(reader.data[:PROBE_BYTES]))
             return reader.finish()
         finally:
             if pending is not None:
                 pending.cancel()
             self._uploads.remove(upload)
 
-    def _admit(self, now: float) -> dict[str, Any]:
-        """A slot for a new upload (dropping the longest-stalled one when all are taken), or 503."""
-        if len(self._uploads) >= self.service.config.max_uploads:
+    def _admit(self, now: float, declared: int) -> dict[str, Any]:
+        """A slot for a new upload (dropping the longest-stalled one when all are taken), or 503;
+        ``declared`` bytes (its Content-Length) count against ``upload_budget_mb`` from the start."""
+        config = self.service.config
+        if sum(u["bytes"] for u in self._uploads) + declared > config.upload_budget_mb * 2**20:
+            raise ServiceError(503, "the uploads being read hold as much memory as they may; try again shortly", 1)
+        if len(self._uploads) >= config.max_uploads:
             stalled = [u for u in self._uploads if not u["evicted"] and now - u["last"] > EVICT_IDLE_S]
             if not stalled:
                 raise ServiceError(503, "this replica is reading as many uploads as it may; try again shortly", 1)
             min(stalled, key=lambda u: u["last"])["evicted"] = True
-        upload = {"start": now, "last": now, "evicted": False}
+        upload = {"start": now, "last": now, "evicted": False, "bytes": declared}
         self._uploads.append(upload)
         return upload
 

@@ -35,6 +35,7 @@ FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "aud
 MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
 DECODE_BLOCK = 1 << 16  # frames decoded (and resampled) at a time
 MAX_PARTS = 16  # parts of a multipart upload
+PROBE_BYTES = 8 * 1024  # an upload's header is checked once this much of it has arrived
 _LIMITS = "limits"
 
 
@@ -48,7 +49,9 @@ class ServiceConfig:
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
     max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
     max_niter: int = setting(3, "most Wiener EM iterations a request may ask for", group=_LIMITS)
-    max_uploads: int = setting(8, "uploads a replica reads at once; more get 503 at once", group=_LIMITS)
+    max_uploads: int = setting(64, "uploads a replica reads at once (a stalled one costs little)", group=_LIMITS)
+    upload_budget_mb: float = setting(512.0, "bytes all uploads being read may hold together, in MiB",
+                                      group=_LIMITS)  # fmt: skip
     upload_idle_s: float = setting(10.0, "an upload that sends nothing for this long gets 408", group=_LIMITS)
     upload_timeout_s: float = setting(300.0, "an upload must arrive completely within this, in seconds", group=_LIMITS)
     min_upload_kib_s: float = setting(
@@ -59,7 +62,9 @@ class ServiceConfig:
     )
     batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
     batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
-    batch_max_seconds: float = setting(30.0, "clips longer than this are separated alone", group=_LIMITS)
+    batch_max_seconds: float = setting(
+        30.0, "audio separated in one batch at most, in seconds (longer clips go alone)", group=_LIMITS
+    )
     max_pending: int = setting(16, "requests a replica separates or holds waiting; more get 503 with Retry-After",
                                group=_LIMITS)  # fmt: skip
     max_jobs: int = setting(8, "jobs a replica holds (queued or running; their clips wait on disk); more get 503",
@@ -83,6 +88,7 @@ class ServiceConfig:
             (self.max_niter >= 0, "max_niter", self.max_niter, ">= 0"),
             (self.max_decoded_mb > 0, "max_decoded_mb", self.max_decoded_mb, "> 0"),
             (self.max_uploads >= 1, "max_uploads", self.max_uploads, ">= 1"),
+            (self.upload_budget_mb > 0, "upload_budget_mb", self.upload_budget_mb, "> 0"),
             (self.upload_idle_s > 0, "upload_idle_s", self.upload_idle_s, "> 0"),
             (self.upload_timeout_s > 0, "upload_timeout_s", self.upload_timeout_s, "> 0"),
             (self.min_upload_kib_s >= 0, "min_upload_kib_s", self.min_upload_kib_s, ">= 0"),
@@ -198,6 +204,16 @@ class SeparationService:
                                     f"{min_len / self.rate:.3f} s")  # fmt: skip
         return Clip(audio, rate, audio.shape[1] / self.rate)
 
+    def probe(self, head: bytes) -> None:
+        """Check an upload's first bytes as soon as they arrive: a container header that already
+        shows too many channels, a rate out of range, or more audio than the limits allow is
+        refused before the rest is read (frames of a cut-short file are a lower bound)."""
+        try:
+            info = sf.info(io.BytesIO(head))
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
+            return  # not enough of it yet, or not audio: decode() says which
+        self._check_header(info.samplerate, info.channels, info.frames)
+
     def _budget_frames(self) -> int:
         """Most frames at the model's rate a decoded stereo clip may hold (``max_decoded_mb``)."""
         return int(self.config.max_decoded_mb * 1024 * 1024 / (4 * 2))
@@ -237,19 +253,27 @@ class SeparationService:
 
     # -- separation --------------------------------------------------------------------------
     def separate_batch(self, clips: list[Clip], niter: list[int]) -> list[np.ndarray]:
-        """Separate clips; those of equal length and niter run as one batch. (S, C, N) each."""
+        """Separate clips; those of equal length and niter run as one batch of at most
+        ``batch_max_seconds`` of audio (a longer clip alone, chunked by the separator), so a
+        batch's memory is bounded like one clip's. (S, C, N) each."""
         out: list[np.ndarray | None] = [None] * len(clips)
         groups: dict[tuple, list[int]] = {}
         for i, clip in enumerate(clips):
             groups.setdefault((clip.audio.shape, niter[i]), []).append(i)
+        batches = []
         for (shape, n), members in groups.items():
-            x = torch.from_numpy(np.stack([clips[i].audio for i in members]))
+            size = max(1, int(self.config.batch_max_seconds * self.rate // shape[1]))
+            batches += [((shape, n), members[k : k + size]) for k in range(0, len(members), size)]
+        for (shape, n), members in batches:
+            # one clip: its own array, no copy (a 600 s clip is 200 MB)
+            x = torch.from_numpy(np.stack([clips[i].audio for i in members]) if len(members) > 1
+                                 else clips[members[0]].audio[None])  # fmt: skip
             if shape[0] == 1 and self.separator.nb_channels == 2:
                 x = x.expand(-1, 2, -1)
             with self._lock, torch.inference_mode():
                 self.separator.niter = n
                 y = self.separator(x.to(self.separator.device)).cpu().numpy()
-            y = np.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)  # silence in gives silence out
+            np.nan_to_num(y, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # silence in gives silence out
             for k, i in enumerate(members):
                 out[i] = y[k]
         return out  # type: ignore[return-value]
@@ -346,9 +370,13 @@ class _Sink(io.RawIOBase):
     def tell(self) -> int:
         return self.position
 
-    def drain(self) -> Iterator[bytes]:
+    def drain(self, size: int = 4 << 20) -> Iterator[bytes]:
+        """The bytes written so far, in pieces of at most ``size``."""
         pieces, self.pieces = self.pieces, []
-        yield b"".join(pieces)
+        for piece in pieces:
+            view = memoryview(piece)
+            for k in range(0, len(view), size):
+                yield bytes(view[k : k + size])
 
 
 def zip_stream(entries: list[tuple[str, Callable[[], bytes]]]) -> Iterator[bytes]:
