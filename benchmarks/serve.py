@@ -143,6 +143,14 @@ def _peak_rss(app: str) -> float:
     return max(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(peak)) for n in names) / 1024
 
 
+def _cpu_seconds() -> float:
+    """CPU time (user + system) this process (the clients and attackers) has used."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, model: Path) -> dict:
     """Valid load alone, then under attack; returns the figures."""
     from ray import serve
@@ -154,7 +162,9 @@ def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, mode
     serve.run(deployment(config, ray_actor_options={"num_cpus": os.cpu_count() or 2}), name="distunmix",
               route_prefix="/")  # fmt: skip
     load(url, body, 2, 3.0, 4)  # warm-up
+    cpu0 = _cpu_seconds()
     clean = load(url, body, args.clients, args.seconds, args.max_requests)
+    clean["client_cpu_s"] = _cpu_seconds() - cpu0
     bombs = _bombs()
     outcome: dict[str, dict] = {"stall": {}, "bomb": {}, "jobs": {}}
     lock = threading.Lock()
@@ -172,10 +182,12 @@ def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, mode
             t.start()
         return threads
 
+    cpu0 = _cpu_seconds()
     attacked = load(url, body, args.clients, args.seconds, args.max_requests, during=attack)
     for t in attacked["extra"]:
         t.join()
     attacked["extra"] = None
+    attacked["client_cpu_s"] = _cpu_seconds() - cpu0
     peak = _peak_rss("distunmix")
     ratio = attacked["requests_per_s"] / clean["requests_per_s"]
     for name, r in (("clean", clean), ("under attack", attacked)):
@@ -186,6 +198,10 @@ def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, mode
     print(f"  under attack / clean throughput: {ratio:.2f} (goal >= 0.8); valid requests failed: {attacked['errors']}")
     print(f"  attackers got: stalled uploads {outcome['stall']}, decode bombs {outcome['bomb']}, "
           f"/jobs flood {outcome['jobs']}")  # fmt: skip
+    print(
+        f"  this benchmark's own clients used {clean['client_cpu_s']:.1f} CPU-s clean and "
+        f"{attacked['client_cpu_s']:.1f} CPU-s under attack, of {2 * args.seconds:.0f} on {os.cpu_count()} cores"
+    )
     print(f"  replica peak RSS {peak:.0f} MiB (budget 4096 MiB; max_decoded_mb {config.max_decoded_mb:g})")
     return {"clean": clean, "attacked": attacked, "ratio": ratio, "attackers": outcome, "peak_rss_mib": peak}
 

@@ -384,3 +384,14 @@ def test_a_flood_of_jobs_beyond_the_queue_gets_503_and_results_expire_on_a_timer
     assert all(_call(f"{url}/q/jobs/{job_id}")[0] == 404 for job_id in ids)
     assert not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
     serve.delete("queue")
+
+
+def test_uploads_that_look_alike_are_told_apart():
+    """Two uploads that start at the same instant with the same size: freeing one must not free the
+    other's slot (it did, as equal dicts, and the second finished with a 500 under the bomb benchmark)."""
+    from distunmix.serve.app import Upload
+
+    a, b = Upload(start=1.0, last=1.0, bytes=10), Upload(start=1.0, last=1.0, bytes=10)
+    slots = [a, b]
+    slots.remove(b)
+    assert len(slots) == 1 and slots[0] is a

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,16 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "the server failed to process this request; it was logged, and the server goes on")
 
 
+@dataclass(eq=False)  # compared by identity
+class Upload:
+    """A body being read: when it started, when a piece last arrived, its bytes, whether dropped."""
+
+    start: float
+    last: float
+    bytes: int
+    evicted: bool = False
+
+
 # max_ongoing_requests leaves room beyond max_uploads (64) and the separations (16), so /healthz and
 # /models always find a slot; the app bounds uploads and work itself
 @serve.deployment(name="Separator", max_ongoing_requests=100, max_queued_requests=100, health_check_period_s=10)
@@ -109,7 +119,7 @@ class SeparatorDeployment:
         self._separate_batch.set_max_batch_size(config.batch_size)
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
         self.watchdog = LoopWatchdog()
-        self._uploads: list[dict[str, Any]] = []  # bodies being read now (one event loop: no lock)
+        self._uploads: list[Upload] = []  # bodies being read now (one event loop: no lock)
         self._pending = 0  # requests separating or waiting to
         self._jobs = 0  # jobs held: accepted, queued or running
         self._idle = asyncio.Event()  # set while no request separates or waits: jobs run then
@@ -196,12 +206,12 @@ class SeparatorDeployment:
         try:
             while True:
                 now = loop.time()
-                elapsed = now - upload["start"]
-                if upload["evicted"]:
+                elapsed = now - upload.start
+                if upload.evicted:
                     raise ServiceError(408, "the upload stalled while other uploads waited, and was dropped")
                 if elapsed > UPLOAD_GRACE_S and reader.received < config.min_upload_kib_s * 1024 * elapsed:
                     raise ServiceError(408, f"the upload arrives slower than {config.min_upload_kib_s:g} KiB/s")
-                if now - upload["last"] > config.upload_idle_s:
+                if now - upload.last > config.upload_idle_s:
                     raise ServiceError(408, f"the upload stalled: nothing arrived for {config.upload_idle_s:g} s")
                 if elapsed > config.upload_timeout_s:
                     raise ServiceError(408, f"the upload did not arrive within {config.upload_timeout_s:g} s")
@@ -215,9 +225,9 @@ class SeparatorDeployment:
                     pending = None
                     break
                 pending = None
-                upload["last"] = loop.time()
-                upload["bytes"] = max(upload["bytes"], reader.received + len(chunk))
-                if sum(u["bytes"] for u in self._uploads) > self.service.config.upload_budget_mb * 2**20:
+                upload.last = loop.time()
+                upload.bytes = max(upload.bytes, reader.received + len(chunk))
+                if sum(u.bytes for u in self._uploads) > self.service.config.upload_budget_mb * 2**20:
                     raise ServiceError(503, "the uploads being read hold as much memory as they may; try again "
                                             "shortly", retry_after=1)  # fmt: skip
                 reader.feed(chunk)
@@ -228,20 +238,20 @@ class SeparatorDeployment:
         finally:
             if pending is not None:
                 pending.cancel()
-            self._uploads.remove(upload)
+            self._uploads.remove(upload)  # by identity: two uploads may look alike
 
-    def _admit(self, now: float, declared: int) -> dict[str, Any]:
+    def _admit(self, now: float, declared: int) -> Upload:
         """A slot for a new upload (dropping the longest-stalled one when all are taken), or 503;
         ``declared`` bytes (its Content-Length) count against ``upload_budget_mb`` from the start."""
         config = self.service.config
-        if sum(u["bytes"] for u in self._uploads) + declared > config.upload_budget_mb * 2**20:
+        if sum(u.bytes for u in self._uploads) + declared > config.upload_budget_mb * 2**20:
             raise ServiceError(503, "the uploads being read hold as much memory as they may; try again shortly", 1)
         if len(self._uploads) >= config.max_uploads:
-            stalled = [u for u in self._uploads if not u["evicted"] and now - u["last"] > EVICT_IDLE_S]
+            stalled = [u for u in self._uploads if not u.evicted and now - u.last > EVICT_IDLE_S]
             if not stalled:
                 raise ServiceError(503, "this replica is reading as many uploads as it may; try again shortly", 1)
-            min(stalled, key=lambda u: u["last"])["evicted"] = True
-        upload = {"start": now, "last": now, "evicted": False, "bytes": declared}
+            min(stalled, key=lambda u: u.last).evicted = True
+        upload = Upload(start=now, last=now, bytes=declared)
         self._uploads.append(upload)
         return upload
 
