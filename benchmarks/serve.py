@@ -36,6 +36,18 @@ import soundfile as sf
 from distunmix.serve.client import free_port
 
 
+def _post(url: str, body: bytes, timeout: float) -> int:
+    """POST ``body`` and read the answer: its status code (-1 when the connection failed)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=timeout) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return -1
+
+
 def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None) -> dict:
     """Closed-loop load: ``clients`` threads, each waiting for its answer before the next request."""
     latencies, errors, codes = [], [], {}
@@ -50,15 +62,7 @@ def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
                     return
                 count[0] += 1
             t0 = time.perf_counter()
-            try:
-                req = urllib.request.Request(f"{url}/separate?targets=vocals", data=body, method="POST")
-                with urllib.request.urlopen(req, timeout=120) as r:
-                    r.read()
-                    code = r.status
-            except urllib.error.HTTPError as e:
-                code = e.code
-            except OSError:
-                code = -1
+            code = _post(f"{url}/separate?targets=vocals", body, timeout=120)
             with lock:
                 codes[code] = codes.get(code, 0) + 1
                 (latencies if code == 200 else errors).append(time.perf_counter() - t0)
@@ -104,13 +108,7 @@ def _stall_loop(port: int, deadline: float, outcome: dict, lock: threading.Lock)
 def _post_loop(url: str, body: bytes, deadline: float, outcome: dict, lock: threading.Lock) -> None:
     """An attacker: POST ``body`` to ``url`` again and again."""
     while time.perf_counter() < deadline:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60) as r:
-                code = r.status
-        except urllib.error.HTTPError as e:
-            code = e.code
-        except OSError:
-            code = -1
+        code = _post(url, body, timeout=60)
         with lock:
             outcome[code] = outcome.get(code, 0) + 1
         if code in (429, 503):
