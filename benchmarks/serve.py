@@ -5,9 +5,10 @@
     .venv/bin/python benchmarks/serve.py --adversarial        # valid load with and without an attack
 
 ``--adversarial``: one replica with the default limits; ``--clients`` valid clients alone, then the
-same clients while other threads stall uploads (``--stallers``), send decode bombs (``--bombs``)
-and flood /jobs (``--flooders``). Prints valid requests/s and p99 both ways, their ratio (goal: at
-least 0.8, and no valid request failed), what the attackers got, and the replica's peak RSS.
+same clients while other threads stall uploads (``--stallers``), send decode bombs (``--bombs``;
+waiting for each answer, or with ``--hit-and-run`` closing once sent) and flood /jobs
+(``--flooders``). Prints valid requests/s and p99 both ways, their ratio (goal: at least 0.8, and no
+valid request failed), what the attackers got, and the replica's peak RSS.
 
 ``--clients`` threads each POST one ``--clip-seconds`` clip to /separate on 127.0.0.1 again and
 again for ``--seconds`` (bounded in time and count), per configuration:
@@ -115,6 +116,23 @@ def _post_loop(url: str, body: bytes, deadline: float, outcome: dict, lock: thre
             time.sleep(0.2)
 
 
+def _hit_and_run_loop(port: int, body: bytes, deadline: float, outcome: dict, lock: threading.Lock) -> None:
+    """An attacker that does not wait for answers: POST ``body`` to /separate, close, again."""
+    import socket
+
+    head = (f"POST /separate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    while time.perf_counter() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(head + body)
+            code = 0  # sent, answer not read
+        except OSError:
+            code = -1
+        with lock:
+            outcome[code] = outcome.get(code, 0) + 1
+
+
 def _bombs() -> list[bytes]:
     """Small files that decode to gigabytes: 1 h of stereo silence at 192 kHz as FLAC (5.5 GB of
     float32 from about 2 MB), and 10 min of 8-channel silence (1.4 GB)."""
@@ -171,9 +189,14 @@ def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, mode
         deadline = time.perf_counter() + args.seconds
         threads = [threading.Thread(target=_stall_loop, args=(port, deadline, outcome["stall"], lock))
                    for _ in range(args.stallers)]  # fmt: skip
-        threads += [threading.Thread(target=_post_loop, args=(f"{url}/separate", bombs[k % 2], deadline,
-                                                               outcome["bomb"], lock))
-                    for k in range(args.bombs)]  # fmt: skip
+        if args.hit_and_run:
+            threads += [threading.Thread(target=_hit_and_run_loop, args=(port, bombs[k % 2], deadline,
+                                                                         outcome["bomb"], lock))
+                        for k in range(args.bombs)]  # fmt: skip
+        else:
+            threads += [threading.Thread(target=_post_loop, args=(f"{url}/separate", bombs[k % 2], deadline,
+                                                                   outcome["bomb"], lock))
+                        for k in range(args.bombs)]  # fmt: skip
         threads += [threading.Thread(target=_post_loop, args=(f"{url}/jobs", body, deadline, outcome["jobs"], lock))
                     for _ in range(args.flooders)]  # fmt: skip
         for t in threads:
@@ -218,6 +241,11 @@ def main() -> None:
     p.add_argument("--adversarial", action="store_true", help="valid load with and without an attack")
     p.add_argument("--stallers", type=int, default=16, help="--adversarial: clients that stall uploads")
     p.add_argument("--bombs", type=int, default=2, help="--adversarial: clients that send decode bombs")
+    p.add_argument(
+        "--hit-and-run",
+        action="store_true",
+        help="--adversarial: bomb clients close each connection once sent, never reading the answer",
+    )
     p.add_argument("--flooders", type=int, default=2, help="--adversarial: clients that flood /jobs")
     p.add_argument("--json", type=Path)
     args = p.parse_args()

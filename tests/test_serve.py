@@ -38,7 +38,8 @@ def server(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServiceConfig(str(model), device="cpu", max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs"))
+    config = ServiceConfig(str(model), device="cpu", max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs"),
+                           refusal_delay_s=0.0)  # fmt: skip
     app = deployment(config, num_replicas=2, ray_actor_options={"num_cpus": 0.5})
     serve.run(app, name="distunmix", route_prefix="/")
     yield f"http://127.0.0.1:{port}", model, tmp
@@ -201,8 +202,11 @@ def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
     serve.run(tight, name="tight", route_prefix="/tight")
     body = _wav(_clip(3.0))
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda _: _call(f"{url}/tight/separate", body)[0], range(8)))
+        answers = list(pool.map(lambda _: _call(f"{url}/tight/separate", body), range(8)))
+    codes = [code for code, _, _ in answers]
     assert set(codes) == {200, 503} and codes.count(200) >= 2
+    # the proxy's own 503 (beyond max_queued_requests) says when to try again too
+    assert all("retry-after" in headers for code, headers, _ in answers if code == 503)
     assert _call(f"{url}/tight/healthz")[0] == 200
     serve.delete("tight")
 
@@ -275,6 +279,34 @@ def test_decode_bombs_are_refused_from_the_header_before_decoding(server, tmp_pa
     assert code == 200 and len(_stems(answer)) == 4
     assert _call(f"{url}/bombs/healthz")[0] == 200
     serve.delete("bombs")
+
+
+def test_refusals_are_held_back_without_holding_slots_and_only_so_many(server):
+    """A bad body is answered after refusal_delay_s (so a client flooding bad bodies back to back
+    slows down); at most 16 wait at once, the rest are answered at once; /healthz and a valid
+    request go through meanwhile."""
+    url, model, _ = server
+    delay = 4.0
+    config = ServiceConfig(str(model), device="cpu", refusal_delay_s=delay)
+    serve.run(deployment(config, name="Refusing", ray_actor_options={"num_cpus": 0.5}), name="refusing",
+              route_prefix="/refusing")  # fmt: skip
+
+    def refused(_) -> tuple[int, str, float]:
+        t0 = time.perf_counter()
+        code, _, body = _call(f"{url}/refusing/separate", b"nonsense" * 100)
+        return code, json.loads(body)["error"], time.perf_counter() - t0
+
+    with ThreadPoolExecutor(21) as pool:
+        answers = pool.map(refused, range(20))
+        time.sleep(1.0)  # while refusals are held back
+        assert _call(f"{url}/refusing/healthz")[0] == 200
+        code, _, body = _call(f"{url}/refusing/separate", _wav(_clip(1.0)))
+        assert code == 200 and len(_stems(body)) == 4
+        answers = list(answers)
+    assert all(code == 415 and "unsupported" in error for code, error, _ in answers), answers
+    held = [t for _, _, t in answers if t >= delay]
+    assert 8 <= len(held) <= 16 and len(answers) - len(held) >= 4, sorted(t for _, _, t in answers)
+    serve.delete("refusing")
 
 
 def test_a_streamed_zip_is_a_valid_zip_of_every_stem(server):

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from ..checkpoint import STANDARD_TARGETS, save_model_dir
@@ -52,6 +53,8 @@ app = FastAPI(title="distunmix", description="Open-Unmix source separation", doc
 UPLOAD_GRACE_S = 10.0  # the minimum upload rate applies after this
 UPLOAD_POLL_S = 0.25  # how often a waiting upload checks its clocks
 EVICT_IDLE_S = 1.0  # an upload silent this long may be dropped for a newcomer when all slots are taken
+REFUSED = frozenset({400, 413, 415, 422})  # statuses that refuse the client's own request or body
+MAX_HELD_BACK = 16  # refusals delayed at once (refusal_delay_s); more are answered at once
 ROUTES = "POST /separate, POST /jobs, GET /jobs/{id}, GET /jobs/{id}/{target}, GET /models, GET /healthz"
 
 
@@ -101,9 +104,11 @@ class Upload:
     evicted: bool = False
 
 
-# max_ongoing_requests leaves room beyond max_uploads (64) and the separations (16), so /healthz and
-# /models always find a slot; the app bounds uploads and work itself
-@serve.deployment(name="Separator", max_ongoing_requests=100, max_queued_requests=100, health_check_period_s=10)
+# max_ongoing_requests leaves room beyond max_uploads (64), the separations (16) and the held-back
+# refusals (16), so /healthz and /models always find a slot; the app bounds uploads and work itself.
+# Beyond max_queued_requests, Ray Serve's proxy answers 503 itself, with Retry-After.
+@serve.deployment(name="Separator", max_ongoing_requests=128, max_queued_requests=128, health_check_period_s=10,
+                  backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1.0))  # fmt: skip
 @serve.ingress(app)
 class SeparatorDeployment:
     """One replica: a loaded model, a job store, and a batcher for short clips."""
@@ -120,6 +125,7 @@ class SeparatorDeployment:
         self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
         self.watchdog = LoopWatchdog()
         self._uploads: list[Upload] = []  # bodies being read now (one event loop: no lock)
+        self._held_back = 0  # refusals waiting out refusal_delay_s
         self._pending = 0  # requests separating or waiting to
         self._jobs = 0  # jobs held: accepted, queued or running
         self._idle = asyncio.Event()  # set while no request separates or waits: jobs run then
@@ -260,16 +266,39 @@ class SeparatorDeployment:
     ) -> tuple[list[str], str, int, Any]:
         """Checked (targets, format, niter, clip) of a separation request, parameters before the
         upload; a request's place is then held (:meth:`_release` it), a job's is checked."""
-        names = self.service.parse_targets(targets)
-        fmt = self.service.parse_format(fmt)
-        n = self.service.parse_niter(niter)
-        data = await self._read_upload(request)
+        try:
+            names = self.service.parse_targets(targets)
+            fmt = self.service.parse_format(fmt)
+            n = self.service.parse_niter(niter)
+            data = await self._read_upload(request)
+        except ServiceError as e:
+            await self._hold_back(e)
+            raise
         self._reserve(job)
         try:
-            return names, fmt, n, await asyncio.to_thread(self.service.decode, data)
+            clip = await asyncio.to_thread(self.service.decode, data)
+        except ServiceError as e:
+            self._release(0.0, job)
+            await self._hold_back(e)
+            raise
         except BaseException:
             self._release(0.0, job)
             raise
+        return names, fmt, n, clip
+
+    async def _hold_back(self, error: ServiceError) -> None:
+        """Answer a refusal of the client's own request after ``refusal_delay_s``, holding no upload
+        or separation slot meanwhile: a client that posts bad bodies back to back (a decode-bomb
+        flood) then costs Ray Serve's proxy and this replica one request per delay, not a hundred a
+        second. At most ``MAX_HELD_BACK`` wait at once; more are answered at once."""
+        delay = self.service.config.refusal_delay_s
+        if error.status not in REFUSED or delay <= 0 or self._held_back >= MAX_HELD_BACK:
+            return
+        self._held_back += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self._held_back -= 1
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"X-Replica": self.replica, **(extra or {})}

@@ -76,6 +76,12 @@ class ServiceConfig:
                                   group=_LIMITS)  # fmt: skip
     job_lease_s: float = setting(30.0, "a job whose replica has not beaten its heartbeat for this long failed",
                                  group=_LIMITS)  # fmt: skip
+    refusal_delay_s: float = setting(
+        1.0,
+        "a request refused for its own content (400/413/415/422) is answered after this, in seconds: "
+        "a client sending bad bodies back to back gets one answer per delay",
+        group=_LIMITS,
+    )
     max_loop_block_s: float = setting(
         5.0, "the health check fails (Ray replaces the replica) when its event loop was blocked this long"
     )
@@ -92,6 +98,7 @@ class ServiceConfig:
             (self.upload_idle_s > 0, "upload_idle_s", self.upload_idle_s, "> 0"),
             (self.upload_timeout_s > 0, "upload_timeout_s", self.upload_timeout_s, "> 0"),
             (self.min_upload_kib_s >= 0, "min_upload_kib_s", self.min_upload_kib_s, ">= 0"),
+            (self.refusal_delay_s >= 0, "refusal_delay_s", self.refusal_delay_s, ">= 0"),
             (self.max_loop_block_s > 0, "max_loop_block_s", self.max_loop_block_s, "> 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),
