@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import zipfile
 
@@ -160,3 +161,61 @@ def test_jobs_of_a_dead_replica_fail_and_old_or_excess_jobs_go(store, monkeypatc
         store.make_room(10**9)
     assert e.value.status == 413
     assert store.expire(now=real() + 7200) == 1 and not any(p.is_dir() for p in store.root.iterdir())
+
+
+def _serving(answers: dict[str, tuple[str, bytes]]):
+    """A one-thread HTTP server on 127.0.0.1 answering each path with (content type, body)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            self._answer()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer()
+
+        def _answer(self) -> None:
+            ctype, body = answers[self.path.split("?")[0]]
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_client_bounds_what_a_server_sends(tmp_path):
+    """A hostile or broken server cannot fill the client's memory or disk: an answer over the limit
+    and a ZIP that unpacks beyond it are refused before anything is written."""
+
+    from distunmix.errors import ClientError
+    from distunmix.serve.client import separate_remote
+
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:  # 4 x 1 MB of zeros in a few KB
+        for name in ("vocals.wav", "drums.wav", "bass.wav", "other.wav"):
+            z.writestr(name, bytes(2**20))
+    models = json.dumps({"model": "m", "targets": ["vocals"]}).encode()
+    song = tmp_path / "song.wav"
+    song.write_bytes(b"RIFF")
+    server = _serving({"/models": ("application/json", models), "/separate": ("application/zip", zipped.getvalue())})
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ClientError, match="unpacks to more than 1000000 bytes"):
+            separate_remote(url, song, tmp_path / "out", limit=1_000_000)
+        with pytest.raises(ClientError, match="exceeds 1000 bytes"):
+            separate_remote(url, song, tmp_path / "out", limit=1000)
+        assert not (tmp_path / "out").exists()
+        out, written = separate_remote(url, song, tmp_path / "out", limit=8 * 2**20)  # within the limit: written
+        assert sorted(p.name for p in written) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+        assert all(p.stat().st_size == 2**20 for p in written)
+    finally:
+        server.shutdown()
