@@ -25,6 +25,7 @@ from .errors import CheckpointError
 from .fileio import PLAIN_NAME, atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, OpenUnmix
 from .separator import Separator, SeparatorOptions
+from .storage import is_uri, local_folder
 
 STANDARD_TARGETS = ("vocals", "drums", "bass", "other")
 # keys some official weight files carry that are not model parameters
@@ -40,6 +41,9 @@ GENERIC_NAMES = ("best", "last", "latest", "model")
 def model_label(model_dir: str | os.PathLike) -> str:
     """A short name for a model folder that tells runs apart: its name, and for a generic name
     (``best``, ``model``, ...) the run folder's name before it (``train-0412-best``)."""
+    if is_uri(model_dir):
+        parent, _, name = str(model_dir).rstrip("/").rpartition("/")
+        return f"{parent.rpartition('/')[2]}-{name}" if name in GENERIC_NAMES and "/" in parent else name
     path = Path(model_dir).expanduser().resolve()
     return f"{path.parent.name}-{path.name}" if path.name in GENERIC_NAMES and path.parent.name else path.name
 
@@ -196,7 +200,7 @@ def find_weights(model_dir: Path, target: str) -> Path:
 def available_targets(model_dir: str | os.PathLike) -> list[str]:
     """Targets with a weight file in ``model_dir``: the standard four first, then alphabetical."""
     names = set()
-    for p in Path(model_dir).glob("*.pth"):
+    for p in local_folder(model_dir).glob("*.pth"):
         m = re.fullmatch(r"(.+?)(-[0-9a-f]{6,})?\.pth", p.name)
         if m:
             names.add(m.group(1))
@@ -267,8 +271,8 @@ def _check_args(config: ModelConfig, args: Mapping[str, Any], json_path: Path) -
 
 
 def load_target_model(model_dir: str | os.PathLike, target: str, device: str | torch.device = "cpu") -> OpenUnmix:
-    """One target model of a model folder, frozen in eval mode."""
-    model_dir = Path(model_dir)
+    """One target model of a model folder (local, or a URI fetched once), frozen in eval mode."""
+    model_dir = local_folder(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")
     return _load_target(model_dir, target)[0].to(device)
@@ -348,9 +352,9 @@ def load_separator(
     ``targets`` (a subset, in output order) defaults to separator.json's list, else every
     target with a weight file.
     Further keyword arguments (softmask, chunk_seconds, context_seconds, batch_chunks) go to
-    the Separator.
+    the Separator. A URI (``s3://.../best``) is fetched once into the local cache.
     """
-    model_dir = Path(model_dir)
+    model_dir = local_folder(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")
     found = available_targets(model_dir)

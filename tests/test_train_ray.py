@@ -1,37 +1,53 @@
-"""Ray Train end to end on CPU (gloo): 2 DDP workers, outputs, resume, a killed worker survived.
+"""Ray Train end to end on CPU (gloo) on a simulated multi-node cluster: 2 DDP workers spread over
+nodes, outputs, resume, a killed worker and a removed node survived, checkpoints on S3.
 
-One Ray instance serves the whole module. The uninterrupted 2-worker run is the reference the
-resumed and the faulted runs must reproduce weight for weight.
+One ``ray.cluster_utils.Cluster`` serves the whole module: a head without CPUs (so no worker runs
+where the driver is) and three 1-CPU nodes, every one on 127.0.0.1, with an S3-compatible server
+(moto) beside it. The uninterrupted 2-worker run is the reference the resumed and the faulted runs
+must reproduce weight for weight.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
+from ray.cluster_utils import Cluster
 
 from distunmix.checkpoint import load_separator
 from distunmix.data.config import DataConfig
 from distunmix.data.synth import synth_track, write_dataset
+from distunmix.errors import ConfigError
 from distunmix.train.config import TrainConfig
-from distunmix.train.ray_trainer import FAULT_ENV, fit
+from distunmix.train.ray_trainer import FAULT_ENV, FAULT_MARKER_ENV, check_storage, fit
 
 pytestmark = pytest.mark.integration  # Ray: skipped by ./run.sh test --quick
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3):
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # the controller notices reports sooner (default 2 s)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"} and len(ray.nodes()) == 4
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
     mp.undo()
 
 
@@ -53,6 +69,7 @@ def base_config(tmp_path_factory):
         loader_workers=0,
         num_workers=2,
         cpus_per_worker=1,
+        placement="spread",  # one rank per node: DDP across nodes
         storage_path=str(tmp / "runs"),
         name="straight",
         progress=False,
@@ -65,12 +82,18 @@ def straight(ray_cluster, base_config):
     return fit(base_config)
 
 
-def _last_weights(run_dir) -> dict[str, dict[str, torch.Tensor]]:
-    """Final weights of a run, from its newest checkpoint's last/ folder."""
-    from pathlib import Path
-
-    newest = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]
-    return {p.stem: torch.load(p, weights_only=True) for p in (newest / "last").glob("*.pth")}
+def _last_weights(run_dir: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Final weights of a run (a local folder or a URI), from its newest checkpoint's last/ folder."""
+    run_dir = str(run_dir)
+    fs, path = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).absolute()))
+    folders = fs.get_file_info(pafs.FileSelector(path))
+    newest = sorted(i.path for i in folders if i.type == pafs.FileType.Directory and "/checkpoint_" in i.path)[-1]
+    weights = {}
+    for info in fs.get_file_info(pafs.FileSelector(f"{newest}/last")):
+        if info.base_name.endswith(".pth"):
+            with fs.open_input_stream(info.path) as f:
+                weights[info.base_name[:-4]] = torch.load(io.BytesIO(f.read()), weights_only=True)
+    return weights
 
 
 def _assert_same_weights(a, b) -> None:
@@ -81,8 +104,6 @@ def _assert_same_weights(a, b) -> None:
 
 
 def test_two_workers_train_and_write_the_run_folder(straight, base_config):
-    from pathlib import Path
-
     run = Path(straight.run_dir)
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2] and history == straight.history
@@ -92,6 +113,8 @@ def test_two_workers_train_and_write_the_run_folder(straight, base_config):
         assert np.isfinite(history[1][f"valid_sdr/{t}"])
         assert history[1][f"best_epoch/{t}"] == 1 + int(np.argmin(losses))
     assert (run / "history.csv").read_text().count("\n") == 3
+    nodes = [h["nodes"].split(",") for h in history]  # rank by rank, each "127.0.0.1/<node id>"
+    assert all(len(n) == 2 and len(set(n)) == 2 and all(x.startswith("127.0.0.1/") for x in n) for n in nodes)
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "config.json").read_text())["num_workers"] == 2
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
@@ -133,14 +156,13 @@ def test_resume_reproduces_the_uninterrupted_run(straight, split):
     _assert_same_weights(_last_weights(straight.run_dir), _last_weights(split.run_dir))
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(straight, base_config, monkeypatch):
-    from pathlib import Path
-
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(straight, base_config, monkeypatch, tmp_path):
     monkeypatch.setenv(FAULT_ENV, "2,0,1")  # SIGKILL rank 1 after its first batch of epoch 2
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
     result = fit(replace(base_config, name="faulty", max_failures=1))
     run = Path(result.run_dir)
-    markers = list(run.glob(".fault-*"))
-    assert len(markers) == 1 and "killed rank 1 at epoch 2" in markers[0].read_text()
+    markers = list(tmp_path.glob("fault-*"))
+    assert len(markers) == 1 and "stopped rank 1 at epoch 2" in markers[0].read_text()
     assert [h["epoch"] for h in result.history] == [1, 2]
     _assert_same_weights(_last_weights(straight.run_dir), _last_weights(run))
 
@@ -148,8 +170,6 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(straight, base_co
 def test_a_torn_newest_checkpoint_resumes_from_the_one_before(straight, split, base_config, capsys):
     """The newest checkpoint of a run lost a file's tail (a crash mid-upload): --resume says so and
     continues from the previous one, to the same weights as a run never interrupted."""
-    from pathlib import Path
-
     run = Path(split.run_dir)  # checkpoints after epochs 1 and 2
     newest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())[-1]
     weights = newest / "last" / "vocals.pth"
@@ -160,3 +180,36 @@ def test_a_torn_newest_checkpoint_resumes_from_the_one_before(straight, split, b
     assert "incomplete checkpoint (last/vocals.pth missing or truncated)" in err and "resumed from" in err
     _assert_same_weights(_last_weights(straight.run_dir), _last_weights(run))
     assert (run / "best" / "vocals.pth").stat().st_size > 100  # the run folder is whole again
+
+
+def test_a_removed_node_is_survived_with_checkpoints_on_s3(ray_cluster, straight, base_config, monkeypatch, tmp_path):
+    """The node of rank 1 leaves the cluster mid-epoch 2; the group restarts on the nodes left from
+    the last checkpoint on S3, and ends with the weights of the uninterrupted run (on local storage)."""
+    monkeypatch.setenv(FAULT_ENV, "2,0,1,hold")  # rank 1 waits after its first batch of epoch 2
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
+    config = replace(base_config, name="node-loss", max_failures=1, storage_path="s3://bucket/runs")
+    check_storage(config)  # the bucket answers: no run there yet
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=fit(config)))
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("fault-*")) and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.2)
+    (marker,) = tmp_path.glob("fault-*")
+    node = marker.read_text().split("\n")[0].split("/")[1]  # "127.0.0.1/<node id prefix>"
+    (victim,) = [n for n in ray_cluster.worker_nodes if n.node_id.startswith(node)]
+    ray_cluster.remove_node(victim)
+    runner.join(300)
+    result = outcome["result"]
+    assert result.run_dir == "s3://bucket/runs/node-loss" and [h["epoch"] for h in result.history] == [1, 2]
+    assert node in result.history[0]["nodes"] and node not in result.history[1]["nodes"]
+    _assert_same_weights(_last_weights(straight.run_dir), _last_weights(result.run_dir))
+    fs, path = pafs.FileSystem.from_uri(result.run_dir)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    assert {"best", "history.json", "history.csv", "loss.png", "config.json"} <= names
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_storage(config)
+    with pytest.raises(ConfigError, match=r"other settings \(hidden_size: 16 -> 24\)"):  # compared on S3 too
+        check_storage(replace(config, resume=True, hidden_size=24))
+    check_storage(replace(config, resume=True, epochs=3))  # run control may change
+    ray_cluster.add_node(num_cpus=1)  # the module's capacity back

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..data.config import DataConfig
@@ -75,11 +74,10 @@ def run_tune(args: argparse.Namespace) -> int:
     settings = from_args(TuneSettings, args)
     base = TrainConfig.from_args(args)
     space = load_space(settings.space, base)
-    check_experiment_dir(settings)
+    folder = check_experiment_dir(settings)  # the resolved folder or URI
     hint = f"finish it with: python -m tune --resume --name {settings.name} --storage-path {settings.storage_path}"
     args.resume_hint = hint
     summary = run_experiment(base, space, settings, verbose=getattr(args, "verbose", False))
-    folder = Path(settings.experiment_dir)
     if summary.get("interrupted"):
         unfinished = f"{summary['pending']} of {summary['trials']} trials unfinished"
         print(f"interrupted with {unfinished}; {hint}", file=sys.stderr)

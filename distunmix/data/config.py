@@ -17,6 +17,7 @@ from ..flags import setting
 from . import tracks as T
 from .cache import AudioCache, build_cache
 from .musdb import decode_stems
+from ..storage import cache_root
 from .synth import write_dataset
 from .tracks import TrackFiles
 
@@ -24,13 +25,6 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("musdb", "trackfolder", "sourcefolder")
 _GROUP = "data"
-
-
-def default_cache_root() -> Path:
-    """$DISTUNMIX_CACHE, else $XDG_CACHE_HOME/distunmix, else ~/.cache/distunmix."""
-    return Path(
-        os.environ.get("DISTUNMIX_CACHE", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "distunmix")
-    ).expanduser()
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,7 @@ class DataConfig:
 
     @property
     def cache_root(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
+        return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root()
 
     def resolved(self) -> DataConfig:
         """The config with ``root`` set and every path absolute (other processes may run in other

@@ -26,8 +26,9 @@ LOGGERS = ("none", "wandb")
 # fields that may change when a run is resumed: they steer the run, not its results
 RUN_CONTROL = frozenset(
     {"epochs", "resume", "max_failures", "logger", "address", "storage_path", "progress"}
-    | {"loader_workers", "cpus_per_worker"}
+    | {"loader_workers", "cpus_per_worker", "placement"}
 )
+PLACEMENTS = ("pack", "spread")
 # settings renamed since a run folder's config.json was written: old name -> new name
 RENAMED = {"loader_workers": "loader_workers"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -125,6 +126,8 @@ class TrainConfig:
     cpus_per_worker: float | None = setting(
         None, "CPUs per DDP worker", group=_RUN, shown_default="what fits: min(2, CPUs / --num-workers)"
     )
+    placement: str = setting("pack", "DDP workers on as few nodes as fit (pack) or one per node where they can "
+                             "(spread): Ray's placement strategy", group=_RUN, choices=PLACEMENTS)  # fmt: skip
     storage_path: str = storage_path_setting("runs")
     name: str = name_setting("train", "run")
     resume: bool = resume_setting("run")
@@ -247,6 +250,15 @@ def check_writable(folder: Path, storage_path: str) -> None:
 def load_config(path: str | Path) -> TrainConfig:
     """A ``config.json`` written by a run."""
     try:
-        return TrainConfig.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+        text = Path(path).read_text()
+    except OSError as e:
         raise ConfigError(f"{path}: not a readable training config ({e})") from None
+    return config_from_json(text, path)
+
+
+def config_from_json(text: str, where: str | Path) -> TrainConfig:
+    """The settings of a run's ``config.json`` text (``where`` names it in errors)."""
+    try:
+        return TrainConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"{where}: not a readable training config ({e})") from None

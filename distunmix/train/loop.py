@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from ..data.loader import ExcerptLoader
 from ..data.stats import input_statistics
 from ..errors import CheckpointError, ConfigError
 from ..model import OpenUnmix
+from ..storage import is_uri
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    node: str  # where this worker runs (recorded per rank in the history)
 
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint folder to resume from (None: start fresh), valid inside the context."""
@@ -81,6 +84,7 @@ class LocalSession:
     rank: int = 0
     world_size: int = 1
     on_report: Callable[[dict[str, Any]], None] | None = None
+    node: str = field(default_factory=socket.gethostname)
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
@@ -315,6 +319,15 @@ def all_reduce_sums(sums: dict[str, dict[str, float]], device: torch.device) -> 
     return out
 
 
+def gather_strings(text: str) -> list[str]:
+    """Every rank's ``text``, in rank order (``[text]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [text]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, text)
+    return [str(x) for x in out]
+
+
 # -- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, targets: list[Target], config: TrainConfig, epoch: int, history: list[dict]) -> Path:
     """Write a checkpoint folder: ``last/`` and ``best/`` model folders (open-unmix format) and
@@ -457,14 +470,17 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
-def maybe_fault(fault: dict | None, epoch: int, batch: int, rank: int) -> None:
-    """Test hook: kill this process once at (epoch, batch, rank); ``marker`` records that it happened."""
+def maybe_fault(fault: dict | None, epoch: int, batch: int, rank: int, node: str = "") -> None:
+    """Test hook: kill this process once at (epoch, batch, rank), or with ``hold`` wait there for
+    its node to be removed; ``marker`` records that it happened and the node."""
     if not fault or (fault["epoch"], fault["batch"], fault["rank"]) != (epoch, batch, rank):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    marker.write_text(f"killed rank {rank} at epoch {epoch} batch {batch}\n")
+    marker.write_text(f"{node}\nstopped rank {rank} at epoch {epoch} batch {batch}\n")
+    if fault.get("hold"):
+        time.sleep(600.0)  # the test removes this node meanwhile
     time.sleep(fault.get("delay", 3.0))  # let the controller register the last checkpoint
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -505,7 +521,7 @@ def run_worker(
             t0 = time.perf_counter()
 
             def on_batch(number: int, size: int, loss: float, epoch: int = epoch, tick: _Ticker = tick) -> None:
-                maybe_fault(fault, epoch, number, rank)
+                maybe_fault(fault, epoch, number, rank, session.node)
                 tick(number, size * world, loss)
 
             train_losses, samples = train_epoch(
@@ -524,6 +540,7 @@ def run_worker(
                         t.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
                 metrics[f"best_epoch/{t.name}"] = t.stopper.best_epoch
             metrics["active_targets"] = sum(t.active for t in targets)
+            metrics["nodes"] = ",".join(gather_strings(session.node))  # rank by rank
             metrics["samples_per_s"] = samples * world / train_time
             metrics["epoch_time"] = time.perf_counter() - t0
             metrics["train_time"] = (history[-1]["train_time"] if history else 0.0) + metrics["epoch_time"]
@@ -604,7 +621,7 @@ def _wandb_run(config: TrainConfig) -> Any:
     import wandb  # optional and slow to import: only when --logger wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    local = Path(config.run_dir) if "://" not in config.run_dir else Path(tempfile.gettempdir()) / config.name
+    local = Path(config.run_dir) if not is_uri(config.run_dir) else Path(tempfile.gettempdir()) / config.name
     local.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "distunmix"),

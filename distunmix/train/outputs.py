@@ -68,17 +68,3 @@ def stage_outputs(staging: Path, checkpoint_dir: Path, history: Sequence[dict[st
     write_history(staging, history)
     plot_losses(history, staging / "loss.png", title=f"{name}: loss per target (circles: best epoch)")
     return staging
-
-
-def publish(staging: Path, run_dir: str) -> None:
-    """Copy a staged folder's files into ``run_dir`` (local path or URI), replacing older ones."""
-    if "://" not in run_dir:
-        dest = Path(run_dir)
-        for src in sorted(staging.rglob("*")):
-            if src.is_file():
-                atomic_write_bytes(dest / src.relative_to(staging), src.read_bytes())
-        return
-    import pyarrow.fs as pafs  # Ray's dependency; only for URIs
-
-    fs, path = pafs.FileSystem.from_uri(run_dir)
-    pafs.copy_files(str(staging), path, destination_filesystem=fs)

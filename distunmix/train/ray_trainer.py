@@ -27,16 +27,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import storage
 from ..cluster import ray_session
 from ..errors import ConfigError
-from .config import TrainConfig, check_writable, load_config
+from ..storage import is_uri
+from .config import TrainConfig, check_writable, config_from_json, load_config
 from .estimate import warn_if_slow
 from .loop import STATE_FILE, checkpoint_folder, prepare, run_worker
-from .outputs import publish, stage_outputs
+from .outputs import stage_outputs
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "DISTUNMIX_FAULT"  # test hook: "epoch,batch,rank" kills that worker once
+FAULT_ENV = "DISTUNMIX_FAULT"  # test hook: "epoch,batch,rank[,hold]" kills that worker once (or holds it)
+FAULT_MARKER_ENV = "DISTUNMIX_FAULT_DIR"  # where the hook writes its marker (default: the temp folder)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node = f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
@@ -107,15 +111,9 @@ def train_fn_per_worker(payload: dict[str, Any]) -> None:
 def check_storage(config: TrainConfig) -> None:
     """The run folder can be written, and exists exactly when ``--resume`` is asked."""
     run_dir = config.run_dir
-    if "://" in run_dir:
-        import pyarrow.fs as pafs  # Ray's dependency; only for URIs
-
-        try:
-            fs, path = pafs.FileSystem.from_uri(run_dir)
-            info = fs.get_file_info(f"{path}/config.json")
-        except Exception as e:
-            raise ConfigError(f"--storage-path {config.storage_path}: cannot be used ({e})") from None
-        exists = info.type != pafs.FileType.NotFound
+    if is_uri(run_dir):  # the bucket must exist and answer with the environment's credentials
+        storage.filesystem(config.storage_path, "--storage-path")
+        exists = storage.exists(f"{run_dir}/config.json", "--storage-path")
     else:
         folder = Path(run_dir)
         check_writable(folder, config.storage_path)
@@ -124,8 +122,11 @@ def check_storage(config: TrainConfig) -> None:
         raise ConfigError(f"--name {config.name}: {run_dir} already holds a run; pass --resume to continue it")
     if config.resume and not exists:
         raise ConfigError(f"--resume: no run to resume in {run_dir} (no config.json)")
-    if config.resume and "://" not in run_dir:
-        saved = load_config(Path(run_dir) / "config.json")
+    if config.resume:
+        if is_uri(run_dir):
+            saved = config_from_json(storage.read_text(f"{run_dir}/config.json", "--storage-path"), run_dir)
+        else:
+            saved = load_config(Path(run_dir) / "config.json")
         diffs = saved.differences(config)
         if diffs:
             raise ConfigError(
@@ -247,10 +248,11 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
         "progress": bar.queue,
     }
     fault = os.environ.get(FAULT_ENV)
-    if fault:
-        epoch, batch, rank = (int(x) for x in fault.split(","))
-        marker = Path(resolved.run_dir) / f".fault-{uuid.uuid4().hex[:8]}"
-        payload["fault"] = {"epoch": epoch, "batch": batch, "rank": rank, "marker": str(marker)}
+    if fault:  # "epoch,batch,rank" kills that worker; with ",hold" it waits for its node to be removed
+        epoch, batch, rank, *hold = fault.split(",")
+        marker = Path(os.environ.get(FAULT_MARKER_ENV) or tempfile.gettempdir()) / f"fault-{uuid.uuid4().hex[:8]}"
+        payload["fault"] = {"epoch": int(epoch), "batch": int(batch), "rank": int(rank), "marker": str(marker),
+                            "hold": hold == ["hold"]}  # fmt: skip
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
@@ -258,7 +260,10 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
         train_fn_per_worker,
         train_loop_config=payload,
         scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=config.placement.upper(),
         ),
         run_config=RunConfig(
             name=config.name,
@@ -279,7 +284,7 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
         history = list(state["history"])
         stage_outputs(Path(staging), Path(folder), history, config.name)
-        publish(Path(staging), run_dir)
+        storage.publish(Path(staging), run_dir)
     return TrainResult(run_dir, history, dict(result.metrics or {}))
 
 
@@ -287,9 +292,9 @@ def publish_text(run_dir: str, name: str, text: str) -> None:
     """Write one text file into the run folder (local path or URI)."""
     with tempfile.TemporaryDirectory() as staging:
         (Path(staging) / name).write_text(text)
-        publish(Path(staging), run_dir)
+        storage.publish(Path(staging), run_dir)
 
 
 def _absolute(storage_path: str) -> str:
     """Ray wants an absolute local path (or a URI)."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    return storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())

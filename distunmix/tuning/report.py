@@ -8,6 +8,7 @@ here: the parameter count and the separation speed of the trial's best model on 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from ..checkpoint import STANDARD_TARGETS, load_separator
 from ..data.synth import synth_track
 from ..fileio import atomic_write_text
 from ..model import OpenUnmix
+from ..storage import cache_root
 from ..tables import fmt
 from ..train.config import TrainConfig
 from ..train.loop import STATE_FILE
@@ -96,8 +98,17 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
 
 def best_checkpoint_dir(result: Any) -> Path | None:
     """The folder of a trial's last checkpoint (single-process or DDP trial)."""
-    if result.checkpoint is not None:
-        return Path(result.checkpoint.path)
+    checkpoint = result.checkpoint
+    if checkpoint is not None:
+        import pyarrow.fs as pafs  # Ray's dependency
+
+        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+            return Path(checkpoint.path)
+        key = hashlib.sha256(checkpoint.path.encode()).hexdigest()[:20]  # on object storage: fetched once
+        local = cache_root() / "checkpoints" / key
+        if not (local / STATE_FILE).is_file():
+            checkpoint.to_directory(str(local))
+        return local
     path = (result.metrics or {}).get("checkpoint_path")
     return Path(path) if path else None
 
@@ -163,7 +174,7 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> di
     atomic_write_text(folder / "results.csv", buf.getvalue())
     epochs = sum(len(r["history"]) for r in rows)
     md = [
-        f"# {folder.name}: {len(rows)} trials, {epochs} trial-epochs",
+        f"# {settings.name}: {len(rows)} trials, {epochs} trial-epochs",
         "",
         f"Metric {settings.metric} ({'lower' if settings.metric == 'valid_loss' else 'higher'} is better); scheduler "
         f"{settings.scheduler} (max {settings.max_epochs} epochs, grace {settings.grace_period}, reduction "

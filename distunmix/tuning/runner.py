@@ -19,6 +19,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .. import storage
 from ..cluster import ray_session
-from ..fileio import atomic_write_json
 from ..flags import setting
+from ..storage import is_uri
 from ..train.config import (
     ConfigError,
     TrainConfig,
@@ -45,6 +47,8 @@ from ..train.loop import checkpoint_folder, prepare, run_worker
 from ..train.ray_trainer import earlier_checkpoints, train_fn_per_worker
 from .report import trial_rows, write_results
 from .space import SearchSpace, trial_config
+
+SETTINGS_FILE = "tune_settings.json"  # an experiment's settings, written when it starts
 
 METRICS = {"valid_loss": "min", "valid_sdr": "max"}
 INTERRUPT_ENV = "DISTUNMIX_TUNE_INTERRUPT_AFTER"  # test hook: SIGINT the driver after N finished trials
@@ -112,7 +116,11 @@ class TuneSession:
     world_size = 1
 
     def __init__(self, device: torch.device) -> None:
+        import ray
+
         self.device = device
+        context = ray.get_runtime_context()
+        self.node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:8]}"
 
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
@@ -166,7 +174,7 @@ def trainable(
 
 # -- the experiment ------------------------------------------------------------------------------
 def _tuner(
-    base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: Path, progress: bool = False
+    base: TrainConfig, space: SearchSpace, settings: TuneSettings, experiment: str, progress: bool = False
 ) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -188,7 +196,7 @@ def _tuner(
     )
     if settings.resume:
         # a restored experiment keeps the callbacks it was started with (its progress bar included)
-        return tune.Tuner.restore(str(experiment), trainable=fn, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(experiment, trainable=fn, resume_unfinished=True, resume_errored=True)
     scheduler = (
         ASHAScheduler(
             time_attr="epoch",
@@ -220,7 +228,7 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             name=settings.name,
-            storage_path=str(experiment.parent),
+            storage_path=experiment.rsplit("/", 1)[0],
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -277,11 +285,17 @@ def _interrupt_after(count: int) -> Any:
     return InterruptAfter()
 
 
-def check_experiment_dir(settings: TuneSettings) -> Path:
-    """The experiment folder: writable, and existing exactly when ``--resume`` is asked."""
-    folder = Path(settings.experiment_dir).expanduser().resolve()
-    check_writable(folder.parent, settings.storage_path)
-    exists = (folder / "tune_settings.json").is_file()
+def check_experiment_dir(settings: TuneSettings) -> str:
+    """The experiment folder (local path or URI): writable, and existing exactly when ``--resume``
+    is asked."""
+    if is_uri(settings.experiment_dir):  # the bucket must exist and answer with the environment's credentials
+        storage.filesystem(settings.storage_path, "--storage-path")
+        folder = settings.experiment_dir
+        exists = storage.exists(f"{folder}/{SETTINGS_FILE}", "--storage-path")
+    else:
+        path = Path(settings.experiment_dir).expanduser().resolve()
+        check_writable(path.parent, settings.storage_path)
+        folder, exists = str(path), (path / SETTINGS_FILE).is_file()
     if exists and not settings.resume:
         raise ConfigError(f"--name {settings.name}: {folder} already holds an experiment; pass --resume to finish it")
     if settings.resume and not exists:
@@ -299,20 +313,22 @@ def run_experiment(
     resolved, _, _ = prepare(base)  # build caches and statistics once, before the trials
     base = replace(base, data=resolved.data)
     if settings.resume:
-        saved = json.loads((experiment / "tune_settings.json").read_text())
+        saved = json.loads(storage.read_text(f"{experiment}/{SETTINGS_FILE}", "--storage-path"))
         base = TrainConfig.from_dict(saved["base"])
     # one snapshot per reported checkpoint is what resuming needs; Tune warns about it otherwise
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with ray_session(settings.address, verbose=verbose):
         if not settings.resume:
-            experiment.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(
-                experiment / "tune_settings.json",
-                {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed},
-            )
+            record = {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed}
+            storage.write_text(f"{experiment}/{SETTINGS_FILE}", json.dumps(record, indent=1) + "\n", "--storage-path")
         grid = _tuner(base, space, settings, experiment, progress).fit()
     pending = sum(1 for r in grid if r.config is None or r.metrics_dataframe is None and r.error is None)
     if pending:  # interrupted (Ctrl-C, or the driver's end): the state on disk lets --resume finish it
         return {"interrupted": True, "pending": pending, "trials": len(grid)}
     rows = trial_rows(grid, space, base, settings)
-    return write_results(experiment, rows, settings)
+    if not is_uri(experiment):
+        return write_results(Path(experiment), rows, settings)
+    with tempfile.TemporaryDirectory(prefix="distunmix-results-") as staging:
+        summary = write_results(Path(staging), rows, settings)
+        storage.publish(Path(staging), experiment)
+    return summary

@@ -1,0 +1,110 @@
+"""Object storage without Ray: URIs checked before work starts (naming the flag), model folders
+fetched once into the cache, and the commands that read models taking URIs. A real S3-compatible
+server (moto) on 127.0.0.1; the Ray runs on S3 are in test_train_ray.py and test_tune.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from distunmix import storage
+from distunmix.checkpoint import load_separator, model_label
+from distunmix.cli import main
+from distunmix.errors import ConfigError
+
+
+def _upload(local: Path, uri: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+@pytest.fixture(scope="module")
+def remote_model(s3, tmp_path_factory):
+    """A model folder and its copy on S3."""
+    local = tmp_path_factory.mktemp("model") / "best"
+    assert main(["init-model", str(local), "--hidden-size", "16", "--seed", "4"]) == 0
+    _upload(local, "s3://bucket/runs/trial-7/best")
+    return local, "s3://bucket/runs/trial-7/best"
+
+
+def test_a_model_on_s3_separates_like_its_local_copy_and_is_fetched_once(remote_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTUNMIX_CACHE", str(tmp_path / "cache"))
+    local, uri = remote_model
+    audio = torch.randn(1, 2, 44100, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs = load_separator(uri)(audio), load_separator(local)(audio)
+    assert torch.equal(ours, theirs)
+    (copy,) = (tmp_path / "cache" / "remote").iterdir()
+    stamps = {p.name: p.stat().st_mtime_ns for p in copy.iterdir()}
+    assert storage.fetch_folder(uri, "--model") == copy  # unchanged on S3: the cached copy, not fetched again
+    assert {p.name: p.stat().st_mtime_ns for p in copy.iterdir()} == stamps
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_output_stream(f"{path}/separator.json") as f:  # the same size, the same second, other bytes
+        f.write((local / "separator.json").read_bytes().replace(b"vocals", b"VOCALS"))
+    assert storage.fetch_folder(uri, "--model") != copy  # changed on S3 (its ETag): fetched again
+    _upload(local, uri)  # as it was, for the other tests
+    assert model_label(uri) == "trial-7-best"
+
+
+def test_separate_reads_a_model_uri(remote_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISTUNMIX_CACHE", str(tmp_path / "cache"))
+    _, uri = remote_model
+    assert main(["synth-clip", str(tmp_path / "song.wav"), "--duration", "2"]) == 0
+    assert main(["separate", str(tmp_path / "song.wav"), "-m", uri, "-o", str(tmp_path / "out")]) == 0
+    stems = sorted(p.name for p in (tmp_path / "out").rglob("*.wav"))
+    assert stems == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert main(["separate", str(tmp_path / "song.wav"), "-m", "s3://bucket/nothing/here"]) == 2
+    assert "--model s3://bucket/nothing/here: folder not found; expected a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s4://bucket/runs", "--storage-path s4://bucket/runs: not a storage URI pyarrow can open"),
+        ("s3://no-such-bucket/runs", "--storage-path s3://no-such-bucket/runs: bucket 'no-such-bucket' not found"),
+    ],
+)
+def test_a_bad_storage_uri_fails_before_ray_starts_naming_the_flag(s3, uri, message, capsys):
+    import ray
+
+    for command in (["train"], ["tune", "--space", "quick"]):
+        code = main([*command, "--synth-tracks", "3", "--synth-duration", "2", "--storage-path", uri, "-q"])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_wrong_credentials_are_named_before_any_work(s3, tmp_path):
+    """A server that checks signatures (moto with authentication on) refuses unknown keys: the error
+    names the flag and the environment variables to check."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+            with pytest.raises(ConfigError) as error:
+                storage.filesystem("s3://bucket/runs", "--storage-path")
+        text = str(error.value)
+        assert text.startswith("--storage-path s3://bucket/runs: cannot be reached") and "ACCESS_DENIED" in text
+        assert "AWS_ACCESS_KEY_ID" in text and "AWS_ENDPOINT_URL" in text
+    finally:
+        proc.terminate()
+        proc.wait(10)
