@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
@@ -96,7 +98,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3):  # Ray's processes inherit the S3 server's environment
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, log_to_driver=False)
@@ -149,22 +151,38 @@ def test_the_best_trials_model_is_exported_and_separates(asha_experiment):
     assert out.shape == (1, 4, 2, 44100) and torch.isfinite(out).all()
 
 
+def _read_s3(uri: str) -> dict[str, bytes]:
+    """Every file under ``uri`` on the test's S3 server, by path relative to it."""
+    fs, root = pafs.FileSystem.from_uri(uri)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out[info.path[len(root) + 1 :]] = f.read()
+    return out
+
+
 @pytest.mark.integration
-def test_a_resumed_experiment_does_not_rerun_finished_trials(data, ray_cluster, monkeypatch, capsys):
-    config, tmp = data
-    flags = _flags(config, tmp, "resumed", "--max-epochs", "2")
+def test_a_resumed_experiment_on_s3_does_not_rerun_finished_trials(data, ray_cluster, monkeypatch, capsys):
+    """The experiment lives on object storage: interrupted, it is resumed from there by a new
+    driver, finished trials are not run again, and the results are written there."""
+    config, _ = data
+    flags = [*_flags(config, Path("."), "resumed", "--max-epochs", "2")]
+    flags[flags.index("--storage-path") + 1] = "s3://bucket/exp"
     monkeypatch.setenv(INTERRUPT_ENV, "2")  # Ctrl-C after two trials finish
     assert main(flags) == 1
     assert "finish it with: python -m tune --resume" in capsys.readouterr().err
-    folder = tmp / "exp" / "resumed"
-    done = {p.parent.name: p.read_text() for p in folder.glob("trainable_*/progress.csv")}
-    finished = {k: v for k, v in done.items() if v.count("\n") == 1 + 2}  # header + both epochs
-    assert finished and len(done) < 4 + 1 and not (folder / "results.csv").exists()
+    files = _read_s3("s3://bucket/exp/resumed")
+    done = {k.split("/")[0]: v for k, v in files.items() if k.endswith("/progress.csv")}
+    finished = {k: v for k, v in done.items() if v.count(b"\n") == 1 + 2}  # header + both epochs
+    assert finished and len(done) < 4 + 1 and "results.csv" not in files and "tune_settings.json" in files
     monkeypatch.delenv(INTERRUPT_ENV)
     assert main([*flags, "--resume"]) == 0
+    assert "best model: s3://bucket/exp/resumed/best/" in capsys.readouterr().out
+    files = _read_s3("s3://bucket/exp/resumed")
     for name, text in finished.items():
-        assert (folder / name / "progress.csv").read_text() == text  # not run again
-    with open(folder / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert files[f"{name}/progress.csv"] == text  # not run again
+    assert len(list(csv.DictReader(io.StringIO(files["results.csv"].decode())))) == 4
+    assert {"best/vocals.pth", "best/separator.json", "results.md", "loss_curves.png"} <= files.keys()
     assert main(flags) == 2  # the experiment exists: a new run with the same name is refused
     assert "already holds an experiment; pass --resume" in capsys.readouterr().err
