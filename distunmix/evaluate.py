@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import plots
+from . import plots, storage
 from .checkpoint import available_targets, load_separator, model_label
 from .cluster import ray_session
 from .data.cache import AudioCache
@@ -35,6 +36,7 @@ from .data.config import DataConfig, load_split
 from .devices import resolve_device
 from .errors import ConfigError, DataError
 from .fileio import atomic_write_text
+from .storage import is_uri
 from .tables import fmt
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
@@ -142,9 +144,7 @@ class ModelSpec:
     device: str = "cpu"
 
 
-def evaluate_track(
-    spec: ModelSpec, cache: AudioCache, index: int, targets: Sequence[str], json_dir: str | None
-) -> TrackScores:
+def evaluate_track(spec: ModelSpec, cache: AudioCache, index: int, targets: Sequence[str]) -> TrackScores:
     """Separate track ``index`` of an AudioCache with ``spec`` and score it (a Ray task's work)."""
     entry = cache.entries[index]
     mixture = cache.mixture(index)  # (C, N)
@@ -163,8 +163,6 @@ def evaluate_track(
     scores = score_track(entry.name, references, estimates, cache.sample_rate)
     scores.separation_seconds = separated
     scores.scoring_seconds = time.perf_counter() - t0 - separated
-    if json_dir is not None:
-        atomic_write_text(Path(json_dir) / f"{_safe(entry.name)}.json", museval_json(scores))
     return scores
 
 
@@ -181,28 +179,34 @@ def run_tracks(
     parallel: bool = True,
     on_done: Callable[[TrackScores], None] | None = None,
 ) -> list[TrackScores]:
-    """Evaluate every track of ``cache``; with ``parallel`` one Ray task (1 CPU) per track."""
+    """Evaluate every track of ``cache``; with ``parallel`` one Ray task (1 CPU) per track. The
+    per-track museval JSON goes to ``json_dir`` from here (the driver), wherever the task ran."""
+
+    def done(scores: TrackScores) -> None:
+        if json_dir is not None:
+            atomic_write_text(Path(json_dir) / f"{_safe(scores.track)}.json", museval_json(scores))
+        if on_done:
+            on_done(scores)
+
     indices = range(len(cache))
     if not parallel:
         results = []
         for i in indices:
-            results.append(evaluate_track(spec, cache, i, targets, json_dir))
-            if on_done:
-                on_done(results[-1])
+            results.append(evaluate_track(spec, cache, i, targets))
+            done(results[-1])
         return results
     import ray  # the Ray edge: only for parallel runs
 
     task = ray.remote(num_cpus=1, num_gpus=0.25 if spec.device.startswith("cuda") else 0)(evaluate_track)
     cache_ref = ray.put(cache)
-    pending = {task.remote(spec, cache_ref, i, list(targets), json_dir): i for i in indices}
+    pending = {task.remote(spec, cache_ref, i, list(targets)): i for i in indices}
     results: dict[int, TrackScores] = {}
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
             i = pending.pop(ref)
             results[i] = ray.get(ref)
-            if on_done:
-                on_done(results[i])
+            done(results[i])
     return [results[i] for i in indices]
 
 
@@ -310,7 +314,7 @@ def model_labels(models: Sequence[str]) -> list[str]:
 def evaluate_models(
     models: Sequence[str],
     data: DataConfig,
-    out: Path,
+    out: str | Path,
     subset: str = "test",
     targets: Sequence[str] | None = None,
     niter: int = 1,
@@ -326,6 +330,8 @@ def evaluate_models(
     """
     if not models:
         raise ConfigError("-m/--model: expected a model folder or 'mixture'")
+    if is_uri(out):
+        storage.filesystem(str(out), "--out")  # the bucket answers, before any work
     first = next((m for m in models if m != MIXTURE), None)
     targets = list(targets or (available_targets(first) if first else data.sources))
     for m in models:
@@ -339,14 +345,35 @@ def evaluate_models(
     missing = [t for t in targets if any(t not in e.rows for e in cache.entries)]
     if missing:
         raise DataError(f"{cache.folder}: the {subset} split lacks target(s) {', '.join(missing)}")
-    out = Path(out).resolve()  # Ray tasks may run in another folder, or on another node
+    if is_uri(out):  # written here first, then copied there
+        with tempfile.TemporaryDirectory(prefix="distunmix-eval-") as staging:
+            results = _evaluate(models, cache, targets, niter, device, Path(staging), parallel, address, verbose,
+                                data.progress)  # fmt: skip
+            storage.publish(Path(staging), str(out), "--out")
+        return results
+    return _evaluate(models, cache, targets, niter, device, Path(out), parallel, address, verbose, data.progress)
+
+
+def _evaluate(
+    models: Sequence[str],
+    cache: AudioCache,
+    targets: list[str],
+    niter: int,
+    device: str,
+    out: Path,
+    parallel: bool,
+    address: str | None,
+    verbose: bool,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Score every model on ``cache`` and write the reports into the local folder ``out``."""
     results = {}
     scope = ray_session(address, verbose=verbose) if parallel else contextlib.nullcontext()
     with scope:
         for model, label in zip(models, model_labels(models), strict=True):
-            path = model if model == MIXTURE else str(Path(model).resolve())
+            path = model if model == MIXTURE or is_uri(model) else str(Path(model).resolve())  # tasks run elsewhere
             spec = ModelSpec(path, label, niter=niter, device=device)
-            with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=not data.progress) as bar:
+            with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=not progress) as bar:
                 tracks = run_tracks(spec, cache, targets, str(out / label), parallel, on_done=lambda _: bar.update())
             results[label] = {"model": model, "scores": aggregate(tracks, targets), "tracks": tracks}
     write_reports(out, results, targets)

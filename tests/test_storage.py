@@ -108,3 +108,15 @@ def test_wrong_credentials_are_named_before_any_work(s3, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_evaluate_reads_a_model_uri_and_writes_its_reports_to_s3(remote_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTUNMIX_CACHE", str(tmp_path / "cache"))
+    _, uri = remote_model
+    flags = ["--synth-tracks", "3", "--synth-duration", "2", "--subset", "test", "--serial", "-q"]
+    assert main(["evaluate", "-m", uri, "--compare", "mixture", *flags, "-o", "s3://bucket/eval"]) == 0
+    fs, path = pafs.FileSystem.from_uri("s3://bucket/eval")
+    names = {i.path[len(path) + 1 :] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    assert {"scores.json", "scores.csv", "scores.md", "scores.png"} <= names
+    assert any(n.startswith("trial-7-best/") and n.endswith(".json") for n in names)  # per-track museval JSON
+    assert any(n.startswith("mixture/") and n.endswith(".json") for n in names)

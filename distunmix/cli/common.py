@@ -33,9 +33,12 @@ def model_flag(p: Any, required: bool = True, help: str = "model folder (<target
     p.add_argument("-m", "--model", required=required, help=help)
 
 
-def out_flag(p: Any, default: str, help: str) -> None:
-    """``-o/--out``."""
-    flag(p, "-o", "--out", type=Path, default=Path(default), help=help)
+def out_flag(p: Any, default: str, help: str, uri: bool = False) -> None:
+    """``-o/--out``: a local folder (a Path), or with ``uri`` also ``s3://...`` (a str)."""
+    if uri:
+        flag(p, "-o", "--out", default=default, help=f"{help} (a folder, or a URI such as s3://bucket/prefix)")
+    else:
+        flag(p, "-o", "--out", type=Path, default=Path(default), help=help)
 
 
 def device_flag(p: Any) -> None:

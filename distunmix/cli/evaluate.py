@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     targets_flag(p, help="targets to score (default: the first model's)")
     add_flags(p, SeparatorOptions, only=("niter",))
     device_flag(p)
-    out_flag(p, "evaluation", "output folder")
+    out_flag(p, "evaluation", "output folder", uri=True)
     flag(p, "--serial", action="store_true", help="no Ray: one track after another in this process")
     run_flags(p, "address", "progress")
     p.set_defaults(func=run_evaluate)
@@ -51,7 +51,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"{label:>16} {t:>8} {metrics} {s['global_SDR']:10.2f}")
     notes = sum(len(s.notes) for r in results.values() for s in r["tracks"])
     if notes:
-        print(f"{notes} note(s) on silent or perfect signals: see {args.out / 'scores.md'}")
-    files = ", ".join(str(args.out / f"scores.{k}") for k in ("json", "csv", "md", "png"))
+        print(f"{notes} note(s) on silent or perfect signals: see {args.out}/scores.md")
+    files = ", ".join(f"{args.out}/scores.{k}" for k in ("json", "csv", "md", "png"))
     print(f"wrote {files} and per-track museval JSON in {args.out}/<model>/")
     return 0
