@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -53,9 +54,11 @@ class TrainResult:
 class RaySession:
     """A Ray Train worker's rank, device, checkpoint and report."""
 
-    def __init__(self) -> None:
+    def __init__(self, upload_async: bool = False) -> None:
         import ray.train
         import ray.train.torch
+
+        self.upload_async = upload_async  # object storage: the next epoch does not wait for the upload
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -70,8 +73,19 @@ class RaySession:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        if checkpoint_dir is None or not self.upload_async:
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+            ray.train.report(metrics, checkpoint=ckpt)
+            return
+        # the caller removes checkpoint_dir on return: Ray uploads a copy in the background, then deletes it
+        keep = Path(tempfile.mkdtemp(prefix="distunmix-upload-"))
+        shutil.copytree(checkpoint_dir, keep, dirs_exist_ok=True)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(keep)),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
 
     def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
         import ray.train
@@ -98,7 +112,7 @@ def earlier_checkpoints(checkpoint: Any) -> list[contextlib.AbstractContextManag
 def train_fn_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point."""
     config = TrainConfig.from_dict(payload["config"])
-    session = RaySession()
+    session = RaySession(upload_async=is_uri(config.storage_path))
     if session.device.type == "cuda":
         torch.cuda.set_device(session.device)
     queue = payload.get("progress")
