@@ -544,6 +544,7 @@ def run_worker(
             metrics["samples_per_s"] = samples * world / train_time
             metrics["epoch_time"] = time.perf_counter() - t0
             metrics["train_time"] = (history[-1]["train_time"] if history else 0.0) + metrics["epoch_time"]
+            metrics["finished_at"] = time.time()  # wall clock: gaps include checkpoint saves and restarts
             history.append(metrics)
             if logger is not None:
                 logger.log(metrics, step=epoch)

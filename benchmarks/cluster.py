@@ -1,0 +1,117 @@
+"""Training with checkpoints on object storage against a local folder, on one machine.
+
+    .venv/bin/python benchmarks/cluster.py                # ~3 min on 2 cores
+    .venv/bin/python benchmarks/cluster.py --hidden-size 512 --epochs 4
+
+Starts an S3-compatible server (moto) on 127.0.0.1 and a local Ray instance, then runs the same
+2-worker training (generated MUSDB-format data) twice: run folder and checkpoints in a local folder,
+and on ``s3://bucket/runs`` (checkpoints uploaded asynchronously). Prints the wall time per epoch of
+both (the run's wall time over its epochs; start-up excluded by timing epoch 1 to the end), their
+ratio (goal: at most 1.10), the checkpoint size, and what one synchronous upload of it to the same
+server takes (what an epoch would wait without the asynchronous upload), and the CPU the S3 server itself used
+per epoch (on a small machine it competes with training; a real object store does not).
+Not measured here (not built yet): staging a dataset from S3 per node, the Serve job hand-over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def _moto(port: int) -> subprocess.Popen:
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("moto_server did not start")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--samples-per-track", type=int, default=4)
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true", RAY_AUTH_MODE="disabled",
+                      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # fmt: skip
+    server = _moto(port)
+    try:
+        run(args, Path(tempfile.mkdtemp(prefix="bench-cluster-")), server.pid)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def run(args: argparse.Namespace, tmp: Path, server_pid: int) -> None:
+    import boto3
+    import psutil
+    import pyarrow.fs as pafs
+    import ray
+
+    from distunmix.data.config import DataConfig
+    from distunmix.data.synth import write_dataset
+    from distunmix.train.config import TrainConfig
+    from distunmix.train.ray_trainer import fit
+
+    boto3.client("s3").create_bucket(Bucket="bucket")
+    write_dataset(tmp / "musdb", tracks=5, duration=8.0, seed=3)
+    base = TrainConfig(
+        data=DataConfig(root=str(tmp / "musdb"), cache_dir=str(tmp / "cache"), progress=False),
+        epochs=args.epochs, hidden_size=args.hidden_size, batch_size=4, seq_dur=2.0,
+        samples_per_track=args.samples_per_track, loader_workers=0, num_workers=2, cpus_per_worker=1,
+        storage_path=str(tmp / "runs"), name="local", progress=False,
+    )  # fmt: skip
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    figures = {}
+    try:
+        for label, config in (("local folder", base), ("s3 (async upload)", replace(base, storage_path="s3://bucket/runs",
+                                                                                     name="s3"))):  # fmt: skip
+            server = psutil.Process(server_pid).cpu_times()
+            result = fit(config)
+            after = psutil.Process(server_pid).cpu_times()
+            server_cpu = (after.user + after.system - server.user - server.system) / config.epochs
+            times = [h["epoch_time"] for h in result.history]
+            wall = _wall_per_epoch(result.history)  # includes checkpoint saves, and uploads where they block
+            figures[label] = {"epoch_s": sum(times) / len(times), "wall_per_epoch_s": wall}
+            print(f"{label:18s} mean epoch (compute) {figures[label]['epoch_s']:.2f} s, wall per epoch after "
+                  f"the first {wall:.2f} s; the S3 server used {server_cpu:.2f} CPU-s per epoch")  # fmt: skip
+    finally:
+        ray.shutdown()
+    ratio = figures["s3 (async upload)"]["wall_per_epoch_s"] / figures["local folder"]["wall_per_epoch_s"]
+    print(f"s3 / local wall per epoch: {ratio:.2f} (goal <= 1.10)")
+    newest = sorted(p for p in (tmp / "runs" / "local").glob("checkpoint_*") if p.is_dir())[-1]
+    size = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/x")
+    t0 = time.perf_counter()
+    pafs.copy_files(str(newest), "bucket/sync-upload", destination_filesystem=fs)
+    upload = time.perf_counter() - t0
+    print(f"one checkpoint: {size / 2**20:.1f} MiB; a synchronous upload to the same server took {upload:.2f} s")
+
+
+def _wall_per_epoch(history: list[dict]) -> float:
+    """Wall seconds per epoch after the first, from the history's end-of-epoch clock."""
+    stamps = [h["finished_at"] for h in history]
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+if __name__ == "__main__":
+    main()
