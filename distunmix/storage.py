@@ -144,6 +144,53 @@ def _etag(fs: Any, info: Any) -> str:
     return tag.decode() if isinstance(tag, bytes) else str(tag or info.mtime_ns)
 
 
+def mirror(uri: str, flag: str, cache: Path, folders: tuple[str, ...] = ()) -> tuple[Path, int]:
+    """A local mirror of the tree at ``uri``: its top-level files, and of its subfolders only
+    ``folders`` (all of them when empty). A file is downloaded when it is missing or its size or
+    modification time changed; several processes of one machine (Ray workers starting together)
+    download each file once: they take turns on a lock, and a manifest records what is there.
+    Returns (the local root, files downloaded by this call)."""
+    import fcntl
+
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(uri, flag)
+    local = cache / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:20]
+    local.mkdir(parents=True, exist_ok=True)
+    wanted = []
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            if info.type == pafs.FileType.File:
+                wanted.append(info)
+            elif info.type == pafs.FileType.Directory and (not folders or info.base_name in folders):
+                found = fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                wanted += [i for i in found if i.type == pafs.FileType.File]
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {uri}: not found; expected a dataset folder") from None
+    if not wanted:
+        raise ConfigError(f"{flag} {uri}: no files there; expected a dataset folder")
+    fetched = 0
+    with open(local / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        manifest_path = local / ".manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        for info in wanted:
+            rel = info.path[len(root) + 1 :]
+            stamp = [info.size, info.mtime_ns]
+            dest = local / rel
+            if manifest.get(rel) == stamp and dest.is_file():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + ".part")
+            with fs.open_input_stream(info.path) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            part.rename(dest)
+            manifest[rel] = stamp
+            atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+            fetched += 1
+    return local, fetched
+
+
 def local_folder(path: str | os.PathLike, flag: str = "--model") -> Path:
     """``path`` itself for a local folder, the cached copy (:func:`fetch_folder`) for a URI."""
     return fetch_folder(str(path), flag) if is_uri(path) else Path(path)

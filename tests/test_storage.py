@@ -120,3 +120,32 @@ def test_evaluate_reads_a_model_uri_and_writes_its_reports_to_s3(remote_model, t
     assert {"scores.json", "scores.csv", "scores.md", "scores.png"} <= names
     assert any(n.startswith("trial-7-best/") and n.endswith(".json") for n in names)  # per-track museval JSON
     assert any(n.startswith("mixture/") and n.endswith(".json") for n in names)
+
+
+def test_a_dataset_on_s3_is_staged_once_per_machine_and_reads_like_the_local_one(s3, tmp_path):
+    """Three processes staging the same split together download each file once; the staged split
+    decodes to the same samples as the local dataset."""
+    import numpy as np
+
+    from distunmix.data.config import DataConfig, load_split
+    from distunmix.data.synth import write_dataset
+
+    write_dataset(tmp_path / "musdb", tracks=4, duration=2.0, seed=5)
+    _upload(tmp_path / "musdb", "s3://bucket/musdb")
+    wanted = [p for p in (tmp_path / "musdb").rglob("*") if p.is_file() and p.parent.parent.name != "test"]
+    script = (
+        "import sys; from pathlib import Path; from distunmix import storage; "
+        "print(storage.mirror('s3://bucket/musdb', '--root', Path(sys.argv[1]), ('train', 'valid'))[1])"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "staged")], stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]  # fmt: skip
+    counts = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert sum(counts) == len(wanted) and sorted(counts)[:2] == [0, 0], counts  # one process fetched everything
+    (staged,) = (tmp_path / "staged").iterdir()
+    assert not (staged / "test").exists()  # only the split asked for
+    remote = DataConfig(root="s3://bucket/musdb", cache_dir=str(tmp_path / "cache-remote"), progress=False)
+    local = DataConfig(root=str(tmp_path / "musdb"), cache_dir=str(tmp_path / "cache-local"), progress=False)
+    a, b = load_split(remote, "train"), load_split(local, "train")
+    assert len(a) == len(b) == 2 and all(np.array_equal(a.mixture(i), b.mixture(i)) for i in range(len(a)))
+    with pytest.raises(Exception, match=r"--root s3://bucket/elsewhere: dataset root not found"):
+        DataConfig(root="s3://bucket/elsewhere")

@@ -182,20 +182,27 @@ def test_a_torn_newest_checkpoint_resumes_from_the_one_before(straight, split, b
     assert (run / "best" / "vocals.pth").stat().st_size > 100  # the run folder is whole again
 
 
-def test_a_removed_node_is_survived_with_checkpoints_on_s3(ray_cluster, straight, base_config, monkeypatch, tmp_path):
-    """The node of rank 1 leaves the cluster mid-epoch 2; the group restarts on the nodes left from
-    the last checkpoint on S3, and ends with the weights of the uninterrupted run (on local storage)."""
+def test_a_removed_node_is_survived_with_data_and_checkpoints_on_s3(
+    ray_cluster, straight, base_config, monkeypatch, tmp_path
+):
+    """The dataset and the run live on S3. The node of rank 1 leaves the cluster mid-epoch 2; the
+    group restarts on the nodes left from the last checkpoint on S3, and ends with the weights of
+    the uninterrupted run (local dataset, local storage)."""
     monkeypatch.setenv(FAULT_ENV, "2,0,1,hold")  # rank 1 waits after its first batch of epoch 2
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
-    config = replace(base_config, name="node-loss", max_failures=1, storage_path="s3://bucket/runs")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault"))
+    (tmp_path / "fault").mkdir()
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/")
+    pafs.copy_files(base_config.data.root, "bucket/musdb", destination_filesystem=fs)
+    data = replace(base_config.data, root="s3://bucket/musdb", cache_dir=str(tmp_path / "cache"))  # staged anew
+    config = replace(base_config, data=data, name="node-loss", max_failures=1, storage_path="s3://bucket/runs")
     check_storage(config)  # the bucket answers: no run there yet
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=fit(config)))
     runner.start()
     deadline = time.monotonic() + 240
-    while not list(tmp_path.glob("fault-*")) and time.monotonic() < deadline and runner.is_alive():
+    while not list((tmp_path / "fault").glob("fault-*")) and time.monotonic() < deadline and runner.is_alive():
         time.sleep(0.2)
-    (marker,) = tmp_path.glob("fault-*")
+    (marker,) = (tmp_path / "fault").glob("fault-*")
     node = marker.read_text().split("\n")[0].split("/")[1]  # "127.0.0.1/<node id prefix>"
     (victim,) = [n for n in ray_cluster.worker_nodes if n.node_id.startswith(node)]
     ray_cluster.remove_node(victim)
@@ -212,4 +219,5 @@ def test_a_removed_node_is_survived_with_checkpoints_on_s3(ray_cluster, straight
     with pytest.raises(ConfigError, match=r"other settings \(hidden_size: 16 -> 24\)"):  # compared on S3 too
         check_storage(replace(config, resume=True, hidden_size=24))
     check_storage(replace(config, resume=True, epochs=3))  # run control may change
+    assert (tmp_path / "cache" / "datasets").is_dir()  # the nodes read the dataset staged from S3
     ray_cluster.add_node(num_cpus=1)  # the module's capacity back

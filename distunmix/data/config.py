@@ -17,7 +17,8 @@ from ..flags import setting
 from . import tracks as T
 from .cache import AudioCache, build_cache
 from .musdb import decode_stems
-from ..storage import cache_root
+from .. import storage
+from ..storage import cache_root, is_uri
 from .synth import write_dataset
 from .tracks import TrackFiles
 
@@ -31,7 +32,8 @@ _GROUP = "data"
 class DataConfig:
     """A dataset and how it is read; field ``x_y`` is flag ``--x-y``. No ``root``: generated data."""
 
-    root: str | None = setting(None, "MUSDB18(-HQ), trackfolder or sourcefolder root", group=_GROUP,
+    root: str | None = setting(None, "MUSDB18(-HQ), trackfolder or sourcefolder root (a folder, or s3://... "
+                               "staged on each machine)", group=_GROUP,
                                shown_default="generated data")  # fmt: skip
     dataset: str = setting("musdb", "layout of --root", group=_GROUP, choices=DATASETS)
     is_wav: bool | None = setting(None, "musdb: WAV folders (HQ) or .stem.mp4", group=_GROUP, shown_default="detect")
@@ -60,7 +62,10 @@ class DataConfig:
         for ok, flag, value, expected in checks:
             if not ok:
                 raise ConfigError(f"{flag} {value}: expected {expected}")
-        if self.root is not None and not Path(self.root).expanduser().is_dir():
+        if is_uri(self.root):
+            if not storage.exists(self.root, "--root"):
+                raise DataError(f"--root {self.root}: dataset root not found")
+        elif self.root is not None and not Path(self.root).expanduser().is_dir():
             raise DataError(f"--root {self.root}: dataset root not found")
         if self.valid_tracks is not None and not Path(self.valid_tracks).is_file():
             raise DataError(f"--valid-tracks {self.valid_tracks}: file not found")
@@ -76,6 +81,8 @@ class DataConfig:
             "cache_dir": str(self.cache_root.resolve()),
             "valid_tracks": str(Path(self.valid_tracks).resolve()) if self.valid_tracks else None,
         }
+        if is_uri(self.root):  # staged on each machine by split_entries, where the split is read
+            return replace(self, **paths)
         if self.root is not None:
             return replace(self, root=str(Path(self.root).expanduser().resolve()), **paths)
         folder = self.cache_root / f"synth-{self.synth_tracks}x{self.synth_duration:g}s-seed{self.synth_seed}"
@@ -91,7 +98,7 @@ def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
     """The entries of ``split`` (train, valid or test) for a resolved config."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--subset {split}: expected train, valid or test")
-    root = Path(config.root).expanduser()
+    root = _local_root(config, split)
     sources = tuple(config.sources)
     if config.dataset == "musdb":
         is_wav = config.is_wav if config.is_wav is not None else T.detect_format(root) == "wav"
@@ -120,6 +127,18 @@ def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:
         )
         return train if split == "train" else valid
     return loader(root, sources, split)
+
+
+def _local_root(config: DataConfig, split: str) -> Path:
+    """The dataset root on this machine: ``--root`` itself, or for a URI its files of ``split``
+    (and the root's own files, such as a track list) mirrored once into the cache."""
+    if not is_uri(config.root):
+        return Path(config.root).expanduser()
+    folders = ("test",) if split == "test" else ("train", "valid")
+    local, fetched = storage.mirror(config.root, "--root", config.cache_root / "datasets", folders)
+    if fetched:
+        log.info("staged %d file(s) of %s (%s) in %s", fetched, config.root, split, local)
+    return local
 
 
 def _slug(root: Path) -> str:
