@@ -134,3 +134,13 @@ def s3():
         proc.terminate()
         proc.wait(10)
         mp.undo()
+
+
+# the longest files first, so that with two pytest processes (./run.sh test) neither is left with
+# a long file at the end; within a file the order is kept
+LONGEST_FIRST = ("test_readme.py", "test_wheel.py", "test_train_ray.py", "test_serve.py", "test_tune.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))

@@ -238,7 +238,7 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     os.environ["PATH"] = f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"
     os.environ["DISTUNMIX_CACHE"] = str(home / ".cache" / "distunmix")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
              log_to_driver=False)  # fmt: skip
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},

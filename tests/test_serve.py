@@ -35,7 +35,7 @@ def server(tmp_path_factory):
     assert main(["init-model", str(model), "--hidden-size", "16"]) == 0
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServiceConfig(str(model), device="cpu", max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs"),

@@ -101,7 +101,7 @@ def data(tmp_path_factory):
 def ray_cluster(s3):  # Ray's processes inherit the S3 server's environment
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
     mp.undo()

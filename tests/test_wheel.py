@@ -53,8 +53,9 @@ def wheel_env(tmp_path_factory):
     )  # fmt: skip
     # one Ray for every command, started by the fresh environment's Python: its workers import the wheel
     head = subprocess.Popen(
-        [python, "-c", "import ray, sys; ray.init(num_cpus=2, log_to_driver=False, include_dashboard=True, "
-         "dashboard_host='127.0.0.1'); print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
+        [python, "-c", "import ray, sys; ray.init(address='local', num_cpus=2, log_to_driver=False, "
+         f"include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port={free_port()}); "
+         "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=work, env=env,
     )  # fmt: skip
     env["RAY_ADDRESS"] = head.stdout.readline().strip()
