@@ -21,6 +21,7 @@ import distunmix
 from distunmix.cli import build_parser
 from distunmix.data.config import DataConfig
 from distunmix.flags import from_args
+from distunmix.serve import proxy
 from distunmix.serve.service import ServiceConfig
 from distunmix.train.config import TrainConfig
 from distunmix.tuning.runner import TuneSettings
@@ -116,6 +117,13 @@ def test_the_service_config_is_valid_for_ray_and_equals_serve_config_yaml_but_fo
     assert differs == CLUSTER_SETTINGS
     (deployment,) = app["deployments"]
     assert deployment["ray_actor_options"]["num_gpus"] > 0 and deployment["autoscaling_config"]["max_replicas"] > 1
+    pods = [
+        service["spec"]["rayClusterConfig"]["headGroupSpec"],
+        *service["spec"]["rayClusterConfig"]["workerGroupSpecs"],
+    ]
+    for pod in pods:  # every node's proxy answers JSON errors
+        (container,) = pod["template"]["spec"]["containers"]
+        assert {"name": proxy.CALLBACK_ENV, "value": proxy.CALLBACK} in container["env"]
     (local_deployment,) = local["deployments"]
     for key in ("name", "max_ongoing_requests", "max_queued_requests", "backpressure_config"):
         assert deployment[key] == local_deployment[key], key

@@ -86,7 +86,7 @@ RULES = [
     Rule(r"distunmix train --root /shared/my_stems ", append=f"{UMXHQ_TRAIN} {ONE_CPU}"),
     Rule(r"python -m tune --space quick ", append="--num-samples 1 --max-epochs 1 --speed-seconds 1"),
     Rule(r"^ray job submit ", append=SMALL_TUNE, timeout=600),
-    Rule(r"^\.venv/bin/serve run ", kind="server"),
+    Rule(r"\.venv/bin/serve run ", kind="server"),
     Rule(r"distunmix serve ", kind="server"),
     Rule(r"^curl "),
     Rule(r"distunmix client "),

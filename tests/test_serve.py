@@ -21,6 +21,7 @@ from ray import serve
 
 from distunmix.checkpoint import load_separator
 from distunmix.cli import main
+from distunmix.serve import proxy
 from distunmix.serve.app import deployment
 from distunmix.serve.client import free_port
 from distunmix.serve.service import ServiceConfig
@@ -35,6 +36,7 @@ def server(tmp_path_factory):
     assert main(["init-model", str(model), "--hidden-size", "16"]) == 0
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
+    mp.setenv(proxy.CALLBACK_ENV, proxy.CALLBACK)  # as distunmix serve does: JSON errors from the proxy too
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -205,8 +207,10 @@ def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
         answers = list(pool.map(lambda _: _call(f"{url}/tight/separate", body), range(8)))
     codes = [code for code, _, _ in answers]
     assert set(codes) == {200, 503} and codes.count(200) >= 2
-    # the proxy's own 503 (beyond max_queued_requests) says when to try again too
-    assert all("retry-after" in headers for code, headers, _ in answers if code == 503)
+    # the proxy's own 503 (beyond max_queued_requests) is JSON too, and says when to try again
+    refused = [(headers, json.loads(body)["error"]) for code, headers, body in answers if code == 503]
+    assert all("retry-after" in headers for headers, _ in refused)
+    assert any("backpressure" in error for _, error in refused), refused
     assert _call(f"{url}/tight/healthz")[0] == 200
     serve.delete("tight")
 

@@ -219,3 +219,53 @@ def test_the_client_bounds_what_a_server_sends(tmp_path):
         assert all(p.stat().st_size == 2**20 for p in written)
     finally:
         server.shutdown()
+
+
+def _asgi(app) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one GET through ``JSONErrors(app)``."""
+    from distunmix.serve.proxy import JSONErrors
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(JSONErrors(app)({"type": "http", "method": "GET", "path": "/x"}, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def _answer_app(status: int, ctype: bytes, body: bytes, extra: list | None = None):
+    async def app(scope, receive, send) -> None:
+        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *(extra or [])]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_the_proxy_middleware_makes_every_error_json():
+    """What Ray Serve's proxy answers itself (plain text, or nothing when a replica died) becomes
+    {"error": ...} with its status and headers; JSON errors and successes pass unchanged."""
+    backpressure = _answer_app(503, b"text/plain", b"Request dropped due to backpressure", [(b"retry-after", b"1")])
+    status, headers, body = _asgi(backpressure)
+    assert (status, json.loads(body)) == (503, {"error": "Request dropped due to backpressure"})
+    assert headers["content-type"] == "application/json" and headers["retry-after"] == "1"
+    assert headers["content-length"] == str(len(body))
+
+    async def silent(scope, receive, send) -> None:  # a replica died: the proxy sends nothing
+        return
+
+    async def broken(scope, receive, send) -> None:
+        raise RuntimeError("replica actor died")
+
+    for app in (silent, broken):
+        status, _, body = _asgi(app)
+        assert status == 500 and "a replica failed" in json.loads(body)["error"]
+    for app in (_answer_app(422, b"application/json", b'{"error": "bad"}'), _answer_app(200, b"text/plain", b"ok")):
+        status, _, body = _asgi(app)
+        assert body in (b'{"error": "bad"}', b"ok")

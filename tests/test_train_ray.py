@@ -96,6 +96,16 @@ def _last_weights(run_dir: str) -> dict[str, dict[str, torch.Tensor]]:
     return weights
 
 
+def _uploaded(fs, run: str) -> int:
+    """Files in the first checkpoint folder of the run at ``run`` (0 when there is none yet)."""
+    found = fs.get_file_info(pafs.FileSelector(run, allow_not_found=True))
+    folders = sorted(i.path for i in found if i.type == pafs.FileType.Directory and "/checkpoint_" in i.path)
+    if not folders:
+        return 0
+    inside = fs.get_file_info(pafs.FileSelector(folders[0], recursive=True))
+    return sum(1 for i in inside if i.type == pafs.FileType.File)
+
+
 def _assert_same_weights(a, b) -> None:
     assert a.keys() == b.keys()
     for target in a:
@@ -204,6 +214,12 @@ def test_a_removed_node_is_survived_with_data_and_checkpoints_on_s3(
         time.sleep(0.2)
     (marker,) = (tmp_path / "fault").glob("fault-*")
     node = marker.read_text().split("\n")[0].split("/")[1]  # "127.0.0.1/<node id prefix>"
+    # epoch 1's checkpoint uploads in the background: remove the node once it is whole on S3
+    local = sorted(p for p in Path(straight.run_dir).glob("checkpoint_*") if p.is_dir())[0]
+    files = sum(1 for f in local.rglob("*") if f.is_file())
+    while time.monotonic() < deadline and _uploaded(fs, "bucket/runs/node-loss") < files:
+        time.sleep(0.2)
+    time.sleep(2.0)  # and registered by the controller
     (victim,) = [n for n in ray_cluster.worker_nodes if n.node_id.startswith(node)]
     ray_cluster.remove_node(victim)
     runner.join(300)

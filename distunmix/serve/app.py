@@ -33,6 +33,7 @@ from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
+from . import proxy
 from .jobs import JobStore, default_job_dir
 from .service import (
     FORMATS,
@@ -447,6 +448,7 @@ def serve_foreground(
     cluster at ``address``; ``on_ready`` gets the URL once it answers."""
     if replicas < 1 or num_gpus < 0:
         raise ConfigError(f"--replicas {replicas} --num-gpus {num_gpus}: expected >= 1 and >= 0")
+    proxy.enable()  # a Ray started here gives its proxies the JSON errors middleware
     with ray_session(address, verbose=verbose):
         serve.start(http_options={"host": host, "port": port})
         options = {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 1, "num_gpus": num_gpus}}
