@@ -109,12 +109,13 @@ case "$cmd" in
         setup
         "$VENV/bin/ruff" check distunmix tests benchmarks tune
         "$VENV/bin/ruff" format --check distunmix tests benchmarks tune
-        # two pytest processes, a test file each at a time (pytest-xdist): most of the suite waits on
-        # Ray and subprocesses, so two files share the two cores well; every test starts its own Ray
         if [ "${1:-}" = "--quick" ]; then
             shift
-            "$PY" -m pytest -q -n 2 --dist loadfile -m "not integration" "$@"   # the inner loop: no Ray, Serve, wheel or README runs
+            "$PY" -m pytest -q -m "not integration" "$@"   # the inner loop: no Ray, Serve, wheel or README runs
         else
+            # two pytest processes, a test file each at a time (pytest-xdist): the integration tests
+            # mostly wait on Ray and subprocesses, so two files share the two cores well
+            # (the quick tier is compute-bound: one process is faster there)
             "$PY" -m pytest -q -n 2 --dist loadfile "$@"
         fi
         ;;

@@ -10,7 +10,8 @@ both (the run's wall time over its epochs; start-up excluded by timing epoch 1 t
 ratio (goal: at most 1.10), the checkpoint size, and what one synchronous upload of it to the same
 server takes (what an epoch would wait without the asynchronous upload), and the CPU the S3 server itself used
 per epoch (on a small machine it competes with training; a real object store does not).
-Not measured here (not built yet): staging a dataset from S3 per node, the Serve job hand-over.
+Then the staging of a generated MUSDB-format tree from S3 on one machine (three processes at once,
+then again with it staged). Not measured here (not built yet): the Serve job hand-over.
 """
 
 from __future__ import annotations
@@ -105,6 +106,29 @@ def run(args: argparse.Namespace, tmp: Path, server_pid: int) -> None:
     pafs.copy_files(str(newest), "bucket/sync-upload", destination_filesystem=fs)
     upload = time.perf_counter() - t0
     print(f"one checkpoint: {size / 2**20:.1f} MiB; a synchronous upload to the same server took {upload:.2f} s")
+    stage(tmp, fs)
+
+
+def stage(tmp: Path, fs) -> None:
+    """Staging a MUSDB-format tree from S3 on one machine: three processes at once (the workers of a
+    node starting together), then once more with everything already there."""
+    import pyarrow.fs as pafs
+
+    from distunmix.data.synth import write_dataset
+
+    write_dataset(tmp / "big", tracks=8, duration=20.0, seed=4)
+    pafs.copy_files(str(tmp / "big"), "bucket/musdb", destination_filesystem=fs)
+    size = sum(f.stat().st_size for f in (tmp / "big").rglob("*") if f.is_file() and "test" not in f.parts)
+    script = ("import sys; from pathlib import Path; from distunmix import storage; print(storage.mirror("
+              "'s3://bucket/musdb', '--root', Path(sys.argv[1]), ('train', 'valid'))[1])")  # fmt: skip
+    for label in ("three processes, nothing staged", "one process, all staged"):
+        t0 = time.perf_counter()
+        command = [sys.executable, "-c", script, str(tmp / "staged")]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                 for _ in range(3 if label.startswith("three") else 1)]  # fmt: skip
+        fetched = [int(p.communicate(timeout=600)[0]) for p in procs]
+        print(f"staging {size / 2**20:.0f} MiB (train and valid) from S3, {label}: {time.perf_counter() - t0:.1f} s, "
+              f"files fetched per process {fetched}")  # fmt: skip
 
 
 def _wall_per_epoch(history: list[dict]) -> float:
