@@ -162,6 +162,30 @@ def test_job_round_trip_and_unknown_jobs(server):
         assert _call(f"{url}/jobs/{bad}")[0] == 404
 
 
+def test_a_job_of_a_replica_that_stopped_is_taken_over_and_completed(server):
+    """A job left queued by a replica that died (its heartbeat 60 s old, its clip on disk in the
+    store the replicas share) is claimed by a live replica and completed: nothing stays "running"."""
+    from distunmix.serve.jobs import JobStore
+
+    url, _, tmp = server
+    clip = _clip(2.0, seed=8)
+    store = JobStore(tmp / "jobs", ttl_seconds=3600, quota_bytes=2**30)
+    info = {"targets": ["vocals"], "format": "wav", "niter": 1, "seconds": 2.0, "replica": "dead"}
+    job = store.create(info, need_bytes=10**6)
+    store.save_input(job, clip)
+    store._write_record(job, {**store._read_record(job), "status": "running", "heartbeat": time.time() - 60})
+    for _ in range(600):  # a replica looks for orphans every job_lease_s / 3 (10 s)
+        state = json.loads(_call(f"{url}/jobs/{job}")[2])
+        if state["status"] in ("done", "failed"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "done" and state["taken_over"] and state["replica"] != "dead", state
+    status, _, vocals = _call(f"{url}/jobs/{job}/vocals")
+    direct = _stems(_call(f"{url}/separate?targets=vocals,other", _wav(clip))[2])
+    assert status == 200 and np.array_equal(sf.read(io.BytesIO(vocals), dtype="float32")[0].T, direct["vocals"])
+    assert not (tmp / "jobs" / job / "input.npy").exists()  # the clip goes once the job is done
+
+
 def test_models_endpoint_and_two_replicas_serve(server):
     url, _, _ = server
     info = json.loads(_call(f"{url}/models")[2])

@@ -163,6 +163,32 @@ def test_jobs_of_a_dead_replica_fail_and_old_or_excess_jobs_go(store, monkeypatc
     assert store.expire(now=real() + 7200) == 1 and not any(p.is_dir() for p in store.root.iterdir())
 
 
+def test_a_job_whose_replica_stopped_is_taken_over_once_or_fails(store, monkeypatch):
+    """A job with its clip still on disk waits for a live replica to claim it (only one claim wins,
+    the claim queues it again), and fails when nobody took it for three leases."""
+    import time
+
+    import numpy as np
+
+    orphan = _job(store, status="running")
+    store.save_input(orphan, np.zeros((2, 4410), np.float32))
+    real = time.time
+    assert store.orphans() == []
+    monkeypatch.setattr(time, "time", lambda: real() + 31)  # no heartbeat for 31 s: its replica died
+    state = store.status(orphan)
+    assert state["status"] == "running" and "another replica takes it over" in state["note"]
+    assert store.orphans() == [orphan]
+    taken = store.claim(orphan, "r2")
+    assert taken["status"] == "queued" and taken["replica"] == "r2" and taken["targets"] == ["vocals"]
+    assert store.claim(orphan, "r3") is None  # claimed already: one replica wins
+    assert store.orphans() == [] and store.status(orphan)["replica"] == "r2"  # beating again
+    assert store.load_input(orphan).shape == (2, 4410)  # the clip stays until the job is done
+    monkeypatch.setattr(time, "time", lambda: real() + 31 + 91)  # r2 stopped too, and nobody took it
+    assert store.orphans() == []
+    state = store.status(orphan)
+    assert state["status"] == "failed" and "stopped (no heartbeat" in state["error"]
+
+
 def _serving(answers: dict[str, tuple[str, bytes]]):
     """A one-thread HTTP server on 127.0.0.1 answering each path with (content type, body)."""
     import http.server

@@ -144,9 +144,19 @@ class SeparatorDeployment:
             self._background = [loop.create_task(c) for c in (self._job_worker(), self._beat(), self._expire())]
 
     async def _beat(self) -> None:
+        """Beat the heartbeat of this replica's jobs, and take over those of replicas that stopped."""
         while True:
             await asyncio.sleep(self.service.config.job_lease_s / 3)
             await asyncio.to_thread(self.jobs.touch, sorted(self._held))
+            for job_id in await asyncio.to_thread(self.jobs.orphans):
+                if self._jobs >= self.service.config.max_jobs:
+                    break
+                record = await asyncio.to_thread(self.jobs.claim, job_id, self.replica)
+                if record is not None:
+                    log.info("took over job %s (its replica stopped)", job_id)
+                    self._jobs += 1
+                    self._held.add(job_id)
+                    self._queue.put_nowait((job_id, record["targets"], record["format"], int(record.get("niter", 1))))
 
     async def _expire(self) -> None:
         while True:
@@ -329,7 +339,7 @@ class SeparatorDeployment:
         names, fmt, n, clip = await self._parse(request, targets, format, niter, job=True)
         # the clip waits on disk; room for it and its stems is made in the store first
         need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
-        info = {"targets": names, "format": fmt, "seconds": clip.seconds, "replica": self.replica}
+        info = {"targets": names, "format": fmt, "niter": n, "seconds": clip.seconds, "replica": self.replica}
         try:
             job_id = await asyncio.to_thread(self.jobs.create, info, need)
             await asyncio.to_thread(self.jobs.save_input, job_id, clip.audio)
@@ -366,6 +376,7 @@ class SeparatorDeployment:
                 await asyncio.to_thread(self.jobs.write_stem, job_id, t, fmt, data)
                 self.jobs.update(job_id, {"progress": 0.8 + 0.2 * (k + 1) / len(names)})
             self.jobs.update(job_id, {"status": "done", "progress": 1.0, "seconds_taken": time.time() - t0})
+            await asyncio.to_thread(self.jobs.drop_input, job_id)
         except Exception as e:  # a failed job is reported, the replica goes on
             log.exception("job %s failed", job_id)
             with contextlib.suppress(ServiceError):

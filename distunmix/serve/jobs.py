@@ -4,9 +4,11 @@
 (or adopted empty), owned by this user and writable by nobody else; a folder that is not is
 refused. Job ids are random UUIDs, checked before any path is built from them; every file is opened
 without following symbolic links, and job records are checked when read. A queued or running job
-carries its replica's heartbeat: one whose replica stopped beating (it died) is marked failed when
-it is next looked at, never left "running". Finished jobs expire after a time-to-live, and the
-oldest go first when the store would outgrow its quota.
+carries its replica's heartbeat: one whose replica stopped beating (it died) is taken over by a live
+replica sharing the store (its clip stays on disk until it is done; a claim is an atomic ``mkdir``,
+so one replica wins), or marked failed once no replica took it for ``TAKEOVER_LEASES`` leases, never
+left "running". Finished jobs expire after a time-to-live, and the oldest go first when the store
+would outgrow its quota.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ STATUSES = ("queued", "running", "done", "failed")
 MARKER = ".distunmix-jobs"  # written into a store folder the app created or adopted
 RECORD_LIMIT = 64 * 1024  # bytes a status.json may have
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+TAKEOVER_LEASES = 3  # a job silent longer than this many leases, and not taken over, failed
 
 
 def default_job_dir() -> Path:
@@ -152,7 +155,8 @@ class JobStore:
         job_id = str(uuid.uuid4())
         os.mkdir(self.root / job_id, 0o700)
         now = time.time()
-        record = {"status": "queued", "progress": 0.0, "created": now, "heartbeat": now, "need_bytes": need_bytes}
+        record = {"status": "queued", "progress": 0.0, "created": now, "heartbeat": now, "need_bytes": need_bytes,
+                  "claims": 0}  # fmt: skip
         self._write_record(job_id, {**record, **info})
         return job_id
 
@@ -184,15 +188,53 @@ class JobStore:
                 self.update(job_id, {})
 
     def status(self, job_id: str) -> dict[str, Any]:
-        """A job's record; a queued or running one whose heartbeat stopped is marked failed first."""
+        """A job's record. A queued or running one whose heartbeat stopped waits to be taken over
+        (``note`` says so) while its clip is there, and is marked failed after ``TAKEOVER_LEASES``
+        leases without a taker."""
         state = self._read_record(job_id)
         silent = time.time() - state["heartbeat"]
         if state["status"] in ("queued", "running") and silent > self.lease:
-            error = f"the replica holding it stopped (no heartbeat for {silent:.0f} s); submit it again"
-            state = {**state, "status": "failed", "error": error}
-            with self._lock:
-                self._write_record(job_id, state)
-        return {"id": job_id, **{k: v for k, v in state.items() if k not in ("need_bytes",)}}
+            if self._can_take_over(job_id, silent):
+                state = {**state, "note": f"its replica stopped {silent:.0f} s ago; another replica takes it over"}
+            else:
+                error = f"the replica holding it stopped (no heartbeat for {silent:.0f} s); submit it again"
+                state = {**state, "status": "failed", "error": error}
+                with self._lock:
+                    self._write_record(job_id, state)
+        return {"id": job_id, **{k: v for k, v in state.items() if k not in ("need_bytes", "claims")}}
+
+    def _can_take_over(self, job_id: str, silent: float) -> bool:
+        return silent <= TAKEOVER_LEASES * self.lease and os.path.lexists(self._folder(job_id) / "input.npy")
+
+    def orphans(self) -> list[str]:
+        """Queued or running jobs whose replica stopped beating, that a live replica can take over."""
+        now, out = time.time(), []
+        for entry in os.scandir(self.root):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(ServiceError):
+                state = self._read_record(entry.name)
+                silent = now - state["heartbeat"]
+                stopped = state["status"] in ("queued", "running") and self.lease < silent
+                if stopped and self._can_take_over(entry.name, silent):
+                    out.append(entry.name)
+        return out
+
+    def claim(self, job_id: str, replica: str) -> dict[str, Any] | None:
+        """Take an orphaned job over for ``replica``: its record (queued again), or None when another
+        replica claimed it first (each claim is a new ``.claim-<n>`` folder: ``mkdir`` is atomic)."""
+        state = self._read_record(job_id)
+        silent = time.time() - state["heartbeat"]
+        if state["status"] not in ("queued", "running") or silent <= self.lease:  # taken, or alive
+            return None
+        claims = int(state.get("claims", 0)) + 1
+        try:
+            os.mkdir(self._folder(job_id) / f".claim-{claims}", 0o700)
+        except FileExistsError:
+            return None
+        fields = {"status": "queued", "progress": 0.0, "replica": replica, "claims": claims, "taken_over": True}
+        self.update(job_id, fields)
+        return {**state, **fields}
 
     # -- files --------------------------------------------------------------------------------
     def save_input(self, job_id: str, audio: np.ndarray) -> None:
@@ -202,12 +244,13 @@ class JobStore:
         _write_replacing(self._folder(job_id) / "input.npy", buf.getvalue())
 
     def load_input(self, job_id: str) -> np.ndarray:
-        """The clip :meth:`save_input` parked (removed from disk)."""
-        path = self._folder(job_id) / "input.npy"
-        with _open_regular(path) as f:
-            audio = np.load(f, allow_pickle=False)
-        path.unlink(missing_ok=True)
-        return audio
+        """The clip :meth:`save_input` parked (kept until :meth:`drop_input`, for a takeover)."""
+        with _open_regular(self._folder(job_id) / "input.npy") as f:
+            return np.load(f, allow_pickle=False)
+
+    def drop_input(self, job_id: str) -> None:
+        """Remove a finished job's clip."""
+        (self._folder(job_id) / "input.npy").unlink(missing_ok=True)
 
     def write_stem(self, job_id: str, target: str, fmt: str, data: bytes) -> None:
         """One finished stem of a job."""
