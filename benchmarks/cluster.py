@@ -11,7 +11,8 @@ ratio (goal: at most 1.10), the checkpoint size, and what one synchronous upload
 server takes (what an epoch would wait without the asynchronous upload), and the CPU the S3 server itself used
 per epoch (on a small machine it competes with training; a real object store does not).
 Then the staging of a generated MUSDB-format tree from S3 on one machine (three processes at once,
-then again with it staged). Not measured here (not built yet): the Serve job hand-over.
+then again with it staged), and the Serve job hand-over: the seconds from removing the node of a
+job's replica to the job done by the replica on the other node (two-node test cluster).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace, tmp: Path, server_pid: int) -> None:
     upload = time.perf_counter() - t0
     print(f"one checkpoint: {size / 2**20:.1f} MiB; a synchronous upload to the same server took {upload:.2f} s")
     stage(tmp, fs)
+    handover(tmp)
 
 
 def stage(tmp: Path, fs) -> None:
@@ -135,6 +137,65 @@ def _wall_per_epoch(history: list[dict]) -> float:
     """Wall seconds per epoch after the first, from the history's end-of-epoch clock."""
     stamps = [h["finished_at"] for h in history]
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def handover(tmp: Path) -> None:
+    """The Serve app on a two-node test cluster, one replica per node, jobs in a folder both reach:
+    the seconds from removing the node of a job's replica to the job done on the other node, with
+    the default job_lease_s."""
+    import io
+    import json
+    import urllib.request
+
+    import numpy as np
+    import ray
+    import soundfile as sf
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from distunmix.cli import main as cli
+    from distunmix.serve import proxy
+    from distunmix.serve.app import deployment
+    from distunmix.serve.client import free_port
+    from distunmix.serve.service import ServiceConfig
+
+    cli(["init-model", str(tmp / "model"), "--hidden-size", "128"])
+    os.environ[proxy.CALLBACK_ENV] = proxy.CALLBACK
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        config = ServiceConfig(str(tmp / "model"), device="cpu", job_dir=str(tmp / "jobs"))
+        serve.run(deployment(config, num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 1}),
+                  name="distunmix", route_prefix="/")  # fmt: skip
+        buf = io.BytesIO()
+        song = (np.random.default_rng(0).standard_normal((44100 * 30, 2)) * 0.1).astype(np.float32)
+        sf.write(buf, song, 44100, format="WAV", subtype="PCM_16")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/jobs?targets=vocals", data=buf.getvalue())
+        with urllib.request.urlopen(request, timeout=120) as r:
+            job, holder = json.loads(r.read())["id"], r.headers["X-Replica"]
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if holder in a["name"]]
+        node = ray.get(ray.get_actor(names[0], namespace="serve").__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id()))  # fmt: skip
+        cluster.remove_node(next(n for n in nodes if n.node_id == node))
+        t0 = time.perf_counter()
+        state: dict = {}
+        while time.perf_counter() - t0 < 300 and state.get("status") not in ("done", "failed"):
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/jobs/{job}", timeout=30) as r:
+                    state = json.loads(r.read())
+            except OSError:
+                pass
+        print(f"Serve job hand-over after its node was removed (job_lease_s {config.job_lease_s:g}, a 30 s clip, "
+              f"hidden 128): {state.get('status')} on the other node after {time.perf_counter() - t0:.1f} s "
+              f"(taken over: {bool(state.get('taken_over'))})")  # fmt: skip
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
