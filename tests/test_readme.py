@@ -252,6 +252,7 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     }
     sb = Sandbox(repo, home, env, port, [])
     try:
+        _wait_for_job_agent(f"http://127.0.0.1:{dashboard}")
         _fixtures(sb)
         yield sb
     finally:
@@ -259,6 +260,26 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
         os.environ.clear()
         os.environ.update(saved)
         print("\n".join(sb.log))
+
+
+def _wait_for_job_agent(url: str, timeout: float = 180.0) -> None:
+    """Until the new Ray instance's job agent takes jobs (on a busy machine it starts after
+    ray.init returns, and ``ray job submit`` fails with 'No available agent' before)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.monotonic() < deadline, "a trivial Ray job did not finish"
+        time.sleep(0.5)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:

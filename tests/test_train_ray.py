@@ -9,6 +9,7 @@ must reproduce weight for weight.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import threading
@@ -236,4 +237,34 @@ def test_a_removed_node_is_survived_with_data_and_checkpoints_on_s3(
         check_storage(replace(config, resume=True, hidden_size=24))
     check_storage(replace(config, resume=True, epochs=3))  # run control may change
     assert (tmp_path / "cache" / "datasets").is_dir()  # the nodes read the dataset staged from S3
+    ray_cluster.add_node(num_cpus=1)  # the module's capacity back
+
+
+def test_a_tune_trial_whose_node_is_removed_is_retried(ray_cluster, base_config, monkeypatch, tmp_path, capsys):
+    """An experiment on S3: the node of a running trial leaves the cluster; the trial is retried
+    elsewhere (--max-failures 1) from its last checkpoint and every trial finishes."""
+    from distunmix.cli import main
+
+    monkeypatch.setenv(FAULT_ENV, "2,0,0,hold")  # the first trial to reach epoch 2 waits there
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
+    flags = ["tune", "--space", "quick", "--root", base_config.data.root, "--cache-dir", str(tmp_path / "cache"),
+             "--storage-path", "s3://bucket/exp", "--name", "trial-node-loss", "--max-epochs", "2", "--scheduler",
+             "none", "--max-failures", "1", "--speed-seconds", "1", "--seq-dur", "1", "--samples-per-track", "2",
+             "-q"]  # fmt: skip
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(code=main(flags)))
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("fault-*")) and time.monotonic() < deadline and runner.is_alive():
+        time.sleep(0.2)
+    (marker,) = tmp_path.glob("fault-*")
+    node = marker.read_text().split("\n")[0].split("/")[1]
+    (victim,) = [n for n in ray_cluster.worker_nodes if n.node_id.startswith(node)]
+    ray_cluster.remove_node(victim)
+    runner.join(300)
+    assert outcome["code"] == 0, capsys.readouterr().err[-2000:]
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/")
+    with fs.open_input_stream("bucket/exp/trial-node-loss/results.csv") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read().decode())))
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["epochs"] == "2" for r in rows), rows
     ray_cluster.add_node(num_cpus=1)  # the module's capacity back

@@ -282,6 +282,8 @@ class SeparatorDeployment:
             fmt = self.service.parse_format(fmt)
             n = self.service.parse_niter(niter)
             data = await self._read_upload(request)
+            if len(data) <= PROBE_BYTES:  # a small body is checked whole before it takes a place
+                self.service.check_small(data)
         except ServiceError as e:
             await self._hold_back(e)
             raise

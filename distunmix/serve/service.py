@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -198,18 +199,24 @@ class SeparationService:
                 audio = self._read_resampled(f)
         except ServiceError:
             raise
-        except sf.LibsndfileError as e:
-            text = str(e).lower()
-            if "format" in text or "recognised" in text or "unknown" in text:
-                raise ServiceError(415, f"unsupported audio format ({e}); send WAV, FLAC or OGG") from None
-            raise ServiceError(400, f"corrupt audio ({e})") from None
-        except (RuntimeError, ValueError) as e:
-            raise ServiceError(400, f"corrupt audio ({e})") from None
+        except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+            raise _decode_error(e) from None
         min_len = self.separator.n_fft // 2 + 1
         if audio.shape[1] < min_len:
             raise ServiceError(422, f"audio is too short ({audio.shape[1] / self.rate:.3f} s); need more than "
                                     f"{min_len / self.rate:.3f} s")  # fmt: skip
         return Clip(audio, rate, audio.shape[1] / self.rate)
+
+    def check_small(self, data: bytes) -> None:
+        """A whole upload of at most ``PROBE_BYTES``: refused now if it is not audio or its header is
+        out of bounds (before it takes a separation's place)."""
+        if not data:
+            raise ServiceError(400, "empty upload: send the audio file as the request body or as the form field 'file'")
+        try:
+            info = sf.info(io.BytesIO(data))
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+            raise _decode_error(e) from None
+        self._check_header(info.samplerate, info.channels, info.frames)
 
     def probe(self, head: bytes) -> None:
         """Check an upload's first bytes as soon as they arrive: a container header that already
@@ -466,3 +473,12 @@ class UploadReader:
             if not self.found:
                 raise ServiceError(422, "multipart upload without a 'file' field")
         return bytes(self.data)
+
+
+def _decode_error(error: BaseException) -> ServiceError:
+    """415 for what libsndfile does not recognise, else 400; the reason without object reprs."""
+    reason = getattr(error, "error_string", None) or re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "the upload", str(error))
+    text = reason.lower()
+    if "format" in text or "recognised" in text or "unknown" in text:
+        return ServiceError(415, f"unsupported audio format ({reason.strip()}); send WAV, FLAC or OGG")
+    return ServiceError(400, f"corrupt audio ({reason.strip()})")

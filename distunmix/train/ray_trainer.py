@@ -122,6 +122,23 @@ def train_fn_per_worker(payload: dict[str, Any]) -> None:
 
 
 # -- driver side ---------------------------------------------------------------------------------
+def fault_from_env() -> dict[str, Any] | None:
+    """The test hook's fault, from ``FAULT_ENV`` ("epoch,batch,rank" kills that worker once; with
+    ",hold" it waits there for its node to be removed), with a fresh marker file to record it."""
+    fault = os.environ.get(FAULT_ENV)
+    if not fault:
+        return None
+    epoch, batch, rank, *hold = fault.split(",")
+    marker = Path(os.environ.get(FAULT_MARKER_ENV) or tempfile.gettempdir()) / f"fault-{uuid.uuid4().hex[:8]}"
+    return {
+        "epoch": int(epoch),
+        "batch": int(batch),
+        "rank": int(rank),
+        "marker": str(marker),
+        "hold": hold == ["hold"],
+    }
+
+
 def check_storage(config: TrainConfig) -> None:
     """The run folder can be written, and exists exactly when ``--resume`` is asked."""
     run_dir = config.run_dir
@@ -261,12 +278,9 @@ def _fit(config: TrainConfig, resolved: TrainConfig, mean: np.ndarray, std: np.n
         "std": std.tolist(),
         "progress": bar.queue,
     }
-    fault = os.environ.get(FAULT_ENV)
-    if fault:  # "epoch,batch,rank" kills that worker; with ",hold" it waits for its node to be removed
-        epoch, batch, rank, *hold = fault.split(",")
-        marker = Path(os.environ.get(FAULT_MARKER_ENV) or tempfile.gettempdir()) / f"fault-{uuid.uuid4().hex[:8]}"
-        payload["fault"] = {"epoch": int(epoch), "batch": int(batch), "rank": int(rank), "marker": str(marker),
-                            "hold": hold == ["hold"]}  # fmt: skip
+    fault = fault_from_env()
+    if fault:
+        payload["fault"] = fault
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1

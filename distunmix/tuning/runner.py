@@ -44,7 +44,7 @@ from ..train.config import (
     storage_path_setting,
 )
 from ..train.loop import checkpoint_folder, prepare, run_worker
-from ..train.ray_trainer import earlier_checkpoints, train_fn_per_worker
+from ..train.ray_trainer import earlier_checkpoints, fault_from_env, train_fn_per_worker
 from .report import trial_rows, write_results
 from .space import SearchSpace, trial_config
 
@@ -140,7 +140,12 @@ class TuneSession:
 
 
 def trainable(
-    values: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], workers: int, worker_resources: dict
+    values: dict[str, Any],
+    base: dict[str, Any],
+    fixed: dict[str, Any],
+    workers: int,
+    worker_resources: dict,
+    fault: dict | None = None,
 ) -> None:
     """Tune's function trainable: one trial."""
     from ray import tune
@@ -152,7 +157,7 @@ def trainable(
     gpu = worker_resources.get("GPU", 0) > 0
     if workers == 1:
         device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        run_worker(resolved, (mean, std), TuneSession(device))
+        run_worker(resolved, (mean, std), TuneSession(device), fault=fault)
         return
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -191,6 +196,7 @@ def _tuner(
             fixed=space.fixed,
             workers=settings.workers_per_trial,
             worker_resources={"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial},
+            fault=fault_from_env(),  # the test hook (off unless its variable is set)
         ),
         resources,
     )
