@@ -238,8 +238,14 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     os.environ["PATH"] = f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"
     os.environ["DISTUNMIX_CACHE"] = str(home / ".cache" / "distunmix")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard,
-             log_to_driver=False)  # fmt: skip
+    # a head node of its own, its dashboard agent on a free port: another test's Ray on this machine
+    # holds the agent's default port, and ray job submit needs this instance's agent
+    from ray.cluster_utils import Cluster
+
+    head = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+        "dashboard_agent_listen_port": free_port()})  # fmt: skip
+    ray.init(address=head.address, log_to_driver=False)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
         "HOME": str(home),
@@ -257,6 +263,7 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
         yield sb
     finally:
         ray.shutdown()
+        head.shutdown()
         os.environ.clear()
         os.environ.update(saved)
         print("\n".join(sb.log))

@@ -54,8 +54,7 @@ def wheel_env(tmp_path_factory):
     # one Ray for every command, started by the fresh environment's Python: its workers import the wheel
     head = subprocess.Popen(
         [python, "-c", "import ray, sys; ray.init(address='local', num_cpus=2, log_to_driver=False, "
-         f"include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port={free_port()}); "
-         "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
+         "include_dashboard=False); print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=work, env=env,
     )  # fmt: skip
     env["RAY_ADDRESS"] = head.stdout.readline().strip()
@@ -100,6 +99,7 @@ def test_tune_and_serve_from_outside_the_clone(wheel_env):
         assert "t-best" in out and len(list((env["work"] / "sep" / "t-best" / "clip").glob("*.wav"))) == 4
     finally:
         _stop(server)
+        _serve_shutdown(env)
     # serve run with the package's builder, as serve/config.yaml does, from a config written here
     doc = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     port = free_port()
@@ -114,6 +114,7 @@ def test_tune_and_serve_from_outside_the_clone(wheel_env):
             assert b'"t-best"' in r.read()
     finally:
         _stop(server)
+        _serve_shutdown(env)
 
 
 def test_the_demo_from_outside_the_clone(wheel_env):
@@ -121,7 +122,7 @@ def test_the_demo_from_outside_the_clone(wheel_env):
     assert (wheel_env["work"] / "demo" / "report.md").is_file()
 
 
-def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert server.poll() is None, server.stdout.read()
@@ -132,6 +133,13 @@ def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 180) -> 
         except OSError:
             time.sleep(1)
     raise AssertionError(f"no healthy server on port {port} after {timeout} s")
+
+
+def _serve_shutdown(env: dict) -> None:
+    """No Serve app left on the module's shared Ray (a server stopped the hard way leaves its
+    replicas holding CPUs, and the demo's training after it would wait for them)."""
+    code = "import ray; from ray import serve; ray.init(log_to_driver=False); serve.shutdown()"
+    subprocess.run([str(env["python"]), "-c", code], cwd=env["work"], env=env["env"], capture_output=True, timeout=120)
 
 
 def _stop(server: subprocess.Popen) -> None:
