@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -243,13 +242,9 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     # holds the agent's default port, and ray job submit needs this instance's agent
     from ray.cluster_utils import Cluster
 
-    # and a temp folder of its own (short: Ray's socket paths live below it), so no other test's Ray
-    # on this machine shares its session_latest
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
-    os.environ["RAY_TMPDIR"] = str(ray_tmp)
     head = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
-        "dashboard_agent_listen_port": free_port(), "temp_dir": str(ray_tmp)})  # fmt: skip
+        "dashboard_agent_listen_port": free_port()})  # fmt: skip
     ray.init(address=head.address, log_to_driver=False)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
@@ -269,7 +264,6 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     finally:
         ray.shutdown()
         head.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
         print("\n".join(sb.log))
