@@ -7,6 +7,8 @@ import logging
 import pickle
 import shutil
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -448,6 +450,44 @@ def test_excerpt_loader_reports_worker_errors_and_stops(config):
     procs = list(loader._procs)
     loader.close()
     assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_excerpt_loader_workers_die_with_their_process(config, tmp_path):
+    """A process killed outright (SIGKILL: out of memory, a lost Ray worker) takes its loader workers
+    with it: forked, they hold its sockets, and Ray would never see the process die."""
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from distunmix.data.config import DataConfig, load_split\n"
+        "from distunmix.data.datasets import TrainExcerpts\n"
+        "from distunmix.data.loader import ExcerptLoader\n"
+        f"data = DataConfig(root={config.root!r}, cache_dir={config.cache_dir!r}, progress=False)\n"
+        "cache = load_split(data, 'train')\n"
+        "ds = TrainExcerpts(cache, targets=['vocals'], seq_dur=0.25, samples_per_track=2, raw=True)\n"
+        "loader = ExcerptLoader(ds, batch_size=2, num_workers=2)\n"
+        "print(' '.join(str(p.pid) for p in loader._procs), flush=True)\n"
+        "time.sleep(600)\n"
+    )  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_wav_tree_is_listed_without_musdb_where_ffmpeg_is_missing(synth_root, monkeypatch):

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -242,6 +243,12 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     # holds the agent's default port, and ray job submit needs this instance's agent
     from ray.cluster_utils import Cluster
 
+    # and a Ray temp folder of its own: a job's driver joins the cluster named in the temp folder's
+    # ray_current_cluster (Ray's job supervisor resolves "auto"), which another test's Ray on this
+    # machine overwrites in the shared /tmp/ray (the README's tune job once ran on that other
+    # instance, where its working dir package did not exist). Short: Ray's sockets live below it.
+    ray_tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
     head = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
         "dashboard_agent_listen_port": free_port()})  # fmt: skip
@@ -264,6 +271,7 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     finally:
         ray.shutdown()
         head.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
         print("\n".join(sb.log))
@@ -349,10 +357,17 @@ def readme_run(sandbox):
     return results
 
 
+def _first_traceback(text: str, limit: int = 4000) -> str:
+    """The first Python traceback in a command's output (a Ray job's trial failures are logged there,
+    far from the tail), or ''."""
+    start = text.find("Traceback (most recent call last)")
+    return text[start : start + limit] if start >= 0 else ""
+
+
 @pytest.mark.integration
 def test_readme_commands_run(readme_run):
     failed = {
-        c: (p.returncode, p.stdout[-1500:], p.stderr[-3000:])
+        c: (p.returncode, _first_traceback(p.stdout + p.stderr), p.stdout[-1500:], p.stderr[-3000:])
         for c, p in readme_run.items()
         if not isinstance(p, str) and p.returncode != 0
     }

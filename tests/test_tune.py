@@ -19,6 +19,7 @@ from distunmix.cli import main
 from distunmix.data.config import DataConfig
 from distunmix.data.synth import write_dataset
 from distunmix.train.config import TrainConfig
+from distunmix.train.ray_trainer import FAULT_ENV, FAULT_MARKER_ENV
 from distunmix.tuning.runner import INTERRUPT_ENV
 from distunmix.tuning.space import SpaceError, load_space, trial_config
 
@@ -186,3 +187,21 @@ def test_a_resumed_experiment_on_s3_does_not_rerun_finished_trials(data, ray_clu
     assert {"best/vocals.pth", "best/separator.json", "results.md", "loss_curves.png"} <= files.keys()
     assert main(flags) == 2  # the experiment exists: a new run with the same name is refused
     assert "already holds an experiment; pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_failed_trial_is_an_error_not_an_interruption(data, ray_cluster, monkeypatch, tmp_path, capsys):
+    """A trial whose process dies is an error row of the results (the experiment is finished, not
+    interrupted); the other trials' results and best/ are written, on S3."""
+    config, _ = data
+    flags = [*_flags(config, Path("."), "one-fails", "--num-samples", "1", "--max-epochs", "1", "--speed-seconds", "1")]
+    flags[flags.index("--storage-path") + 1] = "s3://bucket/exp"
+    monkeypatch.setenv(FAULT_ENV, "1,0,0")  # the first trial to reach epoch 1's first batch is killed
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
+    assert main(flags) == 0
+    out, err = capsys.readouterr()
+    assert "interrupted" not in err and "best model: s3://bucket/exp/one-fails/best/" in out
+    files = _read_s3("s3://bucket/exp/one-fails")
+    rows = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
+    assert sorted(r["status"].split(":")[0] for r in rows) == ["error", "ok", "ok", "ok"]
+    assert len(list(tmp_path.glob("fault-*"))) == 1

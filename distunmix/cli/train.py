@@ -90,6 +90,9 @@ def run_tune(args: argparse.Namespace) -> int:
             f"valid loss {best['best_valid_loss']:.4g}, valid SDR {best['valid_sdr']:.2f} dB"
         )
         print(f"best model: {folder}/best/ (distunmix separate -m {folder}/best SONG.wav)")
+    else:
+        print(f"no trial finished an epoch: see the status column of {folder}/results.md, and the errors above "
+              "(each trial's error.txt)", file=sys.stderr)  # fmt: skip
     print(f"results: {folder}/results.md, results.csv, loss_curves.png, sdr_vs_speed.png")
     return 0 if best else 1
 

@@ -12,8 +12,11 @@ it), by which time it has normally been mixed onto the training device with
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import os
 import queue
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -24,11 +27,31 @@ from .datasets import EpochSampler, TrainExcerpts
 from .tracks import DataError
 
 
-def _worker(dataset: TrainExcerpts, sources: torch.Tensor, gains: torch.Tensor, tasks, done) -> None:
+PR_SET_PDEATHSIG = 1  # Linux prctl(2)
+PARENT_POLL_S = 2.0  # elsewhere, a worker notices its parent's death this often
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this (forked) worker when its parent dies. A forked worker holds copies of the parent's
+    sockets: left alive, it keeps a killed Ray worker's connections open, so Ray never sees that
+    worker die (a Tune trial whose process is killed would hang the experiment)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # died before the prctl
+        os._exit(1)
+
+
+def _worker(dataset: TrainExcerpts, sources: torch.Tensor, gains: torch.Tensor, tasks, done, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(1)
     src_np, gains_np = sources.numpy(), gains.numpy()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=PARENT_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                os._exit(1)
+            continue
         if task is None:
             return
         slot, number, indices = task
@@ -76,7 +99,9 @@ class ExcerptLoader:
             self._tasks, self._done = ctx.Queue(), ctx.Queue()
             for _ in range(num_workers):
                 p = ctx.Process(
-                    target=_worker, args=(dataset, self._sources, self._gains, self._tasks, self._done), daemon=True
+                    target=_worker,
+                    args=(dataset, self._sources, self._gains, self._tasks, self._done, os.getpid()),
+                    daemon=True,
                 )
                 p.start()
                 self._procs.append(p)

@@ -475,10 +475,11 @@ def maybe_fault(fault: dict | None, epoch: int, batch: int, rank: int, node: str
     its node to be removed; ``marker`` records that it happened and the node."""
     if not fault or (fault["epoch"], fault["batch"], fault["rank"]) != (epoch, batch, rank):
         return
-    marker = Path(fault["marker"])
-    if marker.exists():
+    try:  # created exclusively: of several processes (Tune trials) that get here, one stops
+        with open(fault["marker"], "x") as marker:
+            marker.write(f"{node}\nstopped rank {rank} at epoch {epoch} batch {batch}\n")
+    except FileExistsError:
         return
-    marker.write_text(f"{node}\nstopped rank {rank} at epoch {epoch} batch {batch}\n")
     if fault.get("hold"):
         time.sleep(600.0)  # the test removes this node meanwhile
     time.sleep(fault.get("delay", 3.0))  # let the controller register the last checkpoint

@@ -73,7 +73,8 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
         history = [] if df is None or "epoch" not in df else _history(df)
         row["history"] = history
         if result.error is not None or not history:
-            row.update(status=f"error: {str(result.error).splitlines()[0][:80]}" if result.error else "no result")
+            error = str(result.error).splitlines()[0][:80] if result.error else "failed before a result (see the log)"
+            row.update(status=f"error: {error}")
             rows.append(row)
             continue
         best = min(history, key=lambda h: h["valid_loss"])

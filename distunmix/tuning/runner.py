@@ -328,7 +328,8 @@ def run_experiment(
             record = {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed}
             storage.write_text(f"{experiment}/{SETTINGS_FILE}", json.dumps(record, indent=1) + "\n", "--storage-path")
         grid = _tuner(base, space, settings, experiment, progress).fit()
-    pending = sum(1 for r in grid if r.config is None or r.metrics_dataframe is None and r.error is None)
+    # by the trials' states: a trial that failed before it wrote anything to storage has no error there
+    pending = len(grid) - grid.num_terminated - grid.num_errors
     if pending:  # interrupted (Ctrl-C, or the driver's end): the state on disk lets --resume finish it
         return {"interrupted": True, "pending": pending, "trials": len(grid)}
     rows = trial_rows(grid, space, base, settings)
