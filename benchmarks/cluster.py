@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,19 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-
-def _moto(port: int) -> subprocess.Popen:
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("moto_server did not start")
+from distunmix.testing import local_s3_server
 
 
 def main() -> None:
@@ -48,19 +35,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--samples-per-track", type=int, default=4)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true", RAY_AUTH_MODE="disabled",
                       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # fmt: skip
-    server = _moto(port)
-    try:
+    with local_s3_server() as server:
+        os.environ["AWS_ENDPOINT_URL"] = server.endpoint
         run(args, Path(tempfile.mkdtemp(prefix="bench-cluster-")), server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def run(args: argparse.Namespace, tmp: Path, server_pid: int) -> None:

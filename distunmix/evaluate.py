@@ -15,10 +15,12 @@ estimate scores +inf. museval (which imports musdb and so needs ffmpeg) is impor
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from .data.config import DataConfig, load_split
 from .devices import resolve_device
 from .errors import ConfigError, DataError
 from .fileio import atomic_write_text
+from .separator import Separator
 from .storage import is_uri
 from .tables import fmt
 
@@ -142,6 +145,17 @@ class ModelSpec:
     niter: int = 1
     residual: bool = False
     device: str = "cpu"
+    # a process loads the model once per run (cached under this key), not once per track
+    run: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@functools.lru_cache(maxsize=4)
+def _separator(spec: ModelSpec, targets: tuple[str, ...]) -> Separator:
+    """A process's separator of a spec, loaded once for all the tracks of a run it scores (a Ray
+    worker runs many track tasks; a model on storage is checked against its ETags once, not per
+    track). ``spec.run`` is new for every spec made, so a later run reads the folder again."""
+    return load_separator(spec.model, targets=list(targets), niter=spec.niter, residual=spec.residual,
+                          device=spec.device)  # fmt: skip
 
 
 def evaluate_track(spec: ModelSpec, cache: AudioCache, index: int, targets: Sequence[str]) -> TrackScores:
@@ -153,9 +167,7 @@ def evaluate_track(spec: ModelSpec, cache: AudioCache, index: int, targets: Sequ
     if spec.model == MIXTURE:
         estimates = {t: mixture.T.copy() for t in targets}
     else:
-        separator = load_separator(
-            spec.model, targets=list(targets), niter=spec.niter, residual=spec.residual, device=spec.device
-        )
+        separator = _separator(spec, tuple(targets))
         with torch.inference_mode():
             out = separator(torch.from_numpy(mixture)[None])[0].cpu().numpy()
         estimates = {t: out[k].T for k, t in enumerate(targets)}

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
-import subprocess
 import sys
-import time
 import types
-from pathlib import Path
 
 # every Ray node a test starts (ray.init, ray.cluster_utils.Cluster, the README's commands) binds to
 # 127.0.0.1, not the machine's interface address; read when Ray is first imported, so set here
@@ -20,6 +16,7 @@ import pytest
 import torch
 
 from distunmix.model import OpenUnmix
+from distunmix.testing import local_s3_server
 
 
 def import_openunmix() -> types.ModuleType:
@@ -105,35 +102,16 @@ def s3():
     """An S3-compatible server (moto) on 127.0.0.1 with the bucket ``bucket``, and the standard AWS
     environment pointing at it (set before the module starts Ray, so its nodes inherit it).
     Yields the endpoint URL; the server is stopped by its PID."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
-        mp.setenv(key, value)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.2)
-        import boto3
+    import boto3
 
+    with local_s3_server() as server, pytest.MonkeyPatch.context() as mp:
+        endpoint = server.endpoint
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+            mp.setenv(key, value)
         boto3.client("s3").create_bucket(Bucket="bucket")
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        mp.undo()
 
 
 # the longest files first, so that with two pytest processes (./run.sh test) neither is left with

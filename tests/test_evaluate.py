@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import ray
 
+from distunmix.checkpoint import load_separator
 from distunmix.cli import main
 from distunmix.data.config import DataConfig, load_split
 from distunmix.data.synth import write_dataset
@@ -119,6 +120,27 @@ def test_ray_tasks_give_the_serial_numbers(test_split, ray_cluster):
                 assert a.global_sdr[t] == pytest.approx(b.global_sdr[t], abs=1e-3)
                 for m in ("SDR", "SIR", "ISR", "SAR"):
                     np.testing.assert_allclose(a.frames[t][m], b.frames[t][m], atol=1e-3)
+
+
+def test_a_run_loads_its_model_once_and_a_new_run_reads_the_folder_again(test_split, monkeypatch):
+    """The tracks of a run share one loaded model per process (a model on storage is not listed
+    per track); a new spec of the same folder, after the folder changed, reads the new weights."""
+    import distunmix.evaluate as ev
+
+    config, tmp = test_split
+    model = tmp / "reloaded"
+    assert main(["init-model", str(model), "--hidden-size", "8", "--targets", ",".join(TARGETS), "--seed", "1"]) == 0
+    loads = []
+    monkeypatch.setattr(ev, "load_separator", lambda *a, **k: loads.append(a) or load_separator(*a, **k))
+    cache = load_split(config, "valid")
+    first = run_tracks(ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
+    again = run_tracks(spec := ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
+    assert len(loads) == 2 and first[0].global_sdr == again[0].global_sdr
+    run_tracks(spec, load_split(config, "test"), TARGETS, None, parallel=False)
+    assert len(loads) == 2  # the same run's spec: not loaded again
+    assert main(["init-model", str(model), "--hidden-size", "8", "--targets", ",".join(TARGETS), "--seed", "2"]) == 0
+    changed = run_tracks(ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
+    assert len(loads) == 3 and changed[0].global_sdr != first[0].global_sdr
 
 
 def test_evaluate_command_writes_tables_chart_and_museval_json(test_split, capsys):

@@ -365,6 +365,7 @@ def _first_traceback(text: str, limit: int = 4000) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # the README's commands run in this test's set-up: ~9 min beside another test process
 def test_readme_commands_run(readme_run):
     failed = {
         c: (p.returncode, _first_traceback(p.stdout + p.stderr), p.stdout[-1500:], p.stderr[-3000:])

@@ -174,12 +174,17 @@ def test_a_job_of_a_replica_that_stopped_is_taken_over_and_completed(server):
     job = store.create(info, need_bytes=10**6)
     store.save_input(job, clip)
     store._write_record(job, {**store._read_record(job), "status": "running", "heartbeat": time.time() - 60})
+    # an orphan of a replica with other limits: checked as a request would be, failed, not run
+    other = store.create({**info, "niter": 99}, need_bytes=10**6)
+    store.save_input(other, clip)
+    store._write_record(other, {**store._read_record(other), "heartbeat": time.time() - 60})
     for _ in range(600):  # a replica looks for orphans every job_lease_s / 3 (10 s)
-        state = json.loads(_call(f"{url}/jobs/{job}")[2])
-        if state["status"] in ("done", "failed"):
+        state, refused = (json.loads(_call(f"{url}/jobs/{j}")[2]) for j in (job, other))
+        if {state["status"], refused["status"]} <= {"done", "failed"}:
             break
         time.sleep(0.1)
     assert state["status"] == "done" and state["taken_over"] and state["replica"] != "dead", state
+    assert refused["status"] == "failed" and "niter=99: expected an integer 0..3" in refused["error"], refused
     status, _, vocals = _call(f"{url}/jobs/{job}/vocals")
     direct = _stems(_call(f"{url}/separate?targets=vocals,other", _wav(clip))[2])
     assert status == 200 and np.array_equal(sf.read(io.BytesIO(vocals), dtype="float32")[0].T, direct["vocals"])

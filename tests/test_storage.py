@@ -5,10 +5,8 @@ server (moto) on 127.0.0.1; the Ray runs on S3 are in test_train_ray.py and test
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -19,6 +17,7 @@ from distunmix import storage
 from distunmix.checkpoint import load_separator, model_label
 from distunmix.cli import main
 from distunmix.errors import ConfigError
+from distunmix.testing import local_s3_server
 
 
 def _upload(local: Path, uri: str) -> None:
@@ -84,30 +83,14 @@ def test_a_bad_storage_uri_fails_before_ray_starts_naming_the_flag(s3, uri, mess
 def test_wrong_credentials_are_named_before_any_work(s3, tmp_path):
     """A server that checks signatures (moto with authentication on) refuses unknown keys: the error
     names the flag and the environment variables to check."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-            with pytest.raises(ConfigError) as error:
-                storage.filesystem("s3://bucket/runs", "--storage-path")
-        text = str(error.value)
-        assert text.startswith("--storage-path s3://bucket/runs: cannot be reached") and "ACCESS_DENIED" in text
-        assert "AWS_ACCESS_KEY_ID" in text and "AWS_ENDPOINT_URL" in text
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with local_s3_server(env) as server, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        with pytest.raises(ConfigError) as error:
+            storage.filesystem("s3://bucket/runs", "--storage-path")
+    text = str(error.value)
+    assert text.startswith("--storage-path s3://bucket/runs: cannot be reached") and "ACCESS_DENIED" in text
+    assert "AWS_ACCESS_KEY_ID" in text and "AWS_ENDPOINT_URL" in text
 
 
 def test_evaluate_reads_a_model_uri_and_writes_its_reports_to_s3(remote_model, tmp_path, monkeypatch):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
@@ -20,7 +23,8 @@ from distunmix.data.config import DataConfig
 from distunmix.data.synth import write_dataset
 from distunmix.train.config import TrainConfig
 from distunmix.train.ray_trainer import FAULT_ENV, FAULT_MARKER_ENV
-from distunmix.tuning.runner import INTERRUPT_ENV
+from distunmix.tuning.report import trial_rows, write_results
+from distunmix.tuning.runner import INTERRUPT_ENV, unfinished_trials
 from distunmix.tuning.space import SpaceError, load_space, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,18 +194,75 @@ def test_a_resumed_experiment_on_s3_does_not_rerun_finished_trials(data, ray_clu
 
 
 @pytest.mark.integration
-def test_a_failed_trial_is_an_error_not_an_interruption(data, ray_cluster, monkeypatch, tmp_path, capsys):
-    """A trial whose process dies is an error row of the results (the experiment is finished, not
-    interrupted); the other trials' results and best/ are written, on S3."""
+def test_a_killed_driver_is_resumed_from_s3_by_a_new_one(data, ray_cluster, monkeypatch, tmp_path, capsys):
+    """The driver process is killed outright (SIGKILL) once two trials have finished: a new driver
+    resumes the experiment from S3, trains no finished trial again and writes the results there.
+    One of the trials it runs is killed too: an error row of the results, not an interruption."""
     config, _ = data
-    flags = [*_flags(config, Path("."), "one-fails", "--num-samples", "1", "--max-epochs", "1", "--speed-seconds", "1")]
+    flags = [*_flags(config, Path("."), "killed", "--max-epochs", "1", "--speed-seconds", "1")]
     flags[flags.index("--storage-path") + 1] = "s3://bucket/exp"
-    monkeypatch.setenv(FAULT_ENV, "1,0,0")  # the first trial to reach epoch 1's first batch is killed
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [str(Path(sys.executable).parent / "distunmix"), *flags]
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(finished := _finished_trials("s3://bucket/exp/killed", epochs=1)) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver ended before two trials did"
+            time.sleep(0.3)
+    finally:
+        driver.kill()
+        driver.wait(30)
+    assert len(finished) < 4 and "results.csv" not in _read_s3("s3://bucket/exp/killed")
+    monkeypatch.setenv(FAULT_ENV, "1,0,0")  # the first resumed trial to reach epoch 1's first batch is killed
     monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
-    assert main(flags) == 0
+    assert main([*flags, "--resume"]) == 0
     out, err = capsys.readouterr()
-    assert "interrupted" not in err and "best model: s3://bucket/exp/one-fails/best/" in out
-    files = _read_s3("s3://bucket/exp/one-fails")
+    assert "interrupted" not in err and "best model: s3://bucket/exp/killed/best/" in out
+    files = _read_s3("s3://bucket/exp/killed")
+    for name, text in finished.items():
+        assert files[f"{name}/progress.csv"] == text  # not trained again
     rows = list(csv.DictReader(io.StringIO(files["results.csv"].decode())))
     assert sorted(r["status"].split(":")[0] for r in rows) == ["error", "ok", "ok", "ok"]
     assert len(list(tmp_path.glob("fault-*"))) == 1
+
+
+def _finished_trials(uri: str, epochs: int) -> dict[str, bytes]:
+    """{trial folder: progress.csv} of the trials on S3 that have reported all ``epochs``."""
+    files = _read_s3(uri)
+    done = {k.split("/")[0]: v for k, v in files.items() if k.endswith("/progress.csv")}
+    return {k: v for k, v in done.items() if v.count(b"\n") == 1 + epochs}  # header + epochs
+
+
+class _Grid(list):
+    """The parts of a Tune ResultGrid the report reads."""
+
+    def __init__(self, results: list, num_errors: int) -> None:
+        super().__init__(results)
+        self.num_errors = num_errors
+
+
+def _result(n: int, config: dict | None, error: str | None = None, epochs: int = 0) -> SimpleNamespace:
+    import pandas as pd
+
+    rows = [{"epoch": e + 1, "valid_loss": 1.0 / (e + 1), "train_loss": 1.0} for e in range(epochs)]
+    return SimpleNamespace(path=f"/x/trainable_abc_{n:05d}_{n}_hidden", config=config, error=error,
+                           metrics_dataframe=pd.DataFrame(rows) if rows else None)  # fmt: skip
+
+
+def test_interrupted_and_silently_failed_trials_are_told_apart(tmp_path):
+    """Ctrl-C leaves trials without a result (unfinished: --resume runs them); a trial that failed
+    before writing anything to storage has no result and no error file, but Tune counts it as an
+    error: it is finished, and a row of the report with what is known."""
+    done = _result(0, {"hidden_size": 16}, epochs=1)
+    assert unfinished_trials(_Grid([done, _result(1, None), _result(2, None)], num_errors=0)) == 2
+    assert unfinished_trials(_Grid([done, _result(1, None), _result(2, None)], num_errors=2)) == 0
+    assert unfinished_trials(_Grid([done, _result(1, {"hidden_size": 32}, error="OOM")], num_errors=1)) == 0
+    space = load_space("quick", TrainConfig())
+    settings = SimpleNamespace(workers_per_trial=1, max_epochs=1, name="x", metric="valid_loss", scheduler="asha",
+                               grace_period=1, reduction_factor=2)  # fmt: skip
+    failed = _result(2, {"hidden_size": 32, "lr": 0.001, "unidirectional": True}, error="OOM\nmore")
+    rows = trial_rows(_Grid([_result(1, None), failed], 2), space, TrainConfig(), settings)
+    assert [r["status"] for r in rows] == ["error: failed before a result (see the log)", "error: OOM"]
+    assert rows[0]["hidden_size"] == "?" and rows[1]["hidden_size"] == 32
+    assert write_results(tmp_path, rows, settings)["best"] is None
+    assert "| abc_00001 | ? | 1 | ? | ? | ? | error: failed before a result" in (tmp_path / "results.md").read_text()

@@ -152,11 +152,20 @@ class SeparatorDeployment:
                 if self._jobs >= self.service.config.max_jobs:
                     break
                 record = await asyncio.to_thread(self.jobs.claim, job_id, self.replica)
-                if record is not None:
-                    log.info("took over job %s (its replica stopped)", job_id)
-                    self._jobs += 1
-                    self._held.add(job_id)
-                    self._queue.put_nowait((job_id, record["targets"], record["format"], int(record.get("niter", 1))))
+                if record is None:
+                    continue
+                try:  # the record was written by another replica, maybe of another model or limits
+                    names = self.service.parse_targets(",".join(record["targets"]))
+                    job = (job_id, names, self.service.parse_format(record["format"]),
+                           self.service.parse_niter(record.get("niter", 1)))  # fmt: skip
+                except ServiceError as e:
+                    log.warning("job %s of a stopped replica cannot run here: %s", job_id, e.message)
+                    await asyncio.to_thread(self.jobs.update, job_id, {"status": "failed", "error": e.message})
+                    continue
+                log.info("took over job %s (its replica stopped)", job_id)
+                self._jobs += 1
+                self._held.add(job_id)
+                self._queue.put_nowait(job)
 
     async def _expire(self) -> None:
         while True:

@@ -37,6 +37,7 @@ MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
 DECODE_BLOCK = 1 << 16  # frames decoded (and resampled) at a time
 MAX_PARTS = 16  # parts of a multipart upload
 PROBE_BYTES = 8 * 1024  # an upload's header is checked once this much of it has arrived
+MAX_REFUSAL_DELAY_S = 60.0  # refusal_delay_s: longer would only keep held-back connections open
 _LIMITS = "limits"
 
 
@@ -99,7 +100,12 @@ class ServiceConfig:
             (self.upload_idle_s > 0, "upload_idle_s", self.upload_idle_s, "> 0"),
             (self.upload_timeout_s > 0, "upload_timeout_s", self.upload_timeout_s, "> 0"),
             (self.min_upload_kib_s >= 0, "min_upload_kib_s", self.min_upload_kib_s, ">= 0"),
-            (self.refusal_delay_s >= 0, "refusal_delay_s", self.refusal_delay_s, ">= 0"),
+            (
+                0 <= self.refusal_delay_s <= MAX_REFUSAL_DELAY_S,
+                "refusal_delay_s",
+                self.refusal_delay_s,
+                f"0..{MAX_REFUSAL_DELAY_S:g}",
+            ),  # fmt: skip
             (self.max_loop_block_s > 0, "max_loop_block_s", self.max_loop_block_s, "> 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, ">= 1"),
             (self.batch_wait_s >= 0, "batch_wait_s", self.batch_wait_s, ">= 0"),

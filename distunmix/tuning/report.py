@@ -56,9 +56,14 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
     """One dict per trial of a Tune result grid (COLUMNS, plus ``history`` and ``checkpoint``)."""
     rows = []
     for result in grid:
+        trial = "_".join(Path(result.path).name.split("_")[1:3])  # trainable_<exp>_<n>_...: <exp>_<n>
+        if result.config is None:  # failed before its first result (its values are in its folder's name)
+            unknown = dict.fromkeys(("batch_size", "hidden_size", "samples_per_track", "lstm", "lr", "params_m"), "?")
+            row = {"trial": trial, "workers": settings.workers_per_trial, **unknown, "history": []}
+            rows.append({**row, "status": "error: failed before a result (see the log)"})
+            continue
         values = {p.name: result.config.get(p.name) for p in space.params}
         config = trial_config(base, space.fixed, values)
-        trial = "_".join(Path(result.path).name.split("_")[1:3])  # trainable_<exp>_<n>_...: <exp>_<n>
         row: dict[str, Any] = {
             "trial": trial,
             "batch_size": config.batch_size,

@@ -309,6 +309,14 @@ def check_experiment_dir(settings: TuneSettings) -> str:
     return folder
 
 
+def unfinished_trials(grid: Any) -> int:
+    """Trials of a Tune result grid still to run. An interrupted trial has no result (Tune marks it
+    TERMINATED on Ctrl-C); a trial that failed before it wrote anything to storage has no result and
+    no error there either: Tune's count of errored trials tells those apart."""
+    no_result = sum(1 for r in grid if r.config is None or r.metrics_dataframe is None and r.error is None)
+    return no_result - (grid.num_errors - sum(1 for r in grid if r.error is not None))
+
+
 def run_experiment(
     base: TrainConfig, space: SearchSpace, settings: TuneSettings, verbose: bool = False
 ) -> dict[str, Any]:
@@ -328,8 +336,7 @@ def run_experiment(
             record = {"settings": asdict(settings), "base": base.to_dict(), "space": space.path, "fixed": space.fixed}
             storage.write_text(f"{experiment}/{SETTINGS_FILE}", json.dumps(record, indent=1) + "\n", "--storage-path")
         grid = _tuner(base, space, settings, experiment, progress).fit()
-    # by the trials' states: a trial that failed before it wrote anything to storage has no error there
-    pending = len(grid) - grid.num_terminated - grid.num_errors
+    pending = unfinished_trials(grid)
     if pending:  # interrupted (Ctrl-C, or the driver's end): the state on disk lets --resume finish it
         return {"interrupted": True, "pending": pending, "trials": len(grid)}
     rows = trial_rows(grid, space, base, settings)
