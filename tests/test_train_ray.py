@@ -267,4 +267,13 @@ def test_a_tune_trial_whose_node_is_removed_is_retried(ray_cluster, base_config,
     with fs.open_input_stream("bucket/exp/trial-node-loss/results.csv") as f:
         rows = list(csv.DictReader(io.StringIO(f.read().decode())))
     assert len(rows) == 4 and all(r["status"] == "ok" and r["epochs"] == "2" for r in rows), rows
+    # placement: the trials (1 CPU each, on 1-CPU nodes) ran on several nodes, and the retried
+    # trial's last epoch not on the removed one
+    nodes = []
+    for info in fs.get_file_info(pafs.FileSelector("bucket/exp/trial-node-loss", recursive=True)):
+        if info.path.endswith("/progress.csv"):
+            with fs.open_input_stream(info.path) as f:
+                nodes.append([r["nodes"].split("/")[1] for r in csv.DictReader(io.StringIO(f.read().decode()))])
+    assert len(nodes) == 4 and len({n for trial in nodes for n in trial}) >= 3, nodes
+    assert all(not trial[-1].startswith(node) for trial in nodes), (node, nodes)
     ray_cluster.add_node(num_cpus=1)  # the module's capacity back
