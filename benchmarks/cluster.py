@@ -12,7 +12,8 @@ server takes (what an epoch would wait without the asynchronous upload), and the
 per epoch (on a small machine it competes with training; a real object store does not).
 Then the staging of a generated MUSDB-format tree from S3 on one machine (three processes at once,
 then again with it staged), and the Serve job hand-over: the seconds from removing the node of a
-job's replica to the job done by the replica on the other node (two-node test cluster).
+job's replica to the job done by the replica on the other node (two-node test cluster, the job
+store on the same S3 server).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _wall_per_epoch(history: list[dict]) -> float:
 
 
 def handover(tmp: Path) -> None:
-    """The Serve app on a two-node test cluster, one replica per node, jobs in a folder both reach:
+    """The Serve app on a two-node test cluster, one replica per node, jobs on S3 (both reach it):
     the seconds from removing the node of a job's replica to the job done on the other node, with
     the default job_lease_s."""
     import io
@@ -147,7 +148,7 @@ def handover(tmp: Path) -> None:
     try:
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        config = ServiceConfig(str(tmp / "model"), device="cpu", job_dir=str(tmp / "jobs"))
+        config = ServiceConfig(str(tmp / "model"), device="cpu", job_dir="s3://bucket/jobs")
         serve.run(deployment(config, num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 1}),
                   name="distunmix", route_prefix="/")  # fmt: skip
         buf = io.BytesIO()
@@ -169,8 +170,9 @@ def handover(tmp: Path) -> None:
                     state = json.loads(r.read())
             except OSError:
                 pass
-        print(f"Serve job hand-over after its node was removed (job_lease_s {config.job_lease_s:g}, a 30 s clip, "
-              f"hidden 128): {state.get('status')} on the other node after {time.perf_counter() - t0:.1f} s "
+        print(f"Serve job hand-over after its node was removed (jobs on S3, job_lease_s {config.job_lease_s:g}, "
+              f"a 30 s clip, hidden 128): {state.get('status')} on the other node after "
+              f"{time.perf_counter() - t0:.1f} s "
               f"(taken over: {bool(state.get('taken_over'))})")  # fmt: skip
     finally:
         serve.shutdown()

@@ -1,6 +1,7 @@
 """The Serve app on a simulated two-node cluster (``ray.cluster_utils.Cluster``, every node on
-127.0.0.1): one replica per node, jobs in a store both nodes reach (a shared folder, as NFS would
-be), a job polled through either replica, and a job taken over when its replica's node is removed."""
+127.0.0.1): one replica per node serving a model read from S3, jobs in a store both nodes reach (an
+S3 prefix on a moto server), a job polled through either replica, and a job taken over when its
+replica's node is removed."""
 
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes(s3, tmp_path_factory):
+    import pyarrow.fs as pafs
+
     tmp = tmp_path_factory.mktemp("serve-cluster")
     assert main(["init-model", str(tmp / "model"), "--hidden-size", "16"]) == 0
+    fs, path = pafs.FileSystem.from_uri("s3://bucket/serve-model")
+    pafs.copy_files(str(tmp / "model"), path, destination_filesystem=fs)
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv(proxy.CALLBACK_ENV, proxy.CALLBACK)
@@ -39,8 +44,8 @@ def two_nodes(tmp_path_factory):
     cluster.wait_for_nodes()
     port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    config = ServiceConfig(str(tmp / "model"), device="cpu", max_seconds=120.0, max_upload_mb=32.0,
-                           job_dir=str(tmp / "jobs"), job_lease_s=2.0)  # fmt: skip
+    config = ServiceConfig("s3://bucket/serve-model", device="cpu", max_seconds=120.0, max_upload_mb=32.0,
+                           job_dir="s3://bucket/serve-jobs", job_lease_s=2.0)  # fmt: skip
     app = deployment(config, num_replicas=2, max_replicas_per_node=1, ray_actor_options={"num_cpus": 1})
     serve.run(app, name="distunmix", route_prefix="/")
     yield f"http://127.0.0.1:{port}", cluster, nodes
@@ -95,6 +100,10 @@ def test_one_replica_per_node_and_a_job_answered_by_either(two_nodes):
             break
         time.sleep(0.05)
     assert set(seen) == set(placed) and state["status"] == "done"  # both replicas answered for it
+    import boto3
+
+    listed = boto3.client("s3").list_objects_v2(Bucket="bucket", Prefix=f"serve-jobs/{job}/")
+    assert {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]} == {"status.json", "vocals.wav"}  # on S3
 
 
 def test_a_job_whose_node_is_removed_is_taken_over_on_the_other_node(two_nodes):

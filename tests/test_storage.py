@@ -132,3 +132,72 @@ def test_a_dataset_on_s3_is_staged_once_per_machine_and_reads_like_the_local_one
     assert len(a) == len(b) == 2 and all(np.array_equal(a.mixture(i), b.mixture(i)) for i in range(len(a)))
     with pytest.raises(Exception, match=r"--root s3://bucket/elsewhere: dataset root not found"):
         DataConfig(root="s3://bucket/elsewhere")
+
+
+def test_a_job_store_on_s3_shares_jobs_claims_once_and_keeps_its_quota(s3, monkeypatch):
+    """Two replicas' stores on one S3 prefix: a job made by one is read, taken over (one claim of
+    two wins, a conditional PUT) and finished by the other; quota, expiry and debris work on keys."""
+    import time
+
+    import boto3
+    import numpy as np
+
+    from distunmix.errors import ServiceError
+    from distunmix.serve.jobs import MARKER, JobStore
+
+    a = JobStore("s3://bucket/jobs", ttl_seconds=3600, quota_bytes=200_000, lease_seconds=30)
+    b = JobStore("s3://bucket/jobs/", ttl_seconds=3600, quota_bytes=200_000, lease_seconds=30)  # opens it again
+    job = a.create({"targets": ["vocals"], "format": "wav", "seconds": 1.0, "replica": "a"}, need_bytes=1000)
+    a.save_input(job, np.arange(8, dtype=np.float32).reshape(2, 4))
+    a.update(job, {"status": "running"})
+    assert b.status(job)["status"] == "running" and b.status(job.upper())["id"] == job  # polled through b
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 31)  # a stopped beating
+    assert b.orphans() == [job]
+    assert a.files.create(job, ".claim-1") and not a.files.create(job, ".claim-1")  # a conditional PUT
+    assert b.claim(job, "b") is None  # a rival's claim got there first
+    a.files.delete(job, ".claim-1")  # (and is undone here)
+    claims = [b.claim(job, "b"), a.claim(job, "a2")]
+    assert claims[0]["replica"] == "b" and claims[1] is None, claims
+    assert (b.load_input(job) == np.arange(8).reshape(2, 4)).all()
+    b.write_stem(job, "vocals", "wav", b"RIFF" + b"x" * 60_000)
+    b.update(job, {"status": "done", "progress": 1.0})
+    b.drop_input(job)
+    pieces, fmt = a.open_stem(job, "vocals")
+    assert fmt == "wav" and b"".join(pieces) == b"RIFF" + b"x" * 60_000
+    with pytest.raises(ServiceError, match="no target 'drums'"):
+        a.open_stem(job, "drums")
+    for bad in ("../jobs", "not-a-uuid", "00000000-0000-4000-8000-000000000000"):
+        with pytest.raises(ServiceError, match="no job") as e:
+            a.status(bad)
+        assert e.value.status == 404
+    client = boto3.client("s3")
+    client.put_object(Bucket="bucket", Key=f"jobs/{job}/status.json", Body=b'{"status": "done", "targets": ["../x"]}')
+    assert "the job's record is damaged" in a.status(job)["error"]
+    # the quota: the oldest finished job (and debris of a removal cut short) make room
+    queued = a.create({"targets": ["vocals"], "format": "wav", "seconds": 1.0, "replica": "a"}, need_bytes=100_000)
+    debris = "11111111-1111-4111-8111-111111111111"
+    client.put_object(Bucket="bucket", Key=f"jobs/{debris}/vocals.wav", Body=b"y" * 10)
+    a.make_room(90_000)
+    left = {o["Key"].split("/")[1] for o in client.list_objects_v2(Bucket="bucket", Prefix="jobs/")["Contents"]}
+    assert left == {MARKER, queued}, left
+    with pytest.raises(ServiceError, match="full of unfinished jobs") as e:
+        a.make_room(150_000)
+    assert e.value.status == 503
+    monkeypatch.setattr(time, "time", real)
+    assert a.expire(now=real() + 7200) == 1 and a.files.usage() == {}
+
+
+def test_a_job_store_uri_is_checked_before_serve_starts(s3):
+    import boto3
+
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
+
+    boto3.client("s3").put_object(Bucket="bucket", Key="notjobs/data.csv", Body=b"1,2")
+    for uri, message in (("s3://missing-bucket/jobs", "cannot be reached"),
+                         ("s3://bucket/notjobs", "holds objects but no .distunmix-jobs"),
+                         ("gs://bucket/jobs", "expected a local folder or s3://bucket/prefix")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"job_dir {uri}: {message}"):
+            deployment(ServiceConfig("/nonexistent/model", job_dir=uri))
+    assert boto3.client("s3").get_object(Bucket="bucket", Key="notjobs/data.csv")["Body"].read() == b"1,2"

@@ -11,7 +11,6 @@ clips arriving together are separated as one batch (``@serve.batch``).
 
 # no "from __future__ import annotations": FastAPI reads the route signatures' annotations at runtime
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -33,7 +32,9 @@ from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..model import ModelConfig, OpenUnmix
+from ..storage import is_uri
 from . import proxy
+from .jobfiles import open_job_files
 from .jobs import JobStore, default_job_dir
 from .service import (
     FORMATS,
@@ -144,33 +145,43 @@ class SeparatorDeployment:
             self._background = [loop.create_task(c) for c in (self._job_worker(), self._beat(), self._expire())]
 
     async def _beat(self) -> None:
-        """Beat the heartbeat of this replica's jobs, and take over those of replicas that stopped."""
+        """Beat the heartbeat of this replica's jobs, and take over those of replicas that stopped
+        (a store that cannot be reached now is tried again at the next beat)."""
         while True:
             await asyncio.sleep(self.service.config.job_lease_s / 3)
-            await asyncio.to_thread(self.jobs.touch, sorted(self._held))
-            for job_id in await asyncio.to_thread(self.jobs.orphans):
-                if self._jobs >= self.service.config.max_jobs:
-                    break
-                record = await asyncio.to_thread(self.jobs.claim, job_id, self.replica)
-                if record is None:
-                    continue
-                try:  # the record was written by another replica, maybe of another model or limits
-                    names = self.service.parse_targets(",".join(record["targets"]))
-                    job = (job_id, names, self.service.parse_format(record["format"]),
-                           self.service.parse_niter(record.get("niter", 1)))  # fmt: skip
-                except ServiceError as e:
-                    log.warning("job %s of a stopped replica cannot run here: %s", job_id, e.message)
-                    await asyncio.to_thread(self.jobs.update, job_id, {"status": "failed", "error": e.message})
-                    continue
-                log.info("took over job %s (its replica stopped)", job_id)
-                self._jobs += 1
-                self._held.add(job_id)
-                self._queue.put_nowait(job)
+            try:
+                await self._beat_once()
+            except Exception:
+                log.exception("the job store %s: heartbeat or takeover failed; trying again", self.jobs.root)
+
+    async def _beat_once(self) -> None:
+        await asyncio.to_thread(self.jobs.touch, sorted(self._held))
+        for job_id in await asyncio.to_thread(self.jobs.orphans):
+            if self._jobs >= self.service.config.max_jobs:
+                break
+            record = await asyncio.to_thread(self.jobs.claim, job_id, self.replica)
+            if record is None:
+                continue
+            try:  # the record was written by another replica, maybe of another model or limits
+                names = self.service.parse_targets(",".join(record["targets"]))
+                job = (job_id, names, self.service.parse_format(record["format"]),
+                       self.service.parse_niter(record.get("niter", 1)))  # fmt: skip
+            except ServiceError as e:
+                log.warning("job %s of a stopped replica cannot run here: %s", job_id, e.message)
+                await asyncio.to_thread(self.jobs.update, job_id, {"status": "failed", "error": e.message})
+                continue
+            log.info("took over job %s (its replica stopped)", job_id)
+            self._jobs += 1
+            self._held.add(job_id)
+            self._queue.put_nowait(job)
 
     async def _expire(self) -> None:
         while True:
             await asyncio.sleep(min(self.service.config.job_ttl_s / 4, 60.0))
-            await asyncio.to_thread(self.jobs.expire)
+            try:
+                await asyncio.to_thread(self.jobs.expire)
+            except Exception:
+                log.exception("the job store %s: expiry failed; trying again", self.jobs.root)
 
     def _reserve(self, job: bool) -> None:
         """Hold a place for one separation (a request's, or a job's), or 503 with when to try again."""
@@ -376,22 +387,28 @@ class SeparatorDeployment:
 
     async def _run_job(self, job_id: str, names: list[str], fmt: str, niter: int) -> None:
         t0 = time.time()
+
+        async def update(**fields: Any) -> None:  # the store may be remote: off the event loop
+            await asyncio.to_thread(self.jobs.update, job_id, fields)
+
         try:
-            self.jobs.update(job_id, {"status": "running", "progress": 0.1})
+            await update(status="running", progress=0.1)
             audio = await asyncio.to_thread(self.jobs.load_input, job_id)
             clip = Clip(audio, self.service.rate, audio.shape[1] / self.service.rate)
             stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [niter]))[0]
-            self.jobs.update(job_id, {"progress": 0.8})
+            await update(progress=0.8)
             for k, t in enumerate(names):
                 data = await asyncio.to_thread(self.service.encode, stems[self.service.targets.index(t)], fmt)
                 await asyncio.to_thread(self.jobs.write_stem, job_id, t, fmt, data)
-                self.jobs.update(job_id, {"progress": 0.8 + 0.2 * (k + 1) / len(names)})
-            self.jobs.update(job_id, {"status": "done", "progress": 1.0, "seconds_taken": time.time() - t0})
+                await update(progress=0.8 + 0.2 * (k + 1) / len(names))
+            await update(status="done", progress=1.0, seconds_taken=time.time() - t0)
             await asyncio.to_thread(self.jobs.drop_input, job_id)
         except Exception as e:  # a failed job is reported, the replica goes on
             log.exception("job %s failed", job_id)
-            with contextlib.suppress(ServiceError):
-                self.jobs.update(job_id, {"status": "failed", "error": f"the separation failed ({type(e).__name__})"})
+            try:
+                await update(status="failed", error=f"the separation failed ({type(e).__name__})")
+            except Exception:  # expired, or the store cannot be reached: its lease runs out instead
+                log.exception("job %s: its failure could not be recorded", job_id)
 
     @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(self, job_id: str) -> JSONResponse:
@@ -446,7 +463,10 @@ def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
     if config.model is None:
         config = replace(config, model=default_model())
         log.warning("no model given: serving %s", config.model)
-    config = replace(config, model=str(Path(config.model).expanduser().resolve()))
+    if not is_uri(config.model):  # replicas may start in another folder
+        config = replace(config, model=str(Path(config.model).expanduser().resolve()))
+    if config.job_dir and is_uri(config.job_dir):  # reachable and a job store: said here, not by each replica
+        open_job_files(config.job_dir)
     return SeparatorDeployment.options(**options).bind(config)
 
 

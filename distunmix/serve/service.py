@@ -71,7 +71,8 @@ class ServiceConfig:
                                group=_LIMITS)  # fmt: skip
     max_jobs: int = setting(8, "jobs a replica holds (queued or running; their clips wait on disk); more get 503",
                             group=_LIMITS)  # fmt: skip
-    job_dir: str | None = setting(None, "a private folder for jobs, shared by a node's replicas", group=_LIMITS,
+    job_dir: str | None = setting(None, "where jobs are kept: a private folder its node's replicas share, or "
+                                  "s3://bucket/prefix for the replicas of every node", group=_LIMITS,
                                   shown_default="$XDG_STATE_HOME/distunmix/jobs")  # fmt: skip
     job_ttl_s: float = setting(3600.0, "how long job results are kept, in seconds", group=_LIMITS)
     job_quota_mb: float = setting(2048.0, "disk the job store may use, in MiB (oldest results go first)",

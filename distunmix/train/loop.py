@@ -415,9 +415,9 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, np.ndarray, np.ndarray]:
 
 
 def check_init_from(config: TrainConfig) -> str:
-    """The absolute path of ``--init-from``, after checking that it holds every target with this
-    run's architecture (a ConfigError naming the flag otherwise)."""
-    folder = Path(config.init_from).expanduser().resolve()
+    """The absolute path (or the URI) of ``--init-from``, after checking that it holds every target
+    with this run's architecture (a ConfigError naming the flag otherwise)."""
+    folder = config.init_from if is_uri(config.init_from) else Path(config.init_from).expanduser().resolve()
     want = config.model_config()
     for name in config.targets:
         try:
