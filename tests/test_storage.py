@@ -201,3 +201,29 @@ def test_a_job_store_uri_is_checked_before_serve_starts(s3):
         with pytest.raises(ConfigError, match=f"job_dir {uri}: {message}"):
             deployment(ServiceConfig("/nonexistent/model", job_dir=uri))
     assert boto3.client("s3").get_object(Bucket="bucket", Key="notjobs/data.csv")["Body"].read() == b"1,2"
+
+
+def test_a_run_starts_from_a_model_folder_on_s3(s3, tmp_path):
+    """``--init-from s3://...``: checked against the run's architecture and loaded from the URI."""
+    from dataclasses import replace
+
+    from distunmix.checkpoint import save_model_dir
+    from distunmix.data.config import DataConfig
+    from distunmix.data.synth import write_dataset
+    from distunmix.model import OpenUnmix
+    from distunmix.train.config import TrainConfig
+    from distunmix.train.loop import build_targets, prepare
+
+    write_dataset(tmp_path / "musdb", tracks=4, duration=2.0, seed=5)
+    data = DataConfig(root=str(tmp_path / "musdb"), cache_dir=str(tmp_path / "cache"), progress=False)
+    config = TrainConfig(data=data, hidden_size=16, nb_layers=1, nfft=512, nhop=256, targets=("vocals",))
+    torch.manual_seed(5)
+    model = OpenUnmix.from_config(config.model_config())
+    save_model_dir(tmp_path / "model", {"vocals": model}, 44100, 256)
+    _upload(tmp_path / "model", "s3://bucket/init/best")
+    resolved, mean, std = prepare(replace(config, init_from="s3://bucket/init/best"))
+    assert resolved.init_from == "s3://bucket/init/best"
+    (started,) = build_targets(resolved, mean, std, torch.device("cpu"))
+    assert torch.equal(started.model.fc1.weight, model.fc1.weight)
+    with pytest.raises(ConfigError, match=r"--init-from s3://bucket/init/best: .*hidden_size=16"):
+        prepare(replace(config, init_from="s3://bucket/init/best", hidden_size=24))
