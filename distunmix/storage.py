@@ -47,11 +47,30 @@ def filesystem(uri: str, flag: str) -> tuple[Any, str]:
 
 
 def exists(uri: str, flag: str) -> bool:
-    """Whether the file or folder ``uri`` exists."""
+    """Whether the file or folder ``uri`` (or a local path) exists."""
+    if not is_uri(uri):
+        return os.path.exists(uri)
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri, flag)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def remove_tree(uri: str, flag: str) -> None:
+    """Remove the folder ``uri`` (or a local path) and everything in it; nothing when it is absent."""
+    if not is_uri(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, flag)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """``base/names...`` for a local path or a URI (``Path`` would mangle ``s3://``)."""
+    return "/".join([str(base).rstrip("/"), *names]) if is_uri(base) else str(Path(base, *names))
 
 
 def read_text(uri: str, flag: str) -> str:
@@ -144,18 +163,21 @@ def _etag(fs: Any, info: Any) -> str:
     return tag.decode() if isinstance(tag, bytes) else str(tag or info.mtime_ns)
 
 
-def mirror(uri: str, flag: str, cache: Path, folders: tuple[str, ...] = ()) -> tuple[Path, int]:
-    """A local mirror of the tree at ``uri``: its top-level files, and of its subfolders only
-    ``folders`` (all of them when empty). A file is downloaded when it is missing or its size or
-    modification time changed; several processes of one machine (Ray workers starting together)
-    download each file once: they take turns on a lock, and a manifest records what is there.
-    Returns (the local root, files downloaded by this call)."""
+def mirror(
+    uri: str, flag: str, cache: Path, folders: tuple[str, ...] = (), into: Path | None = None
+) -> tuple[Path, int]:
+    """A local mirror of the tree at ``uri`` (in ``into``, else a folder of ``cache`` named after
+    the URI): its top-level files, and of its subfolders only ``folders`` (all of them when empty).
+    A file is downloaded when it is missing or its size or modification time changed; several
+    processes of one machine (Ray workers starting together) download each file once: they take
+    turns on a lock, and a manifest records what is there. Returns (the local root, files
+    downloaded by this call)."""
     import fcntl
 
     import pyarrow.fs as pafs
 
     fs, root = filesystem(uri, flag)
-    local = cache / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:20]
+    local = into or cache / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:20]
     local.mkdir(parents=True, exist_ok=True)
     wanted = []
     try:

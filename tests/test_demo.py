@@ -138,3 +138,20 @@ def test_streaming_that_falls_behind_or_no_unidirectional_trial_is_said_so():
     assert "going unidirectional costs 1.50 dB" in "\n".join(findings(_inputs(rows, slow)))
     text = "\n".join(findings(_inputs([_row("t1", 32, "bi", 2.5)], None)))
     assert "No unidirectional trial finished" in text and "Unidirectional LSTM" not in text
+
+
+def test_runs_stored_elsewhere_are_copied_back_without_checkpoints_and_start_over_everywhere(tmp_path):
+    settings = DemoSettings(out=str(tmp_path / "demo"), size="tiny", storage_path=str(tmp_path / "runs"))
+    ctx = pipeline.Context(settings, tmp_path / "demo", {}, say=lambda _: None)
+    stored = tmp_path / "runs" / "train"
+    for rel in ("history.json", "config.json", "best/separator.json", "best/vocals.pth", "checkpoint_000001/x.pt"):
+        (stored / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stored / rel).write_text(rel)
+    assert ctx.stored("train", "history.json") == str(stored / "history.json")
+    ctx.copy_back("train")
+    copied = sorted(str(p.relative_to(tmp_path / "demo")) for p in (tmp_path / "demo").rglob("*") if p.is_file())
+    assert copied == ["train/best/separator.json", "train/best/vocals.pth", "train/config.json", "train/history.json"]
+    assert (tmp_path / "demo" / "train" / "best" / "vocals.pth").read_text() == "best/vocals.pth"
+    assert settings.recorded()["storage_path"] == str(tmp_path / "runs")  # another storage: another demo
+    ctx.start_over("train")
+    assert not stored.exists() and not (tmp_path / "demo" / "train").exists()

@@ -32,6 +32,11 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"  model       {out}/model/   distunmix separate -m {out}/model SONG.wav")
     print(f"  tuning      {out}/tune/results.md")
     print(f"  training    {out}/train/ (history.csv, loss.png, best/)")
+    if settings.storage_path:
+        print(
+            f"  runs        {settings.storage_path}/tune/, {settings.storage_path}/train/ (checkpoints; "
+            "copies of their results and best/ above)"
+        )
     print(f"  evaluation  {out}/evaluation/scores.md")
     print(f"  serving     {out}/serve.json   distunmix serve --model {out}/model")
     print(f"  data        {state['stages']['data']['root']}")

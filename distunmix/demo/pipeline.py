@@ -13,6 +13,10 @@ data -> tune -> train -> evaluate -> export -> serve -> report, all under one fo
   separation (``serve.json``);
 - ``report``: ``report.md`` and its figures, computed from the files above.
 
+With ``--storage-path`` (a folder or ``s3://bucket/prefix``) the tuning experiment and the training
+run are stored there (``tune/``, ``train/``) and the demo keeps a local copy of their results and
+``best/`` folders under ``--out`` for the later stages and the report.
+
 ``demo.json`` records each finished stage; a second run reuses them, and an interrupted tuning
 experiment or training run is resumed where it stopped. A stage that runs again (its record or
 its outputs gone) makes every later stage run again too, on its new output.
@@ -38,6 +42,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from .. import storage
 from ..checkpoint import available_targets, load_separator, save_model_dir
 from ..cluster import ray_session
 from ..data.cache import AudioCache
@@ -97,6 +102,11 @@ class DemoSettings:
     num_workers: int = setting(2, "DDP workers (ranks) of the training stage")
     cpus_per_worker: float = setting(1.0, "CPUs per DDP worker of the training stage")
     seed: int = setting(0, "seed of the generated dataset")
+    storage_path: str | None = setting(
+        None,
+        "where the tuning experiment and the training run go: a folder or URI (s3://bucket/prefix)",
+        shown_default="the demo folder",
+    )
     address: str | None = address_setting()
     progress: bool = progress_setting()
 
@@ -110,8 +120,9 @@ class DemoSettings:
 
     def recorded(self) -> dict[str, Any]:
         """The settings a resumed run must share with the first one."""
-        return {"size": self.size, "num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker,
-                "seed": self.seed}  # fmt: skip
+        recorded = {"size": self.size, "num_workers": self.num_workers, "cpus_per_worker": self.cpus_per_worker,
+                    "seed": self.seed}  # fmt: skip
+        return {**recorded, "storage_path": self.storage_path} if self.storage_path else recorded
 
 
 @dataclass
@@ -130,11 +141,46 @@ class Context:
     def info(self, stage: str) -> dict[str, Any]:
         return self.state["stages"][stage]
 
+    @property
+    def runs(self) -> str:
+        """Where the tuning experiment and the training run are stored (a local path or a URI)."""
+        path = self.settings.storage_path
+        if not path:
+            return str(self.out)
+        return path.rstrip("/") if storage.is_uri(path) else str(Path(path).expanduser().resolve())
+
+    def stored(self, name: str, *names: str) -> str:
+        """``<runs>/<name>/...``: a file or folder of a stored run."""
+        return storage.join(self.runs, name, *names)
+
+    def copy_back(self, name: str) -> None:
+        """The stored run ``name``'s top-level files and ``best/`` into ``<out>/<name>`` (when it is
+        stored elsewhere): what the later stages and the report read."""
+        source, dest = self.stored(name), self.out / name
+        if source == str(dest):
+            return
+        if storage.is_uri(source):
+            storage.mirror(source, "--storage-path", self.out, ("best",), into=dest)
+            return
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in Path(source).iterdir():
+            if path.is_file():
+                shutil.copy2(path, dest / path.name)
+            elif path.name == "best":
+                shutil.copytree(path, dest / "best", dirs_exist_ok=True)
+
+    def start_over(self, name: str) -> None:
+        """Remove the stored run ``name`` and its local copy."""
+        shutil.rmtree(self.out / name, ignore_errors=True)
+        storage.remove_tree(self.stored(name), "--storage-path")
+
 
 # -- the run ---------------------------------------------------------------------------------------
 def run_demo(settings: DemoSettings, say: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
     """Run (or finish) the demo in ``settings.out``; returns ``demo.json``'s content."""
     out = Path(settings.out).expanduser().resolve()
+    if settings.storage_path and storage.is_uri(settings.storage_path):  # reachable, before any work
+        storage.filesystem(settings.storage_path, "--storage-path")
     state = _load_state(out, settings)
     ctx = Context(settings, out, state, say)
     started = time.perf_counter()
@@ -198,7 +244,7 @@ def base_config(ctx: Context) -> TrainConfig:
         synth_seed=ctx.settings.seed,
         progress=ctx.settings.progress,
     )
-    return TrainConfig(data=data, loader_workers=0, storage_path=str(ctx.out), progress=ctx.settings.progress)
+    return TrainConfig(data=data, loader_workers=0, storage_path=ctx.runs, progress=ctx.settings.progress)
 
 
 def _test_split(ctx: Context) -> AudioCache:
@@ -233,10 +279,9 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 
 
 def stage_tune(ctx: Context) -> dict[str, Any]:
-    folder = ctx.out / "tune"
     if ctx.upstream_ran:
-        shutil.rmtree(folder, ignore_errors=True)  # made from other data: start over
-    if not (folder / "results.json").is_file():
+        ctx.start_over("tune")  # made from other data
+    if not storage.exists(ctx.stored("tune", "results.json"), "--storage-path"):
         base = base_config(ctx)
         settings = TuneSettings(
             space="quick",
@@ -246,18 +291,19 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
             grace_period=ctx.size.grace_period,
             reduction_factor=2,
             cpus_per_trial=1.0,
-            storage_path=str(ctx.out),
+            storage_path=ctx.runs,
             name="tune",
-            resume=(folder / "tune_settings.json").is_file(),
+            resume=storage.exists(ctx.stored("tune", "tune_settings.json"), "--storage-path"),
             speed_seconds=ctx.size.speed_seconds,
         )
         summary = run_experiment(base, load_space("quick", base), settings)
         if summary.get("interrupted"):
             pending = summary["pending"]
             raise DemoError(f"tuning stopped with {pending} trial(s) unfinished; run the demo again to resume")
+    ctx.copy_back("tune")
     summary = _tune_summary(ctx)
     if not summary["best"]:
-        raise DemoError(f"no tuning trial finished: see {folder}/results.md")
+        raise DemoError(f"no tuning trial finished: see {ctx.stored('tune', 'results.md')}")
     best = summary["best"]
     ctx.say(
         f"  best trial {best['trial']}: hidden {best['hidden_size']}, {best['lstm']}, lr {best['lr']:.3g}, "
@@ -271,21 +317,22 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
 def stage_train(ctx: Context) -> dict[str, Any]:
     folder = ctx.out / "train"
     if ctx.upstream_ran:
-        shutil.rmtree(folder, ignore_errors=True)  # trained from another tuning result: start over
-    if not (folder / "history.json").is_file():
+        ctx.start_over("train")  # trained from another tuning result
+    if not storage.exists(ctx.stored("train", "history.json"), "--storage-path"):
         config = replace(
             best_config(ctx),
             epochs=ctx.size.train_epochs,
             num_workers=ctx.settings.num_workers,
             cpus_per_worker=ctx.settings.cpus_per_worker,
-            storage_path=str(ctx.out),
+            storage_path=ctx.runs,
             name="train",
-            init_from=str(ctx.out / "tune" / "best"),
-            resume=folder.exists(),
+            init_from=ctx.stored("tune", "best"),  # where every node reads it
+            resume=storage.exists(ctx.stored("train", "config.json"), "--storage-path"),
             progress=ctx.settings.progress,
         )
         check_storage(config)
         fit(config, prepare(config))
+    ctx.copy_back("train")
     history = json.loads((folder / "history.json").read_text())
     last = history[-1]
     workers = ctx.settings.num_workers
@@ -336,7 +383,7 @@ def stream_speed(ctx: Context, cache: AudioCache, folder: Path) -> dict[str, Any
     if not rows:
         return None
     row = max(rows, key=lambda r: r["valid_sdr"] if np.isfinite(r["valid_sdr"]) else -np.inf)
-    separator = load_separator(Path(row["checkpoint"]) / "best", niter=0)
+    separator = load_separator(storage.join(row["checkpoint"], "best"), niter=0)
     clip = folder / "stream" / "mixture.wav"
     clip.parent.mkdir(parents=True, exist_ok=True)
     sf.write(clip, cache.mixture(0).T, cache.sample_rate, subtype="FLOAT")
