@@ -9,7 +9,8 @@ and on ``s3://bucket/runs`` (checkpoints uploaded asynchronously). Prints the wa
 both (the run's wall time over its epochs; start-up excluded by timing epoch 1 to the end), their
 ratio (goal: at most 1.10), the checkpoint size, and what one synchronous upload of it to the same
 server takes (what an epoch would wait without the asynchronous upload), and the CPU the S3 server itself used
-per epoch (on a small machine it competes with training; a real object store does not).
+per epoch (on a small machine it competes with training; a real object store does not: by default the server
+gets a core of its own and training the others, in both runs; ``--shared-cores`` lets them compete).
 Then the staging of a generated MUSDB-format tree from S3 on one machine (three processes at once,
 then again with it staged), and the Serve job hand-over: the seconds from removing the node of a
 job's replica to the job done by the replica on the other node (two-node test cluster, the job
@@ -35,12 +36,23 @@ def main() -> None:
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--samples-per-track", type=int, default=4)
+    p.add_argument(
+        "--shared-cores",
+        action="store_true",
+        help="let the S3 server share every core with training (default: it gets the last core, "
+        "training the others, as a store on other machines would not compete with training)",
+    )
     args = p.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_EC2_METADATA_DISABLED="true", RAY_AUTH_MODE="disabled",
                       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")  # fmt: skip
     with local_s3_server() as server:
         os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+        cores = sorted(os.sched_getaffinity(0))
+        if not args.shared_cores and len(cores) >= 2:  # Ray, started below, inherits the driver's cores
+            os.sched_setaffinity(server.pid, {cores[-1]})
+            os.sched_setaffinity(0, set(cores[:-1]))
+            print(f"the S3 server runs on core {cores[-1]}, training on cores {cores[:-1]} (both runs alike)")
         run(args, Path(tempfile.mkdtemp(prefix="bench-cluster-")), server.pid)
 
 

@@ -58,11 +58,21 @@ class Session(Protocol):
     def checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint folder to resume from (None: start fresh), valid inside the context."""
 
+    def new_checkpoint_dir(self) -> contextlib.AbstractContextManager[Path]:
+        """An empty folder for this epoch's checkpoint, valid inside the context."""
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Report one epoch; every rank calls it, rank 0 with the checkpoint folder."""
 
     def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
         """The checkpoints before :meth:`checkpoint`'s, newest first (to resume when it is torn)."""
+
+
+@contextlib.contextmanager
+def scratch_checkpoint_dir() -> Iterator[Path]:
+    """A temporary folder for a checkpoint, removed at the end of the context."""
+    with tempfile.TemporaryDirectory(prefix="distunmix-ckpt-") as tmp:
+        yield Path(tmp)
 
 
 @contextlib.contextmanager
@@ -93,6 +103,9 @@ class LocalSession:
 
     def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
         return []  # one checkpoint is kept here
+
+    def new_checkpoint_dir(self) -> contextlib.AbstractContextManager[Path]:
+        return scratch_checkpoint_dir()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -551,8 +564,8 @@ def run_worker(
                 logger.log(metrics, step=epoch)
             if progress is not None and rank == 0:
                 progress({"event": "epoch", **metrics})
-            with tempfile.TemporaryDirectory(prefix="distunmix-ckpt-") as tmp:
-                ckpt = save_checkpoint(Path(tmp), targets, config, epoch, history) if rank == 0 else None
+            with session.new_checkpoint_dir() as tmp:
+                ckpt = save_checkpoint(tmp, targets, config, epoch, history) if rank == 0 else None
                 session.report(metrics, ckpt)
     if logger is not None:
         logger.finish()

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class RaySession:
         import ray.train.torch
 
         self.upload_async = upload_async  # object storage: the next epoch does not wait for the upload
+        self._uploading: set[Path] = set()  # checkpoint folders Ray uploads, then removes
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -70,6 +72,19 @@ class RaySession:
 
         return checkpoint_folder(ray.train.get_checkpoint())
 
+    @contextlib.contextmanager
+    def new_checkpoint_dir(self) -> Iterator[Path]:
+        """A folder for this epoch's checkpoint: removed at the end of the context, unless it was
+        handed to Ray's asynchronous upload (Ray removes it once uploaded; no copy is made)."""
+        folder = Path(tempfile.mkdtemp(prefix="distunmix-ckpt-"))
+        try:
+            yield folder
+        finally:
+            if folder in self._uploading:
+                self._uploading.discard(folder)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
@@ -77,15 +92,13 @@ class RaySession:
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
             ray.train.report(metrics, checkpoint=ckpt)
             return
-        # the caller removes checkpoint_dir on return: Ray uploads a copy in the background, then deletes it
-        keep = Path(tempfile.mkdtemp(prefix="distunmix-upload-"))
-        shutil.copytree(checkpoint_dir, keep, dirs_exist_ok=True)
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(keep)),
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
             delete_local_checkpoint_after_upload=True,
         )
+        self._uploading.add(checkpoint_dir)
 
     def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
         import ray.train

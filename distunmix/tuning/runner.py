@@ -43,7 +43,7 @@ from ..train.config import (
     resume_setting,
     storage_path_setting,
 )
-from ..train.loop import checkpoint_folder, prepare, run_worker
+from ..train.loop import checkpoint_folder, prepare, run_worker, scratch_checkpoint_dir
 from ..train.ray_trainer import earlier_checkpoints, fault_from_env, train_fn_per_worker
 from .report import trial_rows, write_results
 from .space import SearchSpace, trial_config
@@ -132,6 +132,9 @@ class TuneSession:
 
         ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
         tune.report(metrics, checkpoint=ckpt)
+
+    def new_checkpoint_dir(self) -> contextlib.AbstractContextManager[Path]:
+        return scratch_checkpoint_dir()
 
     def earlier_checkpoints(self) -> list[contextlib.AbstractContextManager[Path]]:
         from ray import tune
