@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kuberay"
 SCHEMAS = ROOT.parent / "shared" / "kuberay"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
-CLUSTER_SETTINGS = {"model", "device"}  # what the RayService sets for the cluster, unlike serve/config.yaml
+CLUSTER_SETTINGS = {"model", "device", "job_dir"}  # what the RayService sets for the cluster, unlike serve/config.yaml
 
 
 def strict(schema: dict) -> dict:
@@ -112,7 +112,7 @@ def test_the_service_config_is_valid_for_ray_and_equals_serve_config_yaml_but_fo
         k: v for k, v in local.items() if k not in ("args", "deployments")
     }
     settings = ServiceConfig.from_mapping(app["args"])  # every key a setting, every value in range
-    assert settings.device == "cuda" and settings.model.startswith("/models/")
+    assert settings.device == "cuda" and settings.model.startswith("s3://") and settings.job_dir.startswith("s3://")
     differs = {k for k in set(app["args"]) | set(local["args"]) if app["args"].get(k, "?") != local["args"].get(k, "?")}
     assert differs == CLUSTER_SETTINGS
     (deployment,) = app["deployments"]
@@ -121,9 +121,10 @@ def test_the_service_config_is_valid_for_ray_and_equals_serve_config_yaml_but_fo
         service["spec"]["rayClusterConfig"]["headGroupSpec"],
         *service["spec"]["rayClusterConfig"]["workerGroupSpecs"],
     ]
-    for pod in pods:  # every node's proxy answers JSON errors
+    for pod in pods:  # every node's proxy answers JSON errors, and every node reaches the S3 bucket
         (container,) = pod["template"]["spec"]["containers"]
         assert {"name": proxy.CALLBACK_ENV, "value": proxy.CALLBACK} in container["env"]
+        assert {"secretRef": {"name": "distunmix-s3"}} in container["envFrom"]
     (local_deployment,) = local["deployments"]
     for key in ("name", "max_ongoing_requests", "max_queued_requests", "backpressure_config"):
         assert deployment[key] == local_deployment[key], key
