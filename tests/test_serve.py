@@ -428,13 +428,23 @@ def test_a_flood_of_jobs_beyond_the_queue_gets_503_and_results_expire_on_a_timer
     config = ServiceConfig(str(model), device="cpu", max_jobs=2, job_ttl_s=3.0, job_dir=str(tmp_path / "jobs"))
     serve.run(deployment(config, name="Queue", ray_actor_options={"num_cpus": 0.5}), name="queue", route_prefix="/q")
     body = _wav(_clip(3.0))
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(9) as pool:
+        # a long separation keeps the jobs queued (they wait for a request-free moment)
+        busy = pool.submit(_call, f"{url}/q/separate?niter=3", _wav(_clip(60.0)))
+        time.sleep(1.0)
         answers = list(pool.map(lambda _: _call(f"{url}/q/jobs", body), range(8)))
-    codes = [code for code, _, _ in answers]
-    assert codes.count(202) >= 2 and set(codes) == {202, 503}, codes
-    refused = [(h, json.loads(b)) for code, h, b in answers if code == 503]
-    assert all("retry-after" in h and "try again in about" in b["error"] for h, b in refused)
-    assert _call(f"{url}/q/healthz")[0] == 200
+        codes = [code for code, _, _ in answers]
+        assert codes.count(202) == 2 and set(codes) == {202, 503}, codes
+        refused = [(h, json.loads(b)) for code, h, b in answers if code == 503]
+        assert all("retry-after" in h and "try again in about" in b["error"] for h, b in refused)
+        # a full replica refuses before it reads a body: a stalled one gets 503 at once, not 408 later
+        (sock,) = _stall(int(url.rsplit(":", 1)[1]), "/q/jobs", 1)
+        with sock:
+            sock.settimeout(8.0)  # the default upload_idle_s is 10 s
+            code, answer = _answer(sock)
+        assert code == 503 and "holds 2 jobs already" in answer["error"] and not busy.done(), answer
+        assert _call(f"{url}/q/healthz")[0] == 200
+        assert busy.result()[0] == 200
     ids = [json.loads(b)["id"] for code, _, b in answers if code == 202]
     for job_id in ids:  # every accepted job finishes
         for _ in range(120):

@@ -183,8 +183,9 @@ class SeparatorDeployment:
             except Exception:
                 log.exception("the job store %s: expiry failed; trying again", self.jobs.root)
 
-    def _reserve(self, job: bool) -> None:
-        """Hold a place for one separation (a request's, or a job's), or 503 with when to try again."""
+    def _check_room(self, job: bool) -> None:
+        """503, with when to try again, when this replica holds as many separations (a request's,
+        or a job's) as it may."""
         config = self.service.config
         held, limit = (self._jobs, config.max_jobs) if job else (self._pending, config.max_pending)
         if held >= limit:
@@ -192,6 +193,10 @@ class SeparatorDeployment:
             what = "jobs" if job else "separations"
             raise ServiceError(503, f"this replica holds {held} {what} already; try again in about {wait:.0f} s",
                                retry_after=wait)  # fmt: skip
+
+    def _reserve(self, job: bool) -> None:
+        """Hold a place for one separation (a request's, or a job's), or 503 (:meth:`_check_room`)."""
+        self._check_room(job)
         if job:
             self._jobs += 1
         else:
@@ -301,6 +306,7 @@ class SeparatorDeployment:
             names = self.service.parse_targets(targets)
             fmt = self.service.parse_format(fmt)
             n = self.service.parse_niter(niter)
+            self._check_room(job)  # a full replica refuses before it reads the body
             data = await self._read_upload(request)
             if len(data) <= PROBE_BYTES:  # a small body is checked whole before it takes a place
                 self.service.check_small(data)
