@@ -3,6 +3,11 @@
     .venv/bin/python benchmarks/serve.py                      # ~4 min on 2 cores
     python benchmarks/serve.py --device cuda --num-gpus 0.5   # GPU replicas
     .venv/bin/python benchmarks/serve.py --adversarial        # valid load with and without an attack
+    .venv/bin/python benchmarks/serve.py --largest            # the largest allowed request's memory
+
+``--largest``: one replica with the default limits answers one request as large as they allow
+(``max_seconds`` of stereo at 44.1 kHz, FLAC within ``max_upload_mb``, every target); prints its
+time and the replica's peak RSS (goal: within a 4 GB replica).
 
 ``--adversarial``: one replica with the default limits; ``--clients`` valid clients alone, then the
 same clients while other threads stall uploads (``--stallers``), send decode bombs (``--bombs``;
@@ -167,6 +172,42 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def largest(url: str, model: Path) -> dict:
+    """One request as large as the default limits allow; the replica's peak RSS before and after."""
+    from ray import serve
+
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
+
+    config = ServiceConfig(model=str(model), device="cpu")
+    serve.run(deployment(config, ray_actor_options={"num_cpus": os.cpu_count() or 2}), name="distunmix",
+              route_prefix="/")  # fmt: skip
+    rate, seconds = 44100, config.max_seconds
+    t = np.arange(int(rate * seconds)) / rate
+    rng = np.random.default_rng(0)
+    audio = np.stack([0.3 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 331 * t)], 1)
+    audio += 0.002 * rng.standard_normal(audio.shape)  # a little noise: FLAC cannot make it tiny
+    buf = io.BytesIO()
+    sf.write(buf, audio.astype(np.float32), rate, format="FLAC", subtype="PCM_16")
+    body = buf.getvalue()
+    del audio, t
+    assert len(body) <= config.max_upload_bytes, len(body)
+    before = _peak_rss("distunmix")
+    t0 = time.perf_counter()
+    request = urllib.request.Request(f"{url}/separate?format=flac", data=body, method="POST")
+    received = 0
+    with urllib.request.urlopen(request, timeout=1800) as r:
+        status = r.status
+        while chunk := r.read(1 << 20):
+            received += len(chunk)
+    seconds_taken = time.perf_counter() - t0
+    peak = _peak_rss("distunmix")
+    print(f"  largest allowed request: {seconds:g} s of stereo, FLAC {len(body) / 2**20:.1f} MiB (limit "
+          f"{config.max_upload_mb:g}), every target: {status} in {seconds_taken:.1f} s, {received / 2**20:.0f} MiB "
+          f"answered; replica peak RSS {before:.0f} MiB before, {peak:.0f} MiB after (goal: within 4096)")  # fmt: skip
+    return {"status": status, "seconds": seconds_taken, "peak_rss_mib": peak, "before_mib": before}
+
+
 def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, model: Path) -> dict:
     """Valid load alone, then under attack; returns the figures."""
     from ray import serve
@@ -247,6 +288,7 @@ def main() -> None:
         help="--adversarial: bomb clients close each connection once sent, never reading the answer",
     )
     p.add_argument("--flooders", type=int, default=2, help="--adversarial: clients that flood /jobs")
+    p.add_argument("--largest", action="store_true", help="the largest allowed request's time and memory")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -278,9 +320,10 @@ def main() -> None:
         f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
     )
     results = {}
-    if args.adversarial:
+    if args.adversarial or args.largest:
         try:
-            results = adversarial(args, url, port, body, tmp / "model")
+            model = tmp / "model"
+            results = largest(url, model) if args.largest else adversarial(args, url, port, body, model)
         finally:
             serve.shutdown()
             ray.shutdown()

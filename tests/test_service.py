@@ -149,7 +149,7 @@ def test_jobs_of_a_dead_replica_fail_and_old_or_excess_jobs_go(store, monkeypatc
     old, new = _job(store), _job(store)
     store.write_stem(new, "vocals", "wav", b"x" * 400)
     queued = _job(store, status="queued")
-    sizes = {job_id: size for _, job_id, _, size in store._jobs()}
+    sizes = {job_id: size for _, job_id, _, size, _ in store._jobs()}
     room = store.quota - sum(sizes.values()) + sizes[running] + sizes[old]  # fits once the two oldest go
     store.make_room(room)
     assert [p.exists() for p in (store.root / running, store.root / old)] == [False, False]
@@ -160,7 +160,14 @@ def test_jobs_of_a_dead_replica_fail_and_old_or_excess_jobs_go(store, monkeypatc
     with pytest.raises(ServiceError, match="would take") as e:
         store.make_room(10**9)
     assert e.value.status == 413
-    assert store.expire(now=real() + 7200) == 1 and not any(p.is_dir() for p in store.root.iterdir())
+    waiting = _job(store, status="queued")
+    assert store.expire(now=real() + 3601) == 0  # made a TTL ago, but waiting: kept (it expired once)
+    assert store.status(waiting)["status"] == "queued"
+    done = _job(store, status="done")
+    assert store.expire(now=real() + 3601) == 1 and {queued, waiting} <= {p.name for p in store.root.iterdir()}
+    assert done not in {p.name for p in store.root.iterdir()}  # results go a TTL after they finished
+    # unfinished jobs whose replica stopped and that nobody took over go a TTL after they failed
+    assert store.expire(now=real() + 3600 + 91) == 2 and not any(p.is_dir() for p in store.root.iterdir())
 
 
 def test_a_job_whose_replica_stopped_is_taken_over_once_or_fails(store, monkeypatch):

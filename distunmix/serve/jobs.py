@@ -198,25 +198,30 @@ class JobStore:
         return self.files.stream(state["id"], f"{target}.{state['format']}"), state["format"]
 
     # -- space ----------------------------------------------------------------------------------
-    def _jobs(self) -> list[tuple[float, str, str, int]]:
-        """(created, id, status, bytes) of every job; files of a job without a record (left by a
-        removal cut short) count as the oldest failed job."""
+    def _jobs(self) -> list[tuple[float, str, str, int, float]]:
+        """(created, id, status, bytes, heartbeat) of every job; files of a job without a record
+        (left by a removal cut short) count as the oldest failed job."""
         out = []
         for job_id, size in self.files.usage().items():
             try:
                 state = self._read_record(job_id)
             except ServiceError:
-                state = {"created": 0.0, "status": "failed"}
-            out.append((state["created"], job_id, state["status"], max(size, state.get("need_bytes", 0))))
+                state = {"created": 0.0, "status": "failed", "heartbeat": 0.0}
+            need = max(size, state.get("need_bytes", 0))
+            out.append((state["created"], job_id, state["status"], need, state["heartbeat"]))
         return out
 
     def _remove(self, job_id: str) -> None:
         self.files.remove_job(job_id)
 
     def expire(self, now: float | None = None) -> int:
-        """Remove jobs older than the time-to-live; returns how many."""
+        """Remove finished jobs the time-to-live after they finished (their last heartbeat), and
+        unfinished ones whose replica stopped and that nobody took over, a time-to-live after they
+        failed; a job that waits or runs is never removed. Returns how many were."""
         now = time.time() if now is None else now
-        old = [job_id for created, job_id, _, _ in self._jobs() if now - created > self.ttl]
+        dead = TAKEOVER_LEASES * self.lease  # silent this long and not taken over: failed
+        old = [job_id for _, job_id, status, _, beat in self._jobs()
+               if now - beat > self.ttl + (0.0 if status in ("done", "failed") else dead)]  # fmt: skip
         for job_id in old:
             self._remove(job_id)
         return len(old)
@@ -228,8 +233,8 @@ class JobStore:
             raise ServiceError(413, f"the job's files would take {need_bytes / 2**20:.0f} MiB; the store holds "
                                     f"{self.quota / 2**20:.0f} MiB")  # fmt: skip
         jobs = sorted(self._jobs())
-        used = sum(size for *_, size in jobs)
-        for _, job_id, status, size in jobs:
+        used = sum(size for _, _, _, size, _ in jobs)
+        for _, job_id, status, size, _ in jobs:
             if used + need_bytes <= self.quota:
                 break
             if status in ("done", "failed"):
