@@ -315,10 +315,11 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     gpu = "" if args.num_gpus == 0 else f", {args.num_gpus:g} GPU per replica"
-    print(
-        f"{args.clients} clients, {args.clip_seconds:g} s clips, {args.seconds:g} s per configuration, hidden "
-        f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
-    )
+    if not args.largest:
+        print(
+            f"{args.clients} clients, {args.clip_seconds:g} s clips, {args.seconds:g} s per configuration, hidden "
+            f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
+        )
     results = {}
     if args.adversarial or args.largest:
         try:
