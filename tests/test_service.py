@@ -302,3 +302,19 @@ def test_the_proxy_middleware_makes_every_error_json():
     for app in (_answer_app(422, b"application/json", b'{"error": "bad"}'), _answer_app(200, b"text/plain", b"ok")):
         status, _, body = _asgi(app)
         assert body in (b'{"error": "bad"}', b"ok")
+
+
+def test_the_default_model_is_the_newest_run_or_demo_model(tmp_path):
+    """``serve`` without a model: the newest ``runs/*/best`` or ``runs/*/model`` (the demo's export),
+    so that serving right after the demo serves the demo's model."""
+    import os
+
+    from distunmix.serve.app import default_model
+
+    for rel, stamp in (("old-run/best", 100), ("demo/model", 300), ("demo/train/best", 400), ("tune/best", 200)):
+        (tmp_path / "runs" / rel).mkdir(parents=True)
+        (tmp_path / "runs" / rel / "separator.json").write_text("{}")
+        os.utime(tmp_path / "runs" / rel / "separator.json", (stamp, stamp))
+    assert default_model(tmp_path / "runs") == str(tmp_path / "runs" / "demo" / "model")  # not two levels down
+    os.utime(tmp_path / "runs" / "tune" / "best" / "separator.json", (500, 500))
+    assert default_model(tmp_path / "runs") == str(tmp_path / "runs" / "tune" / "best")

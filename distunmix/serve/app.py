@@ -451,8 +451,10 @@ class SeparatorDeployment:
 
 
 def default_model(storage: str | Path = "runs") -> str:
-    """The newest ``best/`` under ``storage`` (runs and experiments), else a generated untrained model."""
-    found = sorted(Path(storage).glob("*/best/separator.json"), key=lambda p: p.stat().st_mtime)
+    """The newest model folder under ``storage``: a run's or experiment's ``best/``, or a demo's
+    ``model/`` (``runs/demo/model``); else a generated untrained model."""
+    found = [*Path(storage).glob("*/best/separator.json"), *Path(storage).glob("*/model/separator.json")]
+    found.sort(key=lambda p: p.stat().st_mtime)
     if found:
         return str(found[-1].parent)
     folder = Path(storage) / "serve-default-model"
@@ -466,11 +468,12 @@ def default_model(storage: str | Path = "runs") -> str:
 def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
     """The app for ``config`` (``config.model`` None: :func:`default_model`, and the choice is
     logged); ``options`` are Serve deployment options (num_replicas, ray_actor_options, ...)."""
-    if config.model is None:
+    chosen = config.model is None
+    if chosen:
         config = replace(config, model=default_model())
-        log.warning("no model given: serving %s", config.model)
     if not is_uri(config.model):  # replicas may start in another folder
         config = replace(config, model=str(Path(config.model).expanduser().resolve()))
+    (log.warning if chosen else log.info)("%sserving %s", "no model given: " if chosen else "", config.model)
     if config.job_dir and is_uri(config.job_dir):  # reachable and a job store: said here, not by each replica
         open_job_files(config.job_dir)
     return SeparatorDeployment.options(**options).bind(config)
