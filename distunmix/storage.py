@@ -40,7 +40,7 @@ def filesystem(uri: str, flag: str) -> tuple[Any, str]:
     try:
         info = fs.get_file_info(bucket)
     except OSError as e:
-        raise ConfigError(f"{flag} {uri}: cannot be reached ({_first_line(e)}); {CREDENTIALS_HINT}") from None
+        raise ConfigError(f"{flag} {uri}: cannot be reached ({first_line(e)}); {CREDENTIALS_HINT}") from None
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{flag} {uri}: bucket {bucket!r} not found; {CREDENTIALS_HINT}")
     return fs, path.rstrip("/")
@@ -85,7 +85,7 @@ def read_text(uri: str, flag: str) -> str:
         with fs.open_input_stream(path) as f:
             return f.read().decode()
     except OSError as e:
-        raise ConfigError(f"{flag} {uri}: cannot be read ({_first_line(e)})") from None
+        raise ConfigError(f"{flag} {uri}: cannot be read ({first_line(e)})") from None
 
 
 def write_text(uri: str, text: str, flag: str) -> None:
@@ -130,7 +130,7 @@ def fetch_folder(uri: str, flag: str, cache: Path | None = None) -> Path:
     except FileNotFoundError:
         raise ConfigError(f"{flag} {uri}: folder not found; expected a model folder") from None
     except OSError as e:
-        raise ConfigError(f"{flag} {uri}: cannot be listed ({_first_line(e)}); {CREDENTIALS_HINT}") from None
+        raise ConfigError(f"{flag} {uri}: cannot be listed ({first_line(e)}); {CREDENTIALS_HINT}") from None
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
     if not files:
         raise ConfigError(f"{flag} {uri}: no files there; expected a model folder")
@@ -218,5 +218,5 @@ def local_folder(path: str | os.PathLike, flag: str = "--model") -> Path:
     return fetch_folder(str(path), flag) if is_uri(path) else Path(path)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -10,25 +10,26 @@ are the store's own. Locally every file is opened without following symbolic lin
 from __future__ import annotations
 
 import contextlib
-import io
 import os
+import shutil
 import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from ..errors import ConfigError, ServiceError
-from ..storage import CREDENTIALS_HINT, is_uri
+from ..storage import CREDENTIALS_HINT, first_line, is_uri
 
 MARKER = ".distunmix-jobs"  # written into a store the app created or adopted
 RECORD = "status.json"  # a job's record: a job is there once its record is
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-CHUNK = 1 << 20
 
 
-def _missing(name: str) -> ServiceError:
+def _missing(job_id: str, name: str) -> ServiceError:
+    if name == RECORD:
+        return ServiceError(404, f"no job {job_id!r} (unknown, or removed after it expired)")
     return ServiceError(404, f"{name} is not there (expired, or never written)")
 
 
@@ -45,9 +46,7 @@ class JobFiles(Protocol):
     root: Any  # the folder (a Path) or the URI (a str)
 
     def new_job(self, job_id: str, record: bytes) -> None: ...  # the job and its record, at once
-    def check_job(self, job_id: str) -> None: ...  # ServiceError 404 unless the job is there
-    def read(self, job_id: str, name: str, limit: int) -> bytes: ...  # at most limit + 1 bytes
-    def stream(self, job_id: str, name: str) -> Iterator[bytes]: ...  # opened before it returns
+    def open(self, job_id: str, name: str) -> IO[bytes]: ...  # for reading; ServiceError 404 if absent
     def write(self, job_id: str, name: str, data: bytes) -> None: ...  # replaces, atomically
     def create(self, job_id: str, name: str) -> bool: ...  # False when it was there already
     def exists(self, job_id: str, name: str) -> bool: ...
@@ -71,12 +70,12 @@ def _write_new(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _open_regular(path: Path) -> io.BufferedReader:
+def _open_regular(job_id: str, path: Path) -> IO[bytes]:
     """A regular file opened for reading without following links (ServiceError 404 otherwise)."""
     try:
         fd = os.open(path, READ_FLAGS)
     except FileNotFoundError:
-        raise _missing(path.name) from None
+        raise _missing(job_id, path.name) from None
     except OSError:  # ELOOP: a symbolic link
         raise ServiceError(404, f"{path.name} is not a regular file of this job; refused") from None
     f = os.fdopen(fd, "rb")
@@ -133,22 +132,8 @@ class LocalJobFiles:
         _write_new(staging / RECORD, record)
         os.rename(staging, self.root / job_id)
 
-    def check_job(self, job_id: str) -> None:
-        self._dir(job_id)
-
-    def read(self, job_id: str, name: str, limit: int) -> bytes:
-        with _open_regular(self._dir(job_id) / name) as f:
-            return f.read(limit + 1)
-
-    def stream(self, job_id: str, name: str) -> Iterator[bytes]:
-        f = _open_regular(self._dir(job_id) / name)
-
-        def pieces() -> Iterator[bytes]:
-            with f:
-                while chunk := f.read(CHUNK):
-                    yield chunk
-
-        return pieces()
+    def open(self, job_id: str, name: str) -> IO[bytes]:
+        return _open_regular(job_id, self._dir(job_id) / name)
 
     def write(self, job_id: str, name: str, data: bytes) -> None:
         path = self._dir(job_id) / name
@@ -178,8 +163,6 @@ class LocalJobFiles:
         return out
 
     def remove_job(self, job_id: str) -> None:
-        import shutil
-
         shutil.rmtree(self.root / job_id, ignore_errors=True)
 
 
@@ -207,7 +190,7 @@ class S3JobFiles:
             marked = self.exists_key(MARKER)
             listed = self.client.list_objects_v2(Bucket=bucket, Prefix=self._key(""), MaxKeys=1)
         except Exception as e:  # botocore's ClientError, EndpointConnectionError, NoCredentialsError
-            raise ConfigError(f"job_dir {uri}: cannot be reached ({_first_line(e)}); {CREDENTIALS_HINT}") from None
+            raise ConfigError(f"job_dir {uri}: cannot be reached ({first_line(e)}); {CREDENTIALS_HINT}") from None
         if not marked:
             if listed.get("KeyCount", 0):
                 raise ConfigError(f"job_dir {uri}: holds objects but no {MARKER}: it is not a job store this app "
@@ -236,38 +219,26 @@ class S3JobFiles:
             raise
         return True
 
-    def _get(self, job_id: str, name: str, **extra: Any) -> Any:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(f"{job_id}/{name}"), **extra)["Body"]
-        except self._errors.NoSuchKey:
-            raise _missing(name) from None
+    def _check_job(self, job_id: str) -> None:
+        if not self.exists_key(f"{job_id}/{RECORD}"):
+            raise _missing(job_id, RECORD)
 
     def new_job(self, job_id: str, record: bytes) -> None:
         self._put(f"{job_id}/{RECORD}", record, exclusive=True)
 
-    def check_job(self, job_id: str) -> None:
-        if not self.exists_key(f"{job_id}/{RECORD}"):
-            raise ServiceError(404, f"no job {job_id!r} (unknown, or removed after it expired)")
-
-    def read(self, job_id: str, name: str, limit: int) -> bytes:
-        with contextlib.closing(self._get(job_id, name, Range=f"bytes=0-{limit}")) as body:
-            return body.read(limit + 1)
-
-    def stream(self, job_id: str, name: str) -> Iterator[bytes]:
-        body = self._get(job_id, name)
-
-        def pieces() -> Iterator[bytes]:
-            with contextlib.closing(body):
-                yield from body.iter_chunks(CHUNK)
-
-        return pieces()
+    def open(self, job_id: str, name: str) -> IO[bytes]:
+        """The object's body, read as it streams (a reader takes only what it reads)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(f"{job_id}/{name}"))["Body"]
+        except self._errors.NoSuchKey:
+            raise _missing(job_id, name) from None
 
     def write(self, job_id: str, name: str, data: bytes) -> None:
-        self.check_job(job_id)  # not recreated after it expired
+        self._check_job(job_id)  # not recreated after it expired
         self._put(f"{job_id}/{name}", data)
 
     def create(self, job_id: str, name: str) -> bool:
-        self.check_job(job_id)
+        self._check_job(job_id)
         return self._put(f"{job_id}/{name}", b"", exclusive=True)
 
     def exists(self, job_id: str, name: str) -> bool:
@@ -293,7 +264,3 @@ class S3JobFiles:
         keys = [{"Key": obj["Key"]} for obj in self._objects(f"{job_id}/")]
         for start in range(0, len(keys), 1000):
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000]})
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

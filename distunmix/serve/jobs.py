@@ -74,14 +74,14 @@ class JobStore:
 
     # -- ids --------------------------------------------------------------------------------------
     def _id(self, job_id: str) -> str:
-        """The canonical form of a client's job id, checked to be there (404 otherwise)."""
+        """The canonical form of a client's job id (404 when it is no job id); whether the job is
+        there is told by the store when its files are opened."""
         try:
             canonical = str(uuid.UUID(job_id, version=4))
         except (ValueError, AttributeError, TypeError):
             raise ServiceError(404, f"no job {job_id!r}") from None
         if canonical.replace("-", "") != job_id.replace("-", "").lower():
             raise ServiceError(404, f"no job {job_id!r}")
-        self.files.check_job(canonical)
         return canonical
 
     # -- records ------------------------------------------------------------------------------
@@ -100,7 +100,9 @@ class JobStore:
         self.files.write(job_id, RECORD, json.dumps(state).encode())
 
     def _read_record(self, job_id: str) -> dict[str, Any]:
-        data = self.files.read(self._id(job_id), RECORD, RECORD_LIMIT)
+        """The record of a job (its canonical id); a damaged one reads as a failed job."""
+        with contextlib.closing(self.files.open(job_id, RECORD)) as f:
+            data = f.read(RECORD_LIMIT + 1)
         try:
             if len(data) > RECORD_LIMIT:
                 raise ValueError("too long")
@@ -111,6 +113,7 @@ class JobStore:
 
     def update(self, job_id: str, fields: dict[str, Any]) -> None:
         """Merge ``fields`` into a job's record (and beat its heartbeat)."""
+        job_id = self._id(job_id)
         with self._lock:
             state = self._read_record(job_id)
             state.update(fields, heartbeat=time.time())
@@ -157,12 +160,13 @@ class JobStore:
     def claim(self, job_id: str, replica: str) -> dict[str, Any] | None:
         """Take an orphaned job over for ``replica``: its record (queued again), or None when another
         replica claimed it first (each claim creates a new ``.claim-<n>`` only if it is absent)."""
+        job_id = self._id(job_id)
         state = self._read_record(job_id)
         silent = time.time() - state["heartbeat"]
         if state["status"] not in ("queued", "running") or silent <= self.lease:  # taken, or alive
             return None
         claims = int(state.get("claims", 0)) + 1
-        if not self.files.create(self._id(job_id), f".claim-{claims}"):
+        if not self.files.create(job_id, f".claim-{claims}"):
             return None
         fields = {"status": "queued", "progress": 0.0, "replica": replica, "claims": claims, "taken_over": True}
         self.update(job_id, fields)
@@ -177,8 +181,8 @@ class JobStore:
 
     def load_input(self, job_id: str) -> np.ndarray:
         """The clip :meth:`save_input` parked (kept until :meth:`drop_input`, for a takeover)."""
-        data = b"".join(self.files.stream(self._id(job_id), INPUT))
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        with contextlib.closing(self.files.open(self._id(job_id), INPUT)) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)  # read in pieces, never held twice
 
     def drop_input(self, job_id: str) -> None:
         """Remove a finished job's clip."""
@@ -195,7 +199,14 @@ class JobStore:
             raise ServiceError(409, f"job {job_id} is {state['status']}; poll GET /jobs/{job_id} until it is done")
         if target not in state["targets"]:
             raise ServiceError(404, f"job {job_id} has no target {target!r}; it has {','.join(state['targets'])}")
-        return self.files.stream(state["id"], f"{target}.{state['format']}"), state["format"]
+        f = self.files.open(state["id"], f"{target}.{state['format']}")
+
+        def pieces() -> Iterator[bytes]:
+            with contextlib.closing(f):
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return pieces(), state["format"]
 
     # -- space ----------------------------------------------------------------------------------
     def _jobs(self) -> list[tuple[float, str, str, int, float]]:
