@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import ray
@@ -25,7 +27,7 @@ from distunmix.train.config import TrainConfig
 from distunmix.train.ray_trainer import FAULT_ENV, FAULT_MARKER_ENV
 from distunmix.tuning.report import trial_rows, write_results
 from distunmix.tuning.runner import INTERRUPT_ENV, unfinished_trials
-from distunmix.tuning.space import SpaceError, load_space, trial_config
+from distunmix.tuning.space import SpaceError, load_space, trial_config, with_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +54,27 @@ def test_builtin_spaces_load_with_the_seed_grid():
     assert (config.hidden_size, config.lr, config.seq_dur, config.batch_size) == (32, 0.002, 1.0, 4)
 
 
+def test_the_study_space_is_a_replicated_factorial_and_its_half_fraction_is_balanced():
+    study = load_space("study", TrainConfig())
+    assert [p.name for p in study.factors] == ["batch_size", "hidden_size", "samples_per_track", "unidirectional"]
+    assert study.grid_size == 32 and study.fixed["lr"] == 0.01  # 16 combinations x 2 seeds, lr not searched
+    half = with_fraction(study, 2)
+    points = half.design_points()
+    assert half.grid_size == 16 and len(points) == 8 and len({tuple(p.values()) for p in points}) == 8
+    coded = np.array([[1 if p[f.name] == f.values[1] else -1 for f in half.factors] for p in points])
+    assert (coded.prod(axis=1) == 1).all()  # the defining relation I = ABCD
+    assert (coded.T @ coded == 8 * np.eye(4)).all()  # every factor balanced and orthogonal to every other
+    for i, j in itertools.combinations(range(4), 2):  # resolution IV: no main effect aliased with a two-way one
+        for k in range(4):
+            assert abs(coded[:, k] @ (coded[:, i] * coded[:, j])) == 0
+    space = half.to_param_space()
+    assert set(space) == {"design", "seed"} and space["design"]["grid_search"] == points
+    trial = {"design": points[1], "seed": 2, "tune_internal": 0}
+    assert half.values(trial) == {**points[1], "seed": 2}
+    config = half.apply(TrainConfig(), trial)
+    assert (config.batch_size, config.samples_per_track, config.unidirectional, config.seed) == (4, 8, True, 2)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -66,6 +89,11 @@ def test_builtin_spaces_load_with_the_seed_grid():
         ("params: {lr: {grid: [0.1]}}\nfixed: {lr: 0.2}", "lr both searched and fixed"),
         ("params: {}", "'params' must map settings"),
         ("params: [", "not a readable YAML file"),
+        ("params: {lr: {grid: [0.1]}}\nfraction: 3", "fraction must be 1 (all combinations) or 2"),
+        (
+            "params: {batch_size: {grid: [4, 8]}, seed: {grid: [1, 2]}, hidden_size: {grid: [16, 32]}}\nfraction: 2",
+            "fraction 2 needs at least three grids of two values (seed aside), got 2: batch_size, hidden_size",
+        ),
     ],
 )
 def test_bad_space_files_name_the_file_and_the_key(tmp_path, text, message):
@@ -86,7 +114,7 @@ def test_a_bad_space_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
     assert main(["tune", "--space", str(path), "--storage-path", str(tmp_path), "--name", "x"]) == 2
     assert f"{path}: the trial hidden_size=0 would fail" in capsys.readouterr().err
     assert main(["tune", "--space", "nonexistent", "--storage-path", str(tmp_path)]) == 2
-    assert "not a built-in space (quick, seed)" in capsys.readouterr().err
+    assert "not a built-in space (quick, seed, study)" in capsys.readouterr().err
 
 
 def test_python_m_tune_runs_from_the_repo_root():
@@ -265,4 +293,5 @@ def test_interrupted_and_silently_failed_trials_are_told_apart(tmp_path):
     assert [r["status"] for r in rows] == ["error: failed before a result (see the log)", "error: OOM"]
     assert rows[0]["hidden_size"] == "?" and rows[1]["hidden_size"] == 32
     assert write_results(tmp_path, rows, settings)["best"] is None
-    assert "| abc_00001 | ? | 1 | ? | ? | ? | error: failed before a result" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| abc_00001 | ? | 1 | ? | ? | ? | ? | error: failed before a result" in md

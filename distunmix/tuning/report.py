@@ -13,16 +13,13 @@ import io
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .. import plots
+from .. import plots, speed
 from ..checkpoint import STANDARD_TARGETS, load_separator
-from ..data.synth import synth_track
 from ..fileio import atomic_write_text
 from ..model import OpenUnmix
 from ..storage import cache_root
@@ -39,6 +36,7 @@ COLUMNS = [
     "hidden_size",
     "samples_per_track",
     "lstm",
+    "seed",
     "lr",
     "epochs",
     "stopped_early",
@@ -58,19 +56,22 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
     for result in grid:
         trial = "_".join(Path(result.path).name.split("_")[1:3])  # trainable_<exp>_<n>_...: <exp>_<n>
         if result.config is None:  # failed before its first result (its values are in its folder's name)
-            unknown = dict.fromkeys(("batch_size", "hidden_size", "samples_per_track", "lstm", "lr", "params_m"), "?")
+            names = ("batch_size", "hidden_size", "samples_per_track", "lstm", "seed", "lr", "params_m")
+            unknown = dict.fromkeys(names, "?")
             row = {"trial": trial, "workers": settings.workers_per_trial, **unknown, "history": []}
             rows.append({**row, "status": "error: failed before a result (see the log)"})
             continue
-        values = {p.name: result.config.get(p.name) for p in space.params}
+        values = space.values(result.config)
         config = trial_config(base, space.fixed, values)
         row: dict[str, Any] = {
             "trial": trial,
+            "values": values,  # the searched settings, as the space names them
             "batch_size": config.batch_size,
             "workers": settings.workers_per_trial,
             "hidden_size": config.hidden_size,
             "samples_per_track": config.samples_per_track,
             "lstm": "uni" if config.unidirectional else "bi",
+            "seed": config.seed,
             "lr": config.lr,
             "params_m": _params(config) / 1e6,
         }
@@ -149,12 +150,7 @@ def _params(config: TrainConfig) -> int:
 def separation_speed(model_dir: Path, seconds: float) -> float:
     """x real time of ``distunmix separate``'s separator (niter 1) on generated audio, here."""
     separator = load_separator(model_dir)
-    song = torch.from_numpy(sum(synth_track(seconds, int(separator.sample_rate), seed=123).values()))[None]
-    with torch.inference_mode():
-        separator(song[..., : int(separator.sample_rate)])  # warm-up
-        t0 = time.perf_counter()
-        separator(song)
-    return seconds / (time.perf_counter() - t0)
+    return speed.separation_speed(separator, speed.test_audio(seconds, separator.sample_rate), 1)[0]
 
 
 def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
@@ -187,19 +183,19 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> di
         f"{settings.reduction_factor}). Validation SDR: global SDR, mixture phase, at the best epoch. Speed: "
         "x real time of the trial's best model separating generated audio on the machine that wrote this table.",
         "",
-        "| trial | batch | workers | hidden | samples/track | LSTM | epochs | stopped early | best valid loss "
+        "| trial | batch | workers | hidden | samples/track | LSTM | seed | epochs | stopped early | best valid loss "
         "| valid SDR (dB) | vocals | drums | bass | other | training time (s) | params (M) | speed (x RT) |",
-        "| --- " * 17 + "|",
+        "| --- " * 18 + "|",
     ]
     for r in rows:
         if r["status"] != "ok":
             md.append(
                 f"| {r['trial']} | {r['batch_size']} | {r['workers']} | {r['hidden_size']} | "
-                f"{r['samples_per_track']} | {r['lstm']} | {r['status']} |" + " |" * 10
+                f"{r['samples_per_track']} | {r['lstm']} | {r['seed']} | {r['status']} |" + " |" * 10
             )
             continue
         cells = [r["trial"] + (" **best**" if r is best else ""), r["batch_size"], r["workers"], r["hidden_size"],
-                 r["samples_per_track"], r["lstm"], r["epochs"], "yes" if r["stopped_early"] else "no",
+                 r["samples_per_track"], r["lstm"], r["seed"], r["epochs"], "yes" if r["stopped_early"] else "no",
                  f"{r['best_valid_loss']:.4g}", f"{r['valid_sdr']:.2f}",
                  *[f"{r[f'valid_sdr_{t}']:.2f}" for t in STANDARD_TARGETS],
                  f"{r['train_time_s']:.1f}", f"{r['params_m']:.2f}", f"{r['speed_x_rt']:.1f}"]  # fmt: skip

@@ -9,10 +9,11 @@ A space file has ``params`` (searched) and optionally ``fixed`` (set for every t
       lr: {loguniform: [0.0001, 0.01]}       # also uniform: [lo, hi], randint: [lo, hi)
     fixed:
       seq_dur: 6.0
+    fraction: 2                              # optional: a half fraction of the two-level grids
 
 Keys are ``distunmix train`` settings (``batch_size`` is ``--batch-size``). Every value is checked
 before Ray starts: an unknown key, a bad range, or a value ``distunmix train`` would refuse is an
-error naming the file and the key. ``quick`` and ``seed`` name the package's own files
+error naming the file and the key. ``quick``, ``seed`` and ``study`` name the package's own files
 (``distunmix/tuning/spaces/*.yaml``, installed with the package).
 """
 
@@ -49,7 +50,10 @@ TUNABLE: dict[str, type] = {
     "nhop": int,
     "bandwidth": float,
     "precision": str,
+    "seed": int,
 }
+DESIGN = "design"  # Tune's config key holding a fractional design's point (a dict of settings)
+REPLICATE = "seed"  # a grid of seeds replicates the design; it is never fractioned
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -66,11 +70,34 @@ class SearchSpace:
     description: str
     params: tuple[Param, ...]
     fixed: dict[str, Any]
+    fraction: int = 1  # 1: every combination of the grids; 2: the half fraction of the two-level factors
+
+    @property
+    def factors(self) -> tuple[Param, ...]:
+        """The design's factors: grids of exactly two levels, seeds left out (they replicate)."""
+        return tuple(p for p in self.params if p.kind == "grid" and len(p.values) == 2 and p.name != REPLICATE)
 
     @property
     def grid_size(self) -> int:
-        """Trials per sample: the product of the grids' lengths."""
-        return math.prod(len(p.values) for p in self.params if p.kind == "grid")
+        """Trials per sample: the product of the grids' lengths (halved by a half fraction)."""
+        return math.prod(len(p.values) for p in self.params if p.kind == "grid") // self.fraction
+
+    def design_points(self) -> list[dict[str, Any]]:
+        """The factors' level combinations the design runs: all of them, or with ``fraction: 2``
+        those whose coded levels (-1, +1) multiply to +1 (defining relation I = ABC...: for four
+        factors a resolution IV design, whose main effects are free of two-factor interactions)."""
+        names = [p.name for p in self.factors]
+        points = []
+        for codes in itertools.product((-1, 1), repeat=len(names)):
+            if self.fraction == 2 and math.prod(codes) != 1:
+                continue
+            points.append({n: p.values[(c + 1) // 2] for n, p, c in zip(names, self.factors, codes, strict=True)})
+        return points
+
+    def values(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A trial's searched settings from its Tune config (a fractional design's point unpacked)."""
+        flat = {**config.get(DESIGN, {}), **{k: v for k, v in config.items() if k != DESIGN}}
+        return {p.name: flat.get(p.name) for p in self.params}
 
     def apply(self, base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
         """``base`` with the fixed settings and one trial's sampled values."""
@@ -87,13 +114,18 @@ class SearchSpace:
             "loguniform": lambda v: tune.loguniform(*v),
             "randint": lambda v: tune.randint(*v),
         }
-        return {p.name: make[p.kind](p.values) for p in self.params}
+        if self.fraction == 1:
+            return {p.name: make[p.kind](p.values) for p in self.params}
+        fractioned = {p.name for p in self.factors}
+        rest = {p.name: make[p.kind](p.values) for p in self.params if p.name not in fractioned}
+        return {DESIGN: tune.grid_search(self.design_points()), **rest}
 
 
 def trial_config(base: TrainConfig, fixed: dict[str, Any], values: dict[str, Any]) -> TrainConfig:
     """One trial's TrainConfig: ``base``, the space's fixed settings, the trial's searched values
     (keys that are no training setting, such as Tune's own, are left out)."""
-    searched = {k: v for k, v in values.items() if k in TUNABLE}
+    flat = {**values.get(DESIGN, {}), **values}  # a fractional design's point, unpacked
+    searched = {k: v for k, v in flat.items() if k in TUNABLE}
     return replace(base, **{**fixed, **searched})
 
 
@@ -121,9 +153,11 @@ def load_space(space: str, base: TrainConfig) -> SearchSpace:
         raise SpaceError(f"{path}: not a readable YAML file ({e})") from None
     if not isinstance(doc, dict):
         raise SpaceError(f"{path}: expected a mapping with 'params' (and optionally 'fixed', 'description')")
-    unknown = sorted(set(doc) - {"params", "fixed", "description"})
+    unknown = sorted(set(doc) - {"params", "fixed", "description", "fraction"})
     if unknown:
-        raise SpaceError(f"{path}: unknown top-level key(s) {', '.join(unknown)} (expected params, fixed, description)")
+        raise SpaceError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)} (expected params, fixed, description, fraction)"
+        )
     raw_params, fixed = doc.get("params") or {}, doc.get("fixed") or {}
     if not isinstance(raw_params, dict) or not raw_params:
         raise SpaceError(f"{path}: 'params' must map settings to searches, e.g. hidden_size: {{grid: [256]}}")
@@ -138,8 +172,22 @@ def load_space(space: str, base: TrainConfig) -> SearchSpace:
     params = tuple(_param(path, k, v) for k, v in raw_params.items())
     fixed = {k: _typed(path, k, v) for k, v in fixed.items()}
     space = SearchSpace(str(path), str(doc.get("description", "")), params, fixed)
+    space = with_fraction(space, doc.get("fraction", 1))
     _check_values(space, base)
     return space
+
+
+def with_fraction(space: SearchSpace, fraction: Any) -> SearchSpace:
+    """``space`` run as a full factorial (1) or its half fraction (2); a half fraction needs at least
+    three two-level grids (with two, it would confound them with each other)."""
+    if fraction not in (1, 2) or isinstance(fraction, bool):
+        raise SpaceError(f"{space.path}: fraction must be 1 (all combinations) or 2 (half of them), not {fraction!r}")
+    if fraction == 2 and len(space.factors) < 3:
+        raise SpaceError(
+            f"{space.path}: fraction 2 needs at least three grids of two values (seed aside), "
+            f"got {len(space.factors)}: {', '.join(p.name for p in space.factors) or 'none'}"
+        )
+    return replace(space, fraction=fraction)
 
 
 def _typed(path: Path, key: str, value: Any) -> Any:
