@@ -10,7 +10,7 @@ from conftest import make_models, snr_db
 
 from distunmix.cli import main
 from distunmix.separator import Separator
-from distunmix.stream import StreamingSeparator
+from distunmix.stream import StreamingSeparator, verdict, verdict_text
 
 TARGETS = ("vocals", "drums", "bass")
 
@@ -102,6 +102,7 @@ def test_stream_command_writes_stems_equal_to_offline_and_reports_latency(tmp_pa
     assert main(["stream", str(wav), "-m", str(model_dir), "-o", str(tmp_path / "s"), "--block", "1024"]) == 0
     out = capsys.readouterr().out
     assert "latency 92.9 ms (STFT 69.7 ms + one block 23.2 ms)" in out and "x real time" in out
+    assert "real time: 2.0 s of audio is too short to tell whether it keeps up with a live input" in out
     assert main(["separate", str(wav), "-m", str(model_dir), "-o", str(tmp_path / "o"), "--niter", "0", "-q"]) == 0
     for target in ("vocals", "bass"):
         streamed, _ = sf.read(tmp_path / "s" / "uni" / "song" / f"{target}.wav")
@@ -111,3 +112,29 @@ def test_stream_command_writes_stems_equal_to_offline_and_reports_latency(tmp_pa
     main(["init-model", str(bi), "--hidden-size", "16"])
     assert main(["stream", str(wav), "-m", str(bi)]) == 2
     assert "bidirectional LSTM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "figures, said",
+    [
+        ({"realtime_factor": 1.5, "late_blocks": 8, "blocks": 800, "seconds": 20.0}, "keeps up"),  # 1% late: allowed
+        ({"realtime_factor": 1.5, "late_blocks": 9, "blocks": 800, "seconds": 20.0}, "does not keep up"),
+        ({"realtime_factor": 0.99, "late_blocks": 0, "blocks": 800, "seconds": 20.0}, "does not keep up"),
+        ({"realtime_factor": 50.0, "late_blocks": 0, "blocks": 700, "seconds": 19.9}, "too short to tell"),
+    ],
+)
+def test_the_real_time_verdict_needs_speed_few_late_blocks_and_a_long_enough_run(figures, said):
+    assert verdict(figures) == said
+    text = verdict_text({**figures, "verdict": verdict(figures)})
+    assert ("it " + said if said != "too short to tell" else "19.9 s of audio is too short to tell") in text
+
+
+def test_streaming_speed_pools_its_repeats_under_the_same_rule(audio):
+    from distunmix import speed
+
+    separator = Separator(make_models(("vocals", "bass"), hidden_size=16, unidirectional=True), niter=0)
+    figures = speed.streaming_speed(separator, audio(seconds=1.0), block=1024, repeats=3)
+    blocks = -(-44100 // 1024)
+    assert figures["blocks"] == 3 * blocks and figures["seconds"] == pytest.approx(3.0)
+    assert len(figures["realtime_factor_runs"]["runs"]) == 3 and figures["verdict"] == verdict(figures)
+    assert figures["latency_ms"] == pytest.approx(1000 * (4096 - 1024 + 1024) / 44100)

@@ -14,7 +14,7 @@ from ..errors import AudioError, CheckpointError, ConfigError
 from ..flags import add_flags, from_args
 from ..separator import Separator, SeparatorOptions
 from ..stemfiles import output_names, separate_file
-from ..stream import stream_file
+from ..stream import stream_file, verdict_text
 from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
 EXTENSIONS = ("wav", "flac")
@@ -115,4 +115,5 @@ def run_stream(args: argparse.Namespace) -> int:
         f"{stats['p50_ms']:.2f} ms, p99 {stats['p99_ms']:.2f} ms, max {stats['max_ms']:.2f} ms; "
         f"{stats['late_blocks']} of {stats['blocks']} blocks late"
     )
+    print(f"real time: {verdict_text(stats)}")
     return 0

@@ -499,16 +499,8 @@ def maybe_fault(fault: dict | None, epoch: int, batch: int, rank: int, node: str
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_worker(
-    config: TrainConfig,
-    stats: tuple[np.ndarray, np.ndarray],
-    session: Session,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    fault: dict | None = None,
-) -> list[dict[str, Any]]:
-    """Train every target for ``config.epochs`` (or until all stop early); returns the history."""
-    device, rank, world = session.device, session.rank, session.world_size
-    precision = Precision(config.precision, device)
+def training_data(config: TrainConfig) -> tuple[TrainExcerpts, ValidTracks]:
+    """The training excerpts and the validation tracks of ``config``'s data."""
     data = config.data.resolved()
     train_cache, valid_cache = load_split(data, "train"), load_split(data, "valid")
     dataset = TrainExcerpts(
@@ -520,7 +512,45 @@ def run_worker(
         seed=config.seed,
         raw=True,
     )
-    valid = ValidTracks(valid_cache, config.targets)
+    return dataset, ValidTracks(valid_cache, config.targets)
+
+
+def time_epochs(
+    config: TrainConfig, stats: tuple[np.ndarray, np.ndarray], repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Time ``repeats`` training epochs of ``config`` in this process, each a pass over the
+    training excerpts and one over the validation tracks, as :func:`run_worker` runs them (one
+    rank, no checkpoints, nothing reported). Returns the seconds of each pass and the excerpts
+    per epoch."""
+    dev = torch.device(device)
+    dataset, valid = training_data(config)
+    targets = build_targets(config, stats[0], stats[1], dev)
+    sampler = EpochSampler(len(dataset), 0, 1, shuffle=True, seed=config.seed)
+    train_s, valid_s = [], []
+    with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.loader_workers) as loader:
+        for epoch in range(repeats):
+            loader.set_epoch(epoch)
+            t0 = time.perf_counter()
+            precision = Precision(config.precision, dev)
+            _, samples = train_epoch(targets, loader, dataset.target_rows, config, dev, precision)
+            t1 = time.perf_counter()
+            validate(targets, valid, config, dev, 0, 1)
+            train_s.append(t1 - t0)
+            valid_s.append(time.perf_counter() - t1)
+    return {"train_s": train_s, "valid_s": valid_s, "samples": samples}
+
+
+def run_worker(
+    config: TrainConfig,
+    stats: tuple[np.ndarray, np.ndarray],
+    session: Session,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    fault: dict | None = None,
+) -> list[dict[str, Any]]:
+    """Train every target for ``config.epochs`` (or until all stop early); returns the history."""
+    device, rank, world = session.device, session.rank, session.world_size
+    precision = Precision(config.precision, device)
+    dataset, valid = training_data(config)
     targets = build_targets(config, stats[0], stats[1], device)
     sampler = EpochSampler(len(dataset), rank, world, shuffle=True, seed=config.seed)
     start, history = restore(session, targets, progress if rank == 0 else None)
