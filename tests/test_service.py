@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from distunmix.errors import ServiceError
+from distunmix.errors import ConfigError, ServiceError
 from distunmix.serve.service import LoopWatchdog, UploadReader, zip_stream
 
 
@@ -304,7 +304,7 @@ def test_the_proxy_middleware_makes_every_error_json():
         assert body in (b'{"error": "bad"}', b"ok")
 
 
-def test_the_default_model_is_the_newest_run_or_demo_model(tmp_path):
+def test_the_default_model_is_the_newest_run_or_demo_model_else_a_refusal(tmp_path, monkeypatch):
     """``serve`` without a model: the newest ``runs/*/best`` or ``runs/*/model`` (the demo's export),
     so that serving right after the demo serves the demo's model."""
     import os
@@ -318,3 +318,7 @@ def test_the_default_model_is_the_newest_run_or_demo_model(tmp_path):
     assert default_model(tmp_path / "runs") == str(tmp_path / "runs" / "demo" / "model")  # not two levels down
     os.utime(tmp_path / "runs" / "tune" / "best" / "separator.json", (500, 500))
     assert default_model(tmp_path / "runs") == str(tmp_path / "runs" / "tune" / "best")
+    monkeypatch.chdir(tmp_path)  # a relative root: the folder is said in full
+    assert default_model("runs") == str(tmp_path / "runs" / "tune" / "best")
+    with pytest.raises(ConfigError, match=r"no model given and no model folder in .*empty.*pass --model DIR"):
+        default_model(tmp_path / "empty")  # none: refused, with the flag to pass (no untrained stand-in)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..audio import find_audio_files
@@ -13,6 +14,7 @@ from ..flags import add_flags, from_args
 from ..serve.client import separate_remote
 from ..serve.service import FORMATS, ServiceConfig
 from ..stemfiles import output_names
+from ..storage import is_uri
 from .common import command, flag, out_flag, run_flags
 
 
@@ -47,6 +49,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = from_args(ServiceConfig, args)
     model = config.model or default_model()
+    if not is_uri(model):
+        model = str(Path(model).expanduser().resolve())  # said in full: which folder answers is never a guess
     load_separator(model)  # a CheckpointError names the folder before Ray starts
     serve_foreground(
         from_args(ServiceConfig, args, model=model), args.host, args.port, args.replicas, args.num_gpus,

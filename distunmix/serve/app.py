@@ -28,10 +28,8 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
-from ..checkpoint import STANDARD_TARGETS, save_model_dir
 from ..cluster import ray_session
 from ..errors import ConfigError
-from ..model import ModelConfig, OpenUnmix
 from ..storage import is_uri
 from . import proxy
 from .jobfiles import open_job_files
@@ -451,18 +449,18 @@ class SeparatorDeployment:
 
 
 def default_model(storage: str | Path = "runs") -> str:
-    """The newest model folder under ``storage``: a run's or experiment's ``best/``, or a demo's
-    ``model/`` (``runs/demo/model``); else a generated untrained model."""
-    found = [*Path(storage).glob("*/best/separator.json"), *Path(storage).glob("*/model/separator.json")]
+    """The newest model folder under ``storage`` (absolute): a run's or experiment's ``best/``, or a
+    demo's ``model/`` (``runs/demo/model``, the newest right after the demo). None there is an
+    error saying which ``--model`` to pass."""
+    root = Path(storage).expanduser().resolve()
+    found = [*root.glob("*/best/separator.json"), *root.glob("*/model/separator.json")]
     found.sort(key=lambda p: p.stat().st_mtime)
     if found:
         return str(found[-1].parent)
-    folder = Path(storage) / "serve-default-model"
-    if not (folder / "separator.json").is_file():
-        torch.manual_seed(0)
-        config = ModelConfig.from_bandwidth(hidden_size=128)
-        save_model_dir(folder, {t: OpenUnmix.from_config(config) for t in STANDARD_TARGETS}, bandwidth=16000.0)
-    return str(folder)
+    raise ConfigError(
+        f"no model given and no model folder in {root} (*/best, */model): pass --model DIR (model: in "
+        "serve/config.yaml), e.g. runs/demo/model after ./run.sh demo, or a folder from distunmix train or init-model"
+    )
 
 
 def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
@@ -473,7 +471,8 @@ def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
         config = replace(config, model=default_model())
     if not is_uri(config.model):  # replicas may start in another folder
         config = replace(config, model=str(Path(config.model).expanduser().resolve()))
-    (log.warning if chosen else log.info)("%sserving %s", "no model given: " if chosen else "", config.model)
+    # logged whether chosen or given: which folder a service answers with is never a guess
+    log.warning("serving the model folder %s%s", config.model, " (no model given: the newest under runs/)" * chosen)
     if config.job_dir and is_uri(config.job_dir):  # reachable and a job store: said here, not by each replica
         open_job_files(config.job_dir)
     return SeparatorDeployment.options(**options).bind(config)

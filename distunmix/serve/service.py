@@ -46,8 +46,8 @@ class ServiceConfig:
     """Every setting of the app: ``serve/config.yaml``'s ``args`` and ``distunmix serve``'s flags."""
 
     model: str | None = setting(None, "model folder to serve", short="-m",
-                                shown_default="the newest runs/*/best or runs/*/model (the demo's), else a "
-                                              "generated untrained model")  # fmt: skip
+                                shown_default="the newest runs/*/best or runs/*/model (after the demo, its "
+                                              "runs/demo/model)")  # fmt: skip
     device: str = setting("auto", DEVICE_HELP)
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
     max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
