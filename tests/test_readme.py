@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -29,10 +30,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from distunmix.demo.pipeline import STAGES
+from distunmix.demo.pipeline import SIZES, STAGES
+from distunmix.demo.report import FIGURES
 from distunmix.serve.client import free_port
+from distunmix.stream import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -431,8 +435,8 @@ def _md_table(text: str, header_start: str) -> list[dict[str, str]]:
 @pytest.mark.integration
 def test_demo_wrote_every_stage_and_report_file(demo):
     state = json.loads((demo / "demo.json").read_text())
-    assert set(state["stages"]) == {"data", "tune", "train", "evaluate", "export", "serve", "report"}
-    for name in ("report.md", "loss_curves.png", "sdr_vs_speed.png", "scores.png", "serve.json"):
+    assert set(state["stages"]) == {s.name for s in STAGES}
+    for name in (*FIGURES, "report.md", "serve.json", "speed.json"):
         assert (demo / name).stat().st_size > 0, name
     for rel in ("model/separator.json", "tune/results.csv", "train/history.json", "evaluation/scores.csv"):
         assert (demo / rel).is_file(), rel
@@ -440,6 +444,8 @@ def test_demo_wrote_every_stage_and_report_file(demo):
     assert serve["targets"] == ["bass", "drums", "other", "vocals"] and serve["max_abs_diff"] < 1e-4
     train = json.loads((demo / "train" / "config.json").read_text())
     assert train["num_workers"] == 2 and train["init_from"].endswith("tune/best")
+    size = SIZES["tiny"]  # the final run spends its budget on its own excerpts and epochs
+    assert (train["samples_per_track"], train["seq_dur"]) == (size.train_samples_per_track, size.train_seq_dur)
 
 
 @pytest.mark.integration
@@ -477,17 +483,62 @@ def test_report_tables_equal_their_sources(demo):
 
 
 @pytest.mark.integration
-def test_report_findings_follow_the_numbers(demo):
+def test_report_factor_effects_equal_those_computed_from_the_results(demo):
+    """Each factor's effect on validation SDR at the epoch every trial reached, with its standard
+    error, recomputed here from tune/results.json by least squares on the coded levels."""
     text = (demo / "report.md").read_text()
     rows = [r for r in json.loads((demo / "tune" / "results.json").read_text())["rows"] if r["status"] == "ok"]
-    winner = max(rows, key=lambda r: r["valid_sdr"])["hidden_size"]
-    assert f"Hidden size {winner} won" in text
-    scores = json.loads((demo / "evaluation" / "scores.json").read_text())["models"]
-    trained = sum(s["SDR"] for s in scores["trained"]["scores"].values()) / 4
-    mixture = sum(s["SDR"] for s in scores["mixture"]["scores"].values()) / 4
-    assert f"{trained - mixture:.2f} dB over the mixture" in text
-    speed = json.loads((demo / "evaluation" / "speed.json").read_text())
-    assert f"{speed['offline_x_rt']:.1f}x real time" in text
+    factors = ["batch_size", "hidden_size", "samples_per_track", "unidirectional"]
+    epoch = min(r["epochs"] for r in rows)
+    y = np.array([next(h["valid_sdr"] for h in r["history"] if h["epoch"] == epoch) for r in rows])
+    levels = {f: sorted({r["values"][f] for r in rows}) for f in factors}
+    x = np.array([[1.0] + [1.0 if r["values"][f] == levels[f][1] else -1.0 for f in factors] for r in rows])
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    df = len(rows) - x.shape[1]
+    table = {r["factor"]: r for r in _md_table(text, "factor")}
+    for j, name in enumerate(("Batch size", "Hidden size", "Samples per track", "LSTM"), 1):
+        cell = table[name]["valid SDR (dB)"].strip("*")
+        effect, se = (float(v) for v in re.fullmatch(r"([+-][0-9.]+) ± ([0-9.]+|n/a)", cell).groups())
+        assert effect == pytest.approx(2 * coef[j], abs=6e-3), (name, cell)
+        if df > 0:
+            residual = y - x @ coef
+            cov = residual @ residual / df * np.linalg.inv(x.T @ x)
+            assert se == pytest.approx(2 * math.sqrt(cov[j, j]), abs=6e-3), (name, cell)
+    speed = json.loads((demo / "speed.json").read_text())  # time effects: the combinations measured alone
+    samples = np.array([t["samples_per_s"]["median"] for t in speed["training"]])
+    points = [t["point"] for t in speed["training"]]
+    xs = np.array([[1.0] + [1.0 if p[f] == levels[f][1] else -1.0 for f in factors] for p in points])
+    cell = table["Batch size"]["samples/s"].strip("*")
+    assert float(cell.split(" ± ")[0]) == pytest.approx(2 * np.linalg.lstsq(xs, samples, rcond=None)[0][1], abs=0.06)
+
+
+@pytest.mark.integration
+def test_every_column_the_design_varied_has_two_values_in_the_table(demo):
+    text = (demo / "report.md").read_text()
+    varied = re.search(r"Columns the design varied: ([^.]+)\.", text).group(1).split(", ")
+    assert {"batch size", "hidden size", "samples/track", "LSTM"} <= set(varied)
+    trials = [r for r in _md_table(text, "run") if r["run"].startswith("trial ")]
+    for column in varied:
+        assert len({r[column] for r in trials}) >= 2, column
+
+
+@pytest.mark.integration
+def test_report_findings_follow_the_numbers(demo):
+    text = (demo / "report.md").read_text()
+    with open(demo / "evaluation" / "scores.csv") as f:  # trained against the others, target by target
+        sdr = {(r["model"], r["target"]): float(r["SDR"]) for r in csv.DictReader(f)}
+    targets = sorted({t for _, t in sdr})
+    wins = all(sdr["trained", t] > sdr[m, t] for t in targets for m in ("tuned", "untrained", "mixture"))
+    said = "beats the untrained model, the tuned model and the mixture on every target"
+    assert (said in text) == wins and ("does not beat every other model" in text) == (not wins)
+    for t in targets:
+        assert f"{t} {sdr['trained', t]:.2f} dB (tuned {sdr['tuned', t]:.2f}, untrained" in text
+    speed = json.loads((demo / "speed.json").read_text())  # speed measured alone, not during tuning
+    train = json.loads((demo / "train" / "config.json").read_text())
+    sep = next(s for s in speed["separation"] if all(train[k] == v for k, v in s["point"].items()))
+    assert f"separates at {sep['x_rt']['median']:.1f} ({sep['x_rt']['min']:.1f}–{sep['x_rt']['max']:.1f})x" in text
+    for s in speed["streaming"]:
+        assert s["verdict"] == verdict(s)
 
 
 @pytest.mark.integration
@@ -499,7 +550,7 @@ def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
     (demo / "report.md").unlink()
     p = sandbox.run(".venv/bin/distunmix demo --size tiny -q", 300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for name in ("data", "tune", "train", "evaluate", "export", "serve"):
+    for name in [s.name for s in STAGES[:-1]]:
         assert re.search(rf"\] {name}: reused", p.stdout), p.stdout
     assert "] report: report.md and figures" in p.stdout
     assert (demo / "report.md").read_text() == report  # the same numbers from the same files

@@ -1,13 +1,17 @@
 """The demo's stages, from nothing to a served model, each resumable.
 
-data -> tune -> train -> evaluate -> export -> serve -> report, all under one folder (``--out``):
+data -> tune -> train -> evaluate -> speed -> export -> serve -> report, all under one folder
+(``--out``):
 
 - ``data``: a generated MUSDB18-HQ-format dataset (``data/``), decoded caches and input statistics;
-- ``tune``: the ``quick`` space with ASHA (``tune/``: results.csv/.md/.json, plots, ``best/``);
-- ``train``: the best configuration, started from the tuned weights, for a few more epochs with
-  DDP workers under Ray Train (``train/``);
+- ``tune``: the ``study`` space (the seed study's four factors at two levels, a factorial design
+  replicated over seeds) with ASHA (``tune/``: results.csv/.md/.json, plots, ``best/``);
+- ``train``: the best trial's configuration, started from its weights, trained on longer and more
+  excerpts for more epochs with DDP workers under Ray Train (``train/``);
 - ``evaluate``: museval on the test split for the trained model, the tuned one, the untrained
-  model and the mixture baseline, plus separation and streaming speed (``evaluation/``);
+  model and the mixture baseline (``evaluation/``);
+- ``speed``: training throughput and separation and streaming speed, measured alone, repeated
+  (``speed.json``; see :mod:`distunmix.demo.speed`);
 - ``export``: the trained model as a plain model folder (``model/``);
 - ``serve``: the Serve app on 127.0.0.1 answers one separation request, compared with local
   separation (``serve.json``);
@@ -54,14 +58,13 @@ from ..flags import setting
 from ..model import OpenUnmix
 from ..serve.client import free_port, request
 from ..serve.service import ServiceConfig
-from ..stream import stream_file
 from ..train.config import TrainConfig, address_setting, progress_setting
 from ..train.loop import prepare
 from ..train.ray_trainer import check_storage, fit
-from ..tuning.report import separation_speed
 from ..tuning.runner import TuneSettings, run_experiment
-from ..tuning.space import load_space, trial_config
+from ..tuning.space import REPLICATE, SearchSpace, load_space, trial_config, with_fraction
 from .report import write_report
+from .speed import measure
 
 STATE_FILE = "demo.json"
 MODELS = ("trained", "tuned", "untrained", "mixture")  # evaluated, in the report's order
@@ -73,24 +76,31 @@ class DemoSize:
 
     synth_tracks: int  # generated tracks (train, validation and test splits)
     synth_duration: float  # seconds per generated track
-    num_samples: int  # samples of the quick space (each is 4 trials: hidden size x uni/bi)
+    fraction: int  # the study space's design: 1 every combination of the factors, 2 half of them
+    seeds: int  # replicates of the design (the first seeds of the study space)
     max_epochs: int  # ASHA's epochs per trial at most
-    grace_period: int  # ASHA's epochs before it may stop a trial
+    grace_period: int  # ASHA's epochs before it may stop a trial: the epoch the factors are compared at
     train_epochs: int  # epochs of the best configuration after tuning
+    train_samples_per_track: int  # excerpts per track and epoch of the final run
+    train_seq_dur: float  # seconds per excerpt of the final run
+    speed_repeats: int  # repeats of each speed measurement
     speed_seconds: float  # audio timed for the x-real-time figures
+    stream_seconds: float  # audio streamed per repeat (a verdict needs 20 s or more in all)
+    full_size_seconds: float  # audio streamed per repeat by open-unmix's full-size model (0: not measured)
     clip_seconds: float  # the Serve request's clip
 
 
 SIZES = {
-    # about 5 minutes on a 2-core CPU: 12 tracks of 15 s, 8 trials of at most 8 epochs, 10 more epochs
-    "full": DemoSize(
-        12, 15.0, num_samples=2, max_epochs=8, grace_period=2, train_epochs=10, speed_seconds=10.0, clip_seconds=5.0
-    ),
-    # the test suite's size: about 1.5 minutes
-    "tiny": DemoSize(
-        5, 3.0, num_samples=1, max_epochs=2, grace_period=1, train_epochs=1, speed_seconds=1.0, clip_seconds=2.0
-    ),
-}
+    # about 11 minutes on a 2-core CPU: 12 tracks of 15 s; 16 combinations x 2 seeds, at most 8 epochs
+    # each; 60 epochs of 16 two-second excerpts per track
+    "full": DemoSize(12, 15.0, fraction=1, seeds=2, max_epochs=8, grace_period=4, train_epochs=60,
+                     train_samples_per_track=16, train_seq_dur=2.0, speed_repeats=5, speed_seconds=10.0,
+                     stream_seconds=20.0, full_size_seconds=10.0, clip_seconds=5.0),
+    # the test suite's size: about 1.5 minutes; a half fraction (8 combinations), one seed
+    "tiny": DemoSize(5, 3.0, fraction=2, seeds=1, max_epochs=2, grace_period=1, train_epochs=1,
+                     train_samples_per_track=4, train_seq_dur=1.0, speed_repeats=2, speed_seconds=1.0,
+                     stream_seconds=3.0, full_size_seconds=0.0, clip_seconds=2.0),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ class DemoSettings:
     """``distunmix demo``'s flags; field ``x_y`` is flag ``--x-y``."""
 
     out: str = setting("runs/demo", "the demo folder (every stage's output)", short="-o")
-    size: str = setting("full", "full: ~5 min on 2 cores; tiny: ~1.5 min", choices=tuple(SIZES))
+    size: str = setting("full", "full: ~11 min on 2 cores; tiny: ~1.5 min", choices=tuple(SIZES))
     num_workers: int = setting(2, "DDP workers (ranks) of the training stage")
     cpus_per_worker: float = setting(1.0, "CPUs per DDP worker of the training stage")
     seed: int = setting(0, "seed of the generated dataset")
@@ -256,18 +266,16 @@ def _tune_summary(ctx: Context) -> dict[str, Any]:
     return json.loads((ctx.out / "tune" / "results.json").read_text())
 
 
+def study_space(ctx: Context) -> SearchSpace:
+    """The ``study`` space at the demo's size: its design fraction and number of seeds."""
+    space = with_fraction(load_space("study", base_config(ctx)), ctx.size.fraction)
+    params = tuple(replace(p, values=p.values[: ctx.size.seeds]) if p.name == REPLICATE else p for p in space.params)
+    return replace(space, params=params)
+
+
 def best_config(ctx: Context) -> TrainConfig:
     """The tuned best trial's training settings."""
-    best = _tune_summary(ctx)["best"]
-    base = base_config(ctx)
-    values = {
-        "batch_size": best["batch_size"],
-        "hidden_size": best["hidden_size"],
-        "samples_per_track": best["samples_per_track"],
-        "unidirectional": best["lstm"] == "uni",
-        "lr": best["lr"],
-    }
-    return trial_config(base, load_space("quick", base).fixed, values)
+    return trial_config(base_config(ctx), study_space(ctx).fixed, _tune_summary(ctx)["best"]["values"])
 
 
 # -- stages ----------------------------------------------------------------------------------------
@@ -284,9 +292,9 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
     if not storage.exists(ctx.stored("tune", "results.json"), "--storage-path"):
         base = base_config(ctx)
         settings = TuneSettings(
-            space="quick",
+            space="study",
             metric="valid_sdr",
-            num_samples=ctx.size.num_samples,
+            num_samples=1,
             max_epochs=ctx.size.max_epochs,
             grace_period=ctx.size.grace_period,
             reduction_factor=2,
@@ -296,7 +304,7 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
             resume=storage.exists(ctx.stored("tune", "tune_settings.json"), "--storage-path"),
             speed_seconds=ctx.size.speed_seconds,
         )
-        summary = run_experiment(base, load_space("quick", base), settings)
+        summary = run_experiment(base, study_space(ctx), settings)
         if summary.get("interrupted"):
             pending = summary["pending"]
             raise DemoError(f"tuning stopped with {pending} trial(s) unfinished; run the demo again to resume")
@@ -306,10 +314,15 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
         raise DemoError(f"no tuning trial finished: see {ctx.stored('tune', 'results.md')}")
     best = summary["best"]
     ctx.say(
-        f"  best trial {best['trial']}: hidden {best['hidden_size']}, {best['lstm']}, lr {best['lr']:.3g}, "
-        f"valid SDR {best['valid_sdr']:.2f} dB; {summary['trial_epochs']} trial-epochs"
+        f"  best trial {best['trial']}: batch {best['batch_size']}, hidden {best['hidden_size']}, samples/track "
+        f"{best['samples_per_track']}, {best['lstm']}, seed {best['seed']}: valid SDR {best['valid_sdr']:.2f} dB; "
+        f"{summary['trials']} trials, {summary['trial_epochs']} trial-epochs"
     )
-    return {"trials": summary["trials"], "trial_epochs": summary["trial_epochs"],
+    space = study_space(ctx)
+    design = {"space": "study", "factors": {p.name: list(p.values) for p in space.factors},
+              "seeds": [v for p in space.params if p.name == REPLICATE for v in p.values],
+              "fraction": space.fraction, "fixed": space.fixed}  # fmt: skip
+    return {"trials": summary["trials"], "trial_epochs": summary["trial_epochs"], "design": design,
             "max_epochs": ctx.size.max_epochs, "best_trial": best["trial"],
             "outputs": ["tune/results.json", "tune/best/separator.json"]}  # fmt: skip
 
@@ -322,6 +335,8 @@ def stage_train(ctx: Context) -> dict[str, Any]:
         config = replace(
             best_config(ctx),
             epochs=ctx.size.train_epochs,
+            samples_per_track=ctx.size.train_samples_per_track,
+            seq_dur=ctx.size.train_seq_dur,
             num_workers=ctx.settings.num_workers,
             cpus_per_worker=ctx.settings.cpus_per_worker,
             storage_path=ctx.runs,
@@ -367,30 +382,47 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     results = {s.label: {"model": s.model, "scores": aggregate(tracks[s.label], targets), "tracks": tracks[s.label]}
                for s in specs}  # fmt: skip
     write_reports(folder, results, targets)
-    seconds = ctx.size.speed_seconds
-    speed = {"offline_x_rt": separation_speed(paths["trained"], seconds), "seconds": seconds}
-    speed["stream"] = stream_speed(ctx, cache, folder)
-    atomic_write_json(folder / "speed.json", speed)
-    sdr = {label: float(np.nanmean([results[label]["scores"][t]["SDR"] for t in targets])) for label in MODELS}
-    ctx.say("  median SDR over targets: " + ", ".join(f"{k} {v:.2f} dB" for k, v in sdr.items()))
-    return {"tracks": len(cache), "models": list(MODELS),
-            "outputs": ["evaluation/scores.json", "evaluation/speed.json"]}  # fmt: skip
+    for t in targets:
+        ctx.say(f"  {t} SDR: " + ", ".join(f"{k} {results[k]['scores'][t]['SDR']:.2f}" for k in MODELS) + " dB")
+    return {"tracks": len(cache), "models": list(MODELS), "outputs": ["evaluation/scores.json"]}
 
 
-def stream_speed(ctx: Context, cache: AudioCache, folder: Path) -> dict[str, Any] | None:
-    """Streaming figures of the best unidirectional trial (None when no trial was unidirectional)."""
-    rows = [r for r in _tune_summary(ctx)["rows"] if r["status"] == "ok" and r["lstm"] == "uni" and r.get("checkpoint")]
-    if not rows:
-        return None
-    row = max(rows, key=lambda r: r["valid_sdr"] if np.isfinite(r["valid_sdr"]) else -np.inf)
-    separator = load_separator(storage.join(row["checkpoint"], "best"), niter=0)
-    clip = folder / "stream" / "mixture.wav"
-    clip.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(clip, cache.mixture(0).T, cache.sample_rate, subtype="FLOAT")
-    block = 1024
-    _, figures = stream_file(separator, clip, clip.parent, block=block)
-    blocks = -(-cache.mixture(0).shape[1] // block)
-    return {"trial": row["trial"], "hidden_size": row["hidden_size"], "block": block, "blocks": blocks, **figures}
+def stage_speed(ctx: Context) -> dict[str, Any]:
+    """Training throughput of every combination the design ran, separation speed of every
+    architecture, streaming speed of the unidirectional ones and of open-unmix's full size: one
+    Ray task holding a whole node runs them one at a time (:mod:`distunmix.demo.speed`)."""
+    import ray
+
+    space, base = study_space(ctx), base_config(ctx)
+    factors = [p.name for p in space.factors]
+    rows = [r for r in _tune_summary(ctx)["rows"] if r["status"] == "ok"]
+    points = _unique([{f: r["values"][f] for f in factors} for r in rows])
+    architectures = _unique([{f: p[f] for f in factors if f in ARCHITECTURE} for p in points])
+    cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    size = ctx.size
+    plan = {
+        "train": [{"point": p, "config": trial_config(base, space.fixed, p).to_dict()} for p in points],
+        "architectures": [{"point": p, "config": trial_config(base, space.fixed, p).to_dict()} for p in architectures],
+        "repeats": size.speed_repeats, "seconds": size.speed_seconds, "stream_seconds": size.stream_seconds,
+        "full_size_seconds": size.full_size_seconds, "full_size_repeats": 2,
+        "threads": cpus, "train_threads": max(1, int(TuneSettings.cpus_per_trial)),
+    }  # fmt: skip
+    ctx.say(f"  {len(points)} training configurations and {len(architectures)} architectures, alone on {cpus} CPUs")
+    result = ray.get(ray.remote(num_cpus=cpus)(measure).remote(plan))
+    atomic_write_json(ctx.out / "speed.json", result)
+    return {"configurations": len(points), "architectures": len(architectures), "outputs": ["speed.json"]}
+
+
+ARCHITECTURE = ("hidden_size", "nb_layers", "unidirectional", "nfft", "nhop", "bandwidth")  # settings that time it
+
+
+def _unique(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``points`` without repeats, in order."""
+    out: list[dict[str, Any]] = []
+    for p in points:
+        if p not in out:
+            out.append(p)
+    return out
 
 
 def stage_export(ctx: Context) -> dict[str, Any]:
@@ -453,8 +485,15 @@ def stage_serve(ctx: Context) -> dict[str, Any]:
 
 
 def stage_report(ctx: Context) -> dict[str, Any]:
-    paths = write_report(ctx.out, [stage.name for stage in STAGES])
+    cache = _test_split(ctx)
+    n = min(cache.entries[0].length, int(EXCERPT_SECONDS * cache.sample_rate))
+    excerpt = {"mixture": cache.mixture(0)[:, :n], "rate": cache.sample_rate, "track": cache.entries[0].name,
+               "sources": {s: cache.read_float(0, s, 0, n) for s in cache.entries[0].sources}}  # fmt: skip
+    paths = write_report(ctx.out, [stage.name for stage in STAGES], excerpt)
     return {"outputs": [_rel(ctx, p) for p in paths]}
+
+
+EXCERPT_SECONDS = 6.0  # the spectrogram figure's test excerpt
 
 
 def _rel(ctx: Context, path: Path) -> str:
@@ -473,9 +512,10 @@ class Stage:
 
 STAGES = (
     Stage("data", stage_data, "generated MUSDB18-HQ-format dataset, caches and input statistics"),
-    Stage("tune", stage_tune, "the quick search space with ASHA early stopping (Ray Tune)", uses_ray=True),
-    Stage("train", stage_train, "the best configuration, a few more epochs with DDP workers (Ray Train)", True),
-    Stage("evaluate", stage_evaluate, "museval on the test split: trained, tuned, untrained, mixture; speed", True),
+    Stage("tune", stage_tune, "the study's factorial design with ASHA early stopping (Ray Tune)", uses_ray=True),
+    Stage("train", stage_train, "the best configuration, on more data with DDP workers (Ray Train)", True),
+    Stage("evaluate", stage_evaluate, "museval on the test split: trained, tuned, untrained, mixture", True),
+    Stage("speed", stage_speed, "training, separation and streaming speed, each measured alone", True),
     Stage("export", stage_export, "the trained model as a model folder"),
     Stage("serve", stage_serve, "one separation request to the Serve app on 127.0.0.1", uses_ray=True),
     Stage("report", stage_report, "report.md and figures from the results"),
