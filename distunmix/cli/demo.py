@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..demo.pipeline import DemoSettings, run_demo
+from ..demo.report import FIGURES
 from ..flags import add_flags, from_args
 from .common import command
 
@@ -28,7 +29,7 @@ def run_command(args: argparse.Namespace) -> int:
     out = Path(settings.out)
     minutes, seconds = divmod(round(state["last_run_seconds"]), 60)
     print(f"\ndemo finished in {minutes}m{seconds:02d}s; everything is in {out}/")
-    print(f"  report      {out}/report.md (loss_curves.png, sdr_vs_speed.png, scores.png)")
+    print(f"  report      {out}/report.md ({', '.join(FIGURES)})")
     print(f"  model       {out}/model/   distunmix separate -m {out}/model SONG.wav")
     print(f"  tuning      {out}/tune/results.md")
     print(f"  training    {out}/train/ (history.csv, loss.png, best/)")
@@ -38,6 +39,7 @@ def run_command(args: argparse.Namespace) -> int:
             "copies of their results and best/ above)"
         )
     print(f"  evaluation  {out}/evaluation/scores.md")
+    print(f"  speed       {out}/speed.json (measured alone, repeated)")
     print(f"  serving     {out}/serve.json   distunmix serve --model {out}/model")
     print(f"  data        {state['stages']['data']['root']}")
     return 0
