@@ -253,9 +253,17 @@ def sandbox(tmp_path_factory, s3):  # s3: the AWS environment is set before Ray 
     # instance, where its working dir package did not exist). Short: Ray's sockets live below it.
     ray_tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")
     os.environ["RAY_TMPDIR"] = ray_tmp
-    head = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
-        "dashboard_agent_listen_port": free_port()})  # fmt: skip
+    # started in the repository root, as a user's `ray start` there: `serve run` builds its app in a
+    # worker of this instance, where a relative path (serve/config.yaml's default runs/) means the
+    # folder the instance started in
+    here = os.getcwd()
+    os.chdir(repo)
+    try:
+        head = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
+            "dashboard_agent_listen_port": free_port()})  # fmt: skip
+    finally:
+        os.chdir(here)
     ray.init(address=head.address, log_to_driver=False)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},

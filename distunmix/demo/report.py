@@ -321,11 +321,24 @@ def training_finding(inputs: dict[str, Any]) -> str:
             f"{fmt(margin)} dB ({t}, over the {m} model)"
         )
     c = inputs["train_config"]
-    return (
+    text = (
         f"**Training.** The final run trained the best trial's model {fmt(len(inputs['history']))} more epoch(s) on "
         f"{fmt(c['samples_per_track'])} excerpts of {fmt(c['seq_dur'], 1)} s per track. Its museval SDR {verdict}. "
         f"Per target, trained against the others: {detail}."
     )
+    models = inputs["scores"]["models"]
+    behind = [(t, m) for t in sdr for m in others
+              if not models["trained"]["scores"][t]["global_SDR"] > models[m]["scores"][t]["global_SDR"]]  # fmt: skip
+    if behind:  # the whole-track figure can disagree with the per-second median: say so
+        text += " On global SDR (one figure over each whole track, so the worst seconds weigh in) it is behind " + (
+            "; ".join(
+                f"the {m} model on {t} ({fmt(models['trained']['scores'][t]['global_SDR'])} against "
+                f"{fmt(models[m]['scores'][t]['global_SDR'])} dB)"
+                for t, m in behind
+            )
+            + "."
+        )
+    return text
 
 
 def realtime_finding(inputs: dict[str, Any]) -> str:
