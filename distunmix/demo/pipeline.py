@@ -67,6 +67,7 @@ from .report import write_report
 from .speed import measure
 
 STATE_FILE = "demo.json"
+TRIAL_CPUS = 1.0  # CPUs (and torch threads) per tuning trial; the speed stage times training with as many
 MODELS = ("trained", "tuned", "untrained", "mixture")  # evaluated, in the report's order
 
 
@@ -298,7 +299,7 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
             max_epochs=ctx.size.max_epochs,
             grace_period=ctx.size.grace_period,
             reduction_factor=2,
-            cpus_per_trial=1.0,
+            cpus_per_trial=TRIAL_CPUS,
             storage_path=ctx.runs,
             name="tune",
             resume=storage.exists(ctx.stored("tune", "tune_settings.json"), "--storage-path"),
@@ -405,7 +406,7 @@ def stage_speed(ctx: Context) -> dict[str, Any]:
         "architectures": [{"point": p, "config": trial_config(base, space.fixed, p).to_dict()} for p in architectures],
         "repeats": size.speed_repeats, "seconds": size.speed_seconds, "stream_seconds": size.stream_seconds,
         "full_size_seconds": size.full_size_seconds, "full_size_repeats": 2,
-        "threads": cpus, "train_threads": max(1, int(TuneSettings.cpus_per_trial)),
+        "threads": cpus, "train_threads": max(1, int(TRIAL_CPUS)),  # as a trial had
     }  # fmt: skip
     ctx.say(f"  {len(points)} training configurations and {len(architectures)} architectures, alone on {cpus} CPUs")
     result = ray.get(ray.remote(num_cpus=cpus)(measure).remote(plan))
