@@ -93,8 +93,10 @@ def _filters(refs: References, estimates: np.ndarray) -> tuple[np.ndarray, np.nd
     L, nfft = refs.filters_len, _nfft(nsampl, refs.filters_len)
     est_spectra = np.fft.rfft(np.moveaxis(estimates, 1, 2), n=nfft, axis=-1)  # (nsrc, nchan, F)
     # D[e, j, cj, l, c]: correlation of reference j channel cj with estimate e channel c at lag -l
-    cross = np.fft.irfft(refs.spectra[None, :, :, None] * np.conj(est_spectra[:, None, None]), n=nfft)
-    d = np.moveaxis(_lags(cross, L), 3, 4)  # (e, j, cj, L, c)
+    # one (estimate, reference) pair at a time: a whole-track correlation is nfft samples long
+    d = np.stack([np.stack([_lags(np.fft.irfft(refs.spectra[j][:, None] * np.conj(est_spectra[e][None]), n=nfft), L)
+                            for j in range(nsrc)]) for e in range(nsrc)])  # (e, j, cj, c, L)  # fmt: skip
+    d = np.moveaxis(d, 3, 4)  # (e, j, cj, L, c)
     rhs = np.moveaxis(d.reshape(nsrc, nsrc * nchan * L, nchan), 0, 1).reshape(nsrc * nchan * L, nsrc * nchan)
     c_all = scipy.linalg.lu_solve(refs.lu, rhs, check_finite=False)
     c_all = np.moveaxis(c_all.reshape(nsrc * nchan * L, nsrc, nchan), 1, 0).reshape(nsrc, nsrc, nchan, L, nchan)
@@ -105,6 +107,11 @@ def _filters(refs: References, estimates: np.ndarray) -> tuple[np.ndarray, np.nd
         ]
     ).reshape(nsrc, nchan, L, nchan)
     return c_all, c_own
+
+
+def _energy(x: np.ndarray) -> np.ndarray:
+    """Sum of squares over the last two axes (channels, samples)."""
+    return np.square(x).sum(axis=(-1, -2))
 
 
 def _db(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -155,12 +162,9 @@ def bss_eval_v4(
         s = _pad(np.moveaxis(r, 2, 3), L - 1, axis=-1)  # (B, j, c, n)
         ep = _pad(np.moveaxis(e, 2, 3), L - 1, axis=-1)
 
-        def energy(x: np.ndarray) -> np.ndarray:
-            return np.square(x).sum(axis=(-1, -2))
-
-        s2, p2, pj2 = energy(s), energy(p_all), energy(p_own)
-        ratios = (_db(s2, energy(ep - s)), _db(s2, energy(p_own - s)), _db(pj2, energy(p_all - p_own)),
-                  _db(p2, energy(ep - p_all)))  # fmt: skip
+        s2, p2, pj2 = _energy(s), _energy(p_all), _energy(p_own)
+        ratios = (_db(s2, _energy(ep - s)), _db(s2, _energy(p_own - s)), _db(pj2, _energy(p_all - p_own)),
+                  _db(p2, _energy(ep - p_all)))  # fmt: skip
         silent = (r.sum(axis=-1) == 0).all(axis=-1).any(axis=-1) | (e.sum(axis=-1) == 0).all(axis=-1).any(axis=-1)
         for m, values in enumerate(ratios):
             out[m, :, start : start + len(block)] = np.where(silent[:, None], np.nan, values).T

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import STANDARD_TARGETS
 from .data.synth import synth_track
 from .model import ModelConfig, OpenUnmix
 from .separator import Separator
 from .stream import StreamingSeparator, block_figures
-
-TARGETS = ("vocals", "drums", "bass", "other")
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -36,7 +35,7 @@ def test_audio(seconds: float, sample_rate: float) -> torch.Tensor:
 def architecture(config: ModelConfig, n_hop: int, sample_rate: float, niter: int = 1, seed: int = 0) -> Separator:
     """A separator of four freshly initialised ``config`` models (seeded)."""
     torch.manual_seed(seed)
-    models = {t: OpenUnmix.from_config(config) for t in TARGETS}
+    models = {t: OpenUnmix.from_config(config) for t in STANDARD_TARGETS}
     return Separator(models, sample_rate=sample_rate, n_fft=config.n_fft, n_hop=n_hop, niter=niter).eval()
 
 

@@ -290,6 +290,7 @@ def stage_data(ctx: Context) -> dict[str, Any]:
 def stage_tune(ctx: Context) -> dict[str, Any]:
     if ctx.upstream_ran:
         ctx.start_over("tune")  # made from other data
+    space = study_space(ctx)
     if not storage.exists(ctx.stored("tune", "results.json"), "--storage-path"):
         base = base_config(ctx)
         settings = TuneSettings(
@@ -305,7 +306,7 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
             resume=storage.exists(ctx.stored("tune", "tune_settings.json"), "--storage-path"),
             speed_seconds=ctx.size.speed_seconds,
         )
-        summary = run_experiment(base, study_space(ctx), settings)
+        summary = run_experiment(base, space, settings)
         if summary.get("interrupted"):
             pending = summary["pending"]
             raise DemoError(f"tuning stopped with {pending} trial(s) unfinished; run the demo again to resume")
@@ -319,7 +320,6 @@ def stage_tune(ctx: Context) -> dict[str, Any]:
         f"{best['samples_per_track']}, {best['lstm']}, seed {best['seed']}: valid SDR {best['valid_sdr']:.2f} dB; "
         f"{summary['trials']} trials, {summary['trial_epochs']} trial-epochs"
     )
-    space = study_space(ctx)
     design = {"space": "study", "factors": {p.name: list(p.values) for p in space.factors},
               "seeds": [v for p in space.params if p.name == REPLICATE for v in p.values],
               "fraction": space.fraction, "fixed": space.fixed}  # fmt: skip

@@ -128,6 +128,12 @@ def factor_effects(inputs: dict[str, Any]) -> dict[str, dict[str, Effect]]:
     return out
 
 
+def levels(factor: str, by: dict[str, Effect]) -> tuple[str, str]:
+    """A factor's lower and higher level as the report writes them (every response shares them)."""
+    e = next(iter(by.values()))
+    return level(factor, e.low), level(factor, e.high)
+
+
 def effect_cell(e: Effect | None, digits: int) -> str:
     """``+0.84 ± 0.21`` (effect ± standard error); in italics when the 95% interval holds zero."""
     if e is None:
@@ -139,9 +145,8 @@ def effect_cell(e: Effect | None, digits: int) -> str:
 def effect_table(inputs: dict[str, Any], effects: dict[str, dict[str, Effect]]) -> list[dict[str, str]]:
     rows = []
     for factor, by in effects.items():
-        any_effect = next(iter(by.values()))
-        rows.append({"factor": FACTOR_NAMES.get(factor, factor),
-                     "levels": f"{level(factor, any_effect.low)} → {level(factor, any_effect.high)}",
+        low, high = levels(factor, by)
+        rows.append({"factor": FACTOR_NAMES.get(factor, factor), "levels": f"{low} → {high}",
                      **{col: effect_cell(by.get(key), digits) for key, col, _, digits in RESPONSES},
                      "trials": fmt(by["valid_sdr"].runs if "valid_sdr" in by else None)})  # fmt: skip
     return rows
@@ -163,8 +168,8 @@ def factor_findings(inputs: dict[str, Any], effects: dict[str, dict[str, Effect]
     epoch = common_epoch(ok_rows(inputs))
     out = []
     for factor, by in effects.items():
-        any_effect = next(iter(by.values()))
-        name = f"{FACTOR_NAMES.get(factor, factor)} {level(factor, any_effect.low)} → {level(factor, any_effect.high)}"
+        low, high = levels(factor, by)
+        name = f"{FACTOR_NAMES.get(factor, factor)} {low} → {high}"
         parts, unclear = [], []
         for key, _, unit, digits in RESPONSES:
             e = by.get(key)
@@ -179,7 +184,7 @@ def factor_findings(inputs: dict[str, Any], effects: dict[str, dict[str, Effect]
         if unclear:
             text += (
                 f" For {_and(unclear)}, the spread is larger than the effect: these runs cannot tell "
-                f"{level(factor, any_effect.low)} from {level(factor, any_effect.high)} apart there."
+                f"{low} from {high} apart there."
             )
         out.append(text)
     return out
@@ -457,10 +462,7 @@ def plot_effects(inputs: dict[str, Any], effects: dict[str, dict[str, Effect]], 
     panels = [r for r in RESPONSES if any(r[0] in by for by in effects.values())]
     fig, axes = plots.pyplot().subplots(1, len(panels), figsize=(3.0 * len(panels), 2.8), dpi=110, sharey=True)
     names = list(effects)
-    labels = []
-    for f in names:
-        e = next(iter(effects[f].values()))
-        labels.append(f"{FACTOR_NAMES.get(f, f)}\n{level(f, e.low)} → {level(f, e.high)}")
+    labels = [f"{FACTOR_NAMES.get(f, f)}\n{' → '.join(levels(f, effects[f]))}" for f in names]
     for ax, (key, col, _, _) in zip(np.atleast_1d(axes), panels, strict=True):
         for y, f in enumerate(names):
             e = effects[f].get(key)

@@ -34,6 +34,7 @@ def measure(plan: dict[str, Any]) -> dict[str, Any]:
       (0: not measured).
     """
     repeats = plan["repeats"]
+    threads = torch.get_num_threads()  # put back at the end: Ray reuses this worker process
     torch.set_num_threads(plan["train_threads"])
     training = []
     for item in plan["train"]:
@@ -63,6 +64,7 @@ def measure(plan: dict[str, Any]) -> dict[str, Any]:
         streamer = speed.architecture(config.model_config(), config.nhop, config.data.sample_rate, niter=0)
         audio = speed.test_audio(plan["full_size_seconds"], config.data.sample_rate)
         full_size = {**FULL_SIZE, **speed.streaming_speed(streamer, audio, BLOCK, plan["full_size_repeats"])}
+    torch.set_num_threads(threads)
     return {"threads": plan["threads"], "train_threads": plan["train_threads"], "repeats": repeats,
             "seconds": plan["seconds"], "block": BLOCK, "training": training, "separation": separation,
             "streaming": streaming, "full_size": full_size}  # fmt: skip

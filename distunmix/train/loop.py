@@ -526,12 +526,12 @@ def time_epochs(
     dataset, valid = training_data(config)
     targets = build_targets(config, stats[0], stats[1], dev)
     sampler = EpochSampler(len(dataset), 0, 1, shuffle=True, seed=config.seed)
+    precision = Precision(config.precision, dev)
     train_s, valid_s = [], []
     with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.loader_workers) as loader:
         for epoch in range(repeats):
             loader.set_epoch(epoch)
             t0 = time.perf_counter()
-            precision = Precision(config.precision, dev)
             _, samples = train_epoch(targets, loader, dataset.target_rows, config, dev, precision)
             t1 = time.perf_counter()
             validate(targets, valid, config, dev, 0, 1)
