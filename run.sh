@@ -115,8 +115,9 @@ case "$cmd" in
         else
             # two pytest processes, a test file each at a time (pytest-xdist): the integration tests
             # mostly wait on Ray and subprocesses, so two files share the two cores well
-            # (the quick tier is compute-bound: one process is faster there)
-            "$PY" -m pytest -q -n 2 --dist loadfile "$@"
+            # (the quick tier is compute-bound: one process is faster there); files start in
+            # tests/conftest.py's order, longest first (xdist's default reorders them by test count)
+            "$PY" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"
         fi
         ;;
     *)
