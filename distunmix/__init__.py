@@ -1,12 +1,23 @@
 """distunmix: Open-Unmix music source separation, trained, tuned and served with Ray.
 
-The core (model, spectral, separator, data, checkpoint) imports no Ray.
+The core (model, spectral, separator, data, checkpoint) imports no Ray. The names below are
+imported when first used, so that ``distunmix.onnxrun`` (onnxruntime and numpy) runs without torch.
 """
 
-from .checkpoint import load_separator, save_model_dir
+from importlib import import_module
+from typing import Any
+
 from .errors import CheckpointError, DistunmixError
-from .model import ModelConfig, OpenUnmix
-from .separator import Separator
+
+_LAZY = {"load_separator": "checkpoint", "save_model_dir": "checkpoint", "ModelConfig": "model",
+         "OpenUnmix": "model", "Separator": "separator"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",

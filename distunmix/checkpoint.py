@@ -40,7 +40,9 @@ GENERIC_NAMES = ("best", "last", "latest", "model")
 
 def model_label(model_dir: str | os.PathLike) -> str:
     """A short name for a model folder that tells runs apart: its name, and for a generic name
-    (``best``, ``model``, ...) the run folder's name before it (``train-0412-best``)."""
+    (``best``, ``model``, ...) the run folder's name before it (``train-0412-best``). An exported
+    ``.onnx`` file is named as its folder would be (``best.onnx`` -> ``train-0412-best``)."""
+    model_dir = str(model_dir).removesuffix(".onnx")
     if is_uri(model_dir):
         parent, _, name = str(model_dir).rstrip("/").rpartition("/")
         return f"{parent.rpartition('/')[2]}-{name}" if name in GENERIC_NAMES and "/" in parent else name

@@ -7,11 +7,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .audio import StemSet, read_at_rate
+from .onnxrun import OnnxSeparator
 from .separator import Separator
+
+
+def as_numpy(wave: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A separator's output as a float32 numpy array (the onnx backend's already is one)."""
+    return wave.float().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave, np.float32)
 
 
 def output_names(files: Sequence[Path]) -> list[str]:
@@ -40,7 +47,7 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 def separate_file(
-    separator: Separator,
+    separator: Separator | OnnxSeparator,
     path: str | os.PathLike,
     out_dir: str | os.PathLike,
     ext: str = "wav",
@@ -68,7 +75,7 @@ def separate_file(
         )
         stack.enter_context(torch.inference_mode())
         for _, wave in separator.iter_chunks(x):
-            block = wave[0].float().cpu().numpy()
+            block = as_numpy(wave[0])
             for writer, row in zip(writers, rows.values(), strict=True):
                 writer.write(block[row])
             bar.update(round(block.shape[-1] / separator.sample_rate, 1))

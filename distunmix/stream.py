@@ -28,7 +28,9 @@ from torch import Tensor
 from . import spectral
 from .audio import StemSet, read_at_rate
 from .errors import ConfigError
+from .onnxrun import OnnxSeparator
 from .separator import Separator
+from .stemfiles import as_numpy
 
 _UNBOUNDED = 1 << 62  # frames / samples of a stream whose end is not known yet
 
@@ -151,7 +153,11 @@ class StreamingSeparator:
 
 
 def stream_file(
-    separator: Separator, path: str | os.PathLike, out_dir: str | os.PathLike, block: int = 1024, ext: str = "wav"
+    separator: Separator | OnnxSeparator,
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    block: int = 1024,
+    ext: str = "wav",
 ) -> tuple[dict[str, Path], dict[str, float]]:
     """Separate a file as a live input: blocks of ``block`` samples through a
     :class:`~distunmix.stream.StreamingSeparator`, stems written as blocks come out.
@@ -163,7 +169,7 @@ def stream_file(
     """
     if block < 1:
         raise ConfigError(f"--block {block}: expected samples >= 1")
-    streamer = StreamingSeparator(separator)
+    streamer = separator.streamer() if isinstance(separator, OnnxSeparator) else StreamingSeparator(separator)
     path, out_dir = Path(path), Path(out_dir)
     audio = torch.from_numpy(read_at_rate(path, separator.sample_rate, separator.n_fft // 2 + 1))
     channels = max(audio.shape[0], separator.nb_channels)
@@ -174,7 +180,7 @@ def stream_file(
         for k, piece in enumerate([*pieces, None]):
             t0 = time.perf_counter()
             out = streamer.process(piece) if piece is not None else streamer.flush()
-            wave = out[0].cpu().numpy()  # waits for a GPU
+            wave = as_numpy(out[0])  # waits for a GPU
             if k < len(pieces):
                 times.append(time.perf_counter() - t0)
             for j, writer in enumerate(writers):

@@ -12,6 +12,7 @@ from typing import Any
 from ..devices import DEVICE_HELP
 from ..errors import DistunmixError
 from ..flags import add_flags, comma_list
+from ..onnxrun import BACKENDS
 from ..train.config import TrainConfig
 
 
@@ -44,6 +45,13 @@ def out_flag(p: Any, default: str, help: str, uri: bool = False) -> None:
 def device_flag(p: Any) -> None:
     """``--device`` (auto everywhere)."""
     flag(p, "--device", default="auto", help=DEVICE_HELP)
+
+
+def backend_flag(p: Any) -> None:
+    """``--backend``: PyTorch, or the model exported to ONNX and run by onnxruntime."""
+    flag(p, "--backend", choices=BACKENDS, default="torch",
+         help="torch, or onnx: the separator exported to one ONNX graph (a model folder is exported once into "
+              "the cache; -m may also name an exported .onnx file) and run by onnxruntime")  # fmt: skip
 
 
 def targets_flag(p: Any, help: str = "comma-separated subset of the model's targets") -> None:

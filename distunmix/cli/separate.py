@@ -1,4 +1,4 @@
-"""``separate`` and ``stream``: model folders applied to audio files."""
+"""``separate``, ``stream`` and ``export``: model folders applied to audio files, or exported."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..flags import add_flags, from_args
 from ..separator import Separator, SeparatorOptions
 from ..stemfiles import output_names, separate_file
 from ..stream import stream_file, verdict_text
-from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
+from .common import backend_flag, command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
 EXTENSIONS = ("wav", "flac")
 
@@ -31,6 +31,7 @@ def register(sub: Any) -> None:
     model_flag(p)
     targets_flag(p)
     device_flag(p)
+    backend_flag(p)
     out_flag(p, "separated", "output root")
     flag(p, "--ext", choices=EXTENSIONS, default="wav", help="stem file format")
     run_flags(p, "progress")
@@ -46,9 +47,23 @@ def register(sub: Any) -> None:
     targets_flag(p)
     add_flags(p, SeparatorOptions, only=("residual", "softmask"))
     device_flag(p)
+    backend_flag(p)
     out_flag(p, "separated", "output root")
     flag(p, "--ext", choices=EXTENSIONS, default="wav", help="stem file format")
     p.set_defaults(func=run_stream)
+
+    p = command(sub, "export", "export a model folder as one ONNX graph (STFT, models, Wiener filter, ISTFT)",
+                "Write the whole separator as one ONNX graph that onnxruntime runs with numpy alone: input "
+                "'audio' (1, channels, samples), output 'estimates' (1, targets, channels, samples), any number of "
+                "samples. The Wiener settings (--niter, --residual, --softmask, --wiener-win-len) and --targets "
+                "are baked in and written, with the model card, into the file's metadata. Unidirectional models "
+                "exported with --niter 0 also get their streaming step as FILE.stream.onnx.")  # fmt: skip
+    model_flag(p)
+    flag(p, "--format", choices=("onnx",), default="onnx", help="export format")
+    p.add_argument("-o", "--out", type=Path, required=True, help="the .onnx file to write")
+    targets_flag(p)
+    add_flags(p, SeparatorOptions, only=("niter", "residual", "softmask", "wiener_win_len"))
+    p.set_defaults(func=run_export)
 
 
 def load_for_targets(args: argparse.Namespace, options: SeparatorOptions) -> tuple[Separator, list[str]]:
@@ -58,18 +73,28 @@ def load_for_targets(args: argparse.Namespace, options: SeparatorOptions) -> tup
     all) and ``--targets`` only picks the stems to write; with it the model's other targets are
     left out and come back as the residual (open-unmix's karaoke set-up).
     """
+    if args.backend == "onnx":
+        from ..export import onnx_separator
+
+        separator = onnx_separator(args.model, options, targets=args.targets if options.residual else None)
+        return separator, _wanted(args, separator.targets)
     device = resolve_device(args.device)
     if options.residual:
         separator = load_separator(args.model, device=device, targets=args.targets, **options.kwargs())
         return separator, separator.targets
     separator = load_separator(args.model, device=device, **options.kwargs())
-    wanted = list(args.targets or separator.targets)
-    unknown = [t for t in wanted if t not in separator.targets]
+    return separator, _wanted(args, separator.targets)
+
+
+def _wanted(args: argparse.Namespace, targets: list[str]) -> list[str]:
+    """The stems ``--targets`` picks of the separator's ``targets``."""
+    wanted = list(args.targets or targets)
+    unknown = [t for t in wanted if t not in targets]
     if unknown:
         raise CheckpointError(
-            f"{args.model}: unknown target(s) {', '.join(unknown)}; this folder has: {', '.join(separator.targets)}"
+            f"{args.model}: unknown target(s) {', '.join(unknown)}; this model has: {', '.join(targets)}"
         )
-    return separator, wanted
+    return wanted
 
 
 def run_separate(args: argparse.Namespace) -> int:
@@ -98,10 +123,15 @@ def run_separate(args: argparse.Namespace) -> int:
 def run_stream(args: argparse.Namespace) -> int:
     """``distunmix stream``."""
     options = from_args(SeparatorOptions, args, niter=0)
-    separator = load_separator(
-        args.model, targets=args.targets, device=resolve_device(args.device), niter=0,
-        residual=options.residual, softmask=options.softmask,
-    )  # fmt: skip
+    if args.backend == "onnx":
+        from ..export import onnx_separator
+
+        separator = onnx_separator(args.model, options, targets=args.targets)
+    else:
+        separator = load_separator(
+            args.model, targets=args.targets, device=resolve_device(args.device), niter=0,
+            residual=options.residual, softmask=options.softmask,
+        )  # fmt: skip
     out_dir = args.out / model_label(args.model) / args.input.stem
     try:
         paths, stats = stream_file(separator, args.input, out_dir, block=args.block, ext=args.ext)
@@ -116,4 +146,16 @@ def run_stream(args: argparse.Namespace) -> int:
         f"{stats['late_blocks']} of {stats['blocks']} blocks late"
     )
     print(f"real time: {verdict_text(stats)}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``distunmix export``."""
+    from ..export import export_model_dir
+
+    if args.out.suffix != ".onnx":
+        raise ConfigError(f"-o {args.out}: expected a file name ending in .onnx")
+    options = from_args(SeparatorOptions, args)
+    for path in export_model_dir(args.model, args.out, options, targets=args.targets):
+        print(f"{args.model} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

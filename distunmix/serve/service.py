@@ -31,6 +31,8 @@ from ..checkpoint import load_separator, model_label
 from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, ConfigError, ServiceError
 from ..flags import setting
+from ..onnxrun import BACKENDS, OnnxSeparator
+from ..separator import SeparatorOptions
 
 FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
 MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
@@ -49,6 +51,8 @@ class ServiceConfig:
                                 shown_default="the newest runs/*/best or runs/*/model (after the demo, its "
                                               "runs/demo/model)")  # fmt: skip
     device: str = setting("auto", DEVICE_HELP)
+    backend: str = setting("torch", "torch, or onnx: each replica exports the model folder to ONNX (once per Wiener "
+                           "iteration count, cached) and separates with onnxruntime", choices=BACKENDS)  # fmt: skip
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
     max_seconds: float = setting(600.0, "longest audio accepted, in seconds", group=_LIMITS)
     max_niter: int = setting(3, "most Wiener EM iterations a request may ask for", group=_LIMITS)
@@ -93,6 +97,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         checks = [
+            (self.backend in BACKENDS, "backend", self.backend, " or ".join(BACKENDS)),
             (self.max_upload_mb > 0, "max_upload_mb", self.max_upload_mb, "> 0"),
             (self.max_seconds > 0, "max_seconds", self.max_seconds, "> 0"),
             (self.max_niter >= 0, "max_niter", self.max_niter, ">= 0"),
@@ -154,9 +159,12 @@ class SeparationService:
         if config.model is None:
             raise ConfigError("model: a model folder is needed (build_app chooses a default one)")
         self.config = config
+        self._onnx: dict[int, OnnxSeparator] = {}
         try:
-            device = resolve_device(config.device)
-            self.separator = load_separator(config.model, device=device, niter=1).freeze()
+            if config.backend == "onnx":
+                self.separator = self._onnx_for(1)
+            else:
+                self.separator = load_separator(config.model, device=resolve_device(config.device), niter=1).freeze()
         except CheckpointError as e:
             raise RuntimeError(f"model {config.model}: {e}") from e
         self.targets = list(self.separator.targets)
@@ -293,8 +301,7 @@ class SeparationService:
             if shape[0] == 1 and self.separator.nb_channels == 2:
                 x = x.expand(-1, 2, -1)
             with self._lock, torch.inference_mode():
-                self.separator.niter = n
-                y = self.separator(x.to(self.separator.device)).cpu().numpy()
+                y = self._separate(x, n)
             np.nan_to_num(y, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # silence in gives silence out
             for k, i in enumerate(members):
                 out[i] = y[k]
@@ -315,17 +322,38 @@ class SeparationService:
         entries = [(f"{t}.{fmt}", lambda r=r: self.encode(stems[r], fmt)) for t, r in zip(targets, rows, strict=True)]
         return zip_stream(entries), "application/zip", "stems.zip"
 
+    def _onnx_for(self, niter: int) -> OnnxSeparator:
+        """The ONNX backend's separator with ``niter`` Wiener iterations (exported on first use)."""
+        if niter not in self._onnx:
+            from ..export import onnx_separator
+
+            self._onnx[niter] = onnx_separator(self.config.model, SeparatorOptions(niter=niter))
+        return self._onnx[niter]
+
+    def _separate(self, x: torch.Tensor, niter: int) -> np.ndarray:
+        """(B, C, N) -> (B, S, C, N) with ``niter`` Wiener iterations, on the configured backend."""
+        if self.config.backend == "onnx":
+            return self._onnx_for(niter)(x.numpy())
+        self.separator.niter = niter
+        return self.separator(x.to(self.separator.device)).cpu().numpy()
+
     def model_info(self) -> dict[str, Any]:
-        models = self.separator.target_models
-        first = next(iter(models.values()))
+        sep = self.separator
+        if isinstance(sep, OnnxSeparator):
+            hidden, uni, params = sep.hidden_size, sep.unidirectional, sep.parameters
+        else:
+            first = next(iter(sep.target_models.values()))
+            hidden, uni = first.hidden_size, first.unidirectional
+            params = sum(p.numel() for m in sep.target_models.values() for p in m.parameters())
         return {
             "model": model_label(self.config.model),
+            "backend": self.config.backend,
             "targets": self.targets,
             "sample_rate": self.rate,
-            "nb_channels": self.separator.nb_channels,
-            "hidden_size": first.hidden_size,
-            "unidirectional": first.unidirectional,
-            "parameters": sum(p.numel() for m in models.values() for p in m.parameters()),
+            "nb_channels": sep.nb_channels,
+            "hidden_size": hidden,
+            "unidirectional": uni,
+            "parameters": params,
             "limits": {
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_seconds": self.config.max_seconds,
@@ -339,9 +367,10 @@ class SeparationService:
         """Raise if the model no longer gives finite output (the health check)."""
         x = torch.zeros(1, self.separator.nb_channels, self.separator.n_fft)
         x[..., ::97] = 0.1
-        with torch.inference_mode():
-            y = self.separator(x.to(self.separator.device))
-        if not torch.isfinite(y).all():
+        with torch.inference_mode():  # the separator as it is: a batch may be running with its niter
+            sep = self.separator
+            y = sep(x.numpy()) if isinstance(sep, OnnxSeparator) else sep(x.to(sep.device)).cpu().numpy()
+        if not np.isfinite(y).all():
             raise RuntimeError("the model returns non-finite output")
 
 

@@ -1,0 +1,385 @@
+"""The whole separator as one ONNX graph (and a unidirectional model's streaming step as another).
+
+:class:`SeparatorGraph` computes what :class:`~distunmix.separator.Separator` computes on an
+unchunked signal (STFT, the target models, the multichannel Wiener filter, the inverse STFT),
+written with real tensors and without data-dependent Python control flow, so that
+``torch.onnx.export`` traces it with a dynamic number of samples:
+
+- the STFT frames the reflect-padded signal and runs a real FFT; complex numbers stay planar
+  (real and imaginary parts as separate tensors) everywhere after it;
+- the Wiener filter's windows come from zero-padding the frames to a whole number of windows:
+  silent frames add nothing to EM's sums and do not change a window's peak, so every real frame
+  gets the numbers the windowed filter gives;
+- the inverse STFT is an inverse real FFT per frame, overlap-added by shifting hop-sized pieces,
+  divided by the window-square envelope as ``torch.istft`` does.
+
+:class:`StreamStepGraph` is :class:`~distunmix.stream.StreamingSeparator`'s inner step: the padded
+samples of the next frames and the LSTM states in; the frames' overlap-added, windowed samples
+(not yet normalised) and the new states out. The runner (:mod:`distunmix.onnxrun`) keeps the
+buffers around it in numpy.
+
+The settings that shape the graph (targets, niter, residual, softmask, Wiener window, sample rate,
+STFT) are baked in and written into the ONNX file's metadata, with the model card when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import spectral
+from .checkpoint import load_separator, model_label
+from .errors import CheckpointError, ConfigError
+from .model import OpenUnmix
+from .onnxrun import FORMAT, OnnxSeparator, stream_file_of
+from .separator import Separator, SeparatorOptions
+from .storage import cache_root, local_folder
+
+OPSET = 18
+
+
+def _frames(padded: Tensor, n_fft: int, n_hop: int) -> Tensor:
+    """(..., n) padded samples -> (..., T, n_fft) frames, T = (n - n_fft) // n_hop + 1."""
+    return padded.unfold(-1, n_fft, n_hop)
+
+
+def _rfft_planar(frames: Tensor, window: Tensor) -> tuple[Tensor, Tensor]:
+    """Windowed frames (..., T, n_fft) -> real and imaginary STFT parts (..., F, T)."""
+    spec = torch.view_as_real(torch.fft.rfft(frames * window, dim=-1))
+    return spec[..., 0].transpose(-1, -2), spec[..., 1].transpose(-1, -2)
+
+
+@torch.library.custom_op("distunmix::lstm", mutates_args=())
+def _lstm(
+    x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], num_layers: int, bidirectional: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``nn.LSTM`` at inference as one opaque operation: torch.export keeps it whole (its own
+    decomposition fails on a frame count derived from the number of samples) and the ONNX
+    translation (:func:`_onnx_lstm`) emits ONNX's LSTM operator."""
+    out, h, c = torch.ops.aten.lstm.input(x, [h0, c0], params, True, num_layers, 0.0, False, bidirectional, False)
+    return out, h, c
+
+
+@_lstm.register_fake
+def _(x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], num_layers: int, bidirectional: bool):
+    directions = 2 if bidirectional else 1
+    return x.new_empty(x.shape[0], x.shape[1], directions * h0.shape[-1]), torch.empty_like(h0), torch.empty_like(c0)
+
+
+def _onnx_lstm(x, h0, c0, params, num_layers: int, bidirectional: bool):
+    from onnxscript.function_libs.torch_lib.ops.core import aten_lstm
+
+    return aten_lstm(x, [h0, c0], params, True, num_layers, 0.0, False, bidirectional, False)
+
+
+class _ModelGraph(nn.Module):
+    """An :class:`OpenUnmix` at inference, its folded weights (BatchNorm and the input/output
+    affine maps in the linear layers) computed once, as constants of the graph."""
+
+    def __init__(self, model: OpenUnmix) -> None:
+        super().__init__()
+        self.nb_bins, self.nb_output_bins, self.hidden_size = model.nb_bins, model.nb_output_bins, model.hidden_size
+        for name, value in zip(
+            ("w1", "c1", "w2", "b2", "w3", "c3"), model._folded_weights(model.nb_channels), strict=True
+        ):
+            self.register_buffer(name, value.detach().clone())
+        self.lstm = model.lstm
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(B, C', F, T) mixture magnitude -> target magnitude, and the LSTM state after it."""
+        xt = x.permute(3, 0, 1, 2)  # (T, B, C', F)
+        t, b, c, _ = xt.shape
+        flat = xt[..., : self.nb_bins].reshape(t * b, c * self.nb_bins)
+        h = torch.tanh(flat @ self.w1.t() + self.c1).reshape(t, b, self.hidden_size)
+        if state is None:
+            zeros = h.new_zeros(self.lstm.num_layers * (1 + self.lstm.bidirectional), b, self.lstm.hidden_size)
+            state = (zeros, zeros)
+        lstm_out, h_n, c_n = _lstm(
+            h, *state, list(self.lstm._flat_weights), self.lstm.num_layers, self.lstm.bidirectional
+        )
+        state = (h_n, c_n)
+        h = torch.cat([h, lstm_out], -1).reshape(t * b, -1)
+        h = torch.relu(h @ self.w2.t() + self.b2)
+        y = torch.relu(h @ self.w3.t() + self.c3)
+        return y.reshape(t, b, c, self.nb_output_bins).permute(1, 2, 3, 0) * x, state
+
+
+def _model_magnitudes(models: nn.ModuleList, mag: Tensor, states: list | None = None):
+    """(B, C', F, T) -> (B, S, C', F, T) target magnitudes, and the LSTM states after them."""
+    outs, new_states = [], []
+    for k, model in enumerate(models):
+        y, state = model(mag, None if states is None else states[k])
+        outs.append(y)
+        new_states.append(state)
+    return torch.stack(outs, 1), new_states
+
+
+def _filter(sep: Separator, s: Tensor, xr: Tensor, xi: Tensor, win_len: int | None) -> tuple[Tensor, Tensor]:
+    """Wiener filter (planar): s (B, S, C', F, T), x (B, C, F, T) -> y (B, S', C, F, T) parts.
+
+    Frames are zero-padded to whole windows of ``win_len`` (None: one window of all frames).
+    """
+    b, _, c, f, t = s.shape
+    if sep.niter == 0:
+        scale = xr.new_ones((b, 1, 1, 1, 1))
+        y = spectral._wiener_block(s, xr, xi, scale[:, 0], 0, sep.softmask, sep.residual, 1e-10)
+        return y
+    if win_len is None:
+        n_win, wl = 1, t
+        sw, xrw, xiw = s.unsqueeze(1), xr.unsqueeze(1), xi.unsqueeze(1)
+    else:
+        wl = win_len
+        pad = (-t) % wl
+        n_win = (t + pad) // wl
+
+        def windows(a: Tensor) -> Tensor:  # (..., F, T) -> (B, n_win, ..., F, wl)
+            a = F.pad(a, (0, pad))
+            return a.unflatten(-1, (n_win, wl)).movedim(-2, 1)
+
+        sw, xrw, xiw = windows(s), windows(xr), windows(xi)
+    peak = (xrw * xrw + xiw * xiw).amax(dim=(-3, -2, -1), keepdim=True).sqrt()
+    scale = torch.clamp(peak / 10.0, min=1.0)
+    yr, yi = spectral._wiener_block(sw, xrw, xiw, scale, sep.niter, sep.softmask, sep.residual, 1e-10)
+    # (B, n_win, S', C, F, wl) -> (B, S', C, F, n_win * wl)[..., :t]
+    yr = yr.movedim(1, -2).flatten(-2)[..., :t]
+    yi = yi.movedim(1, -2).flatten(-2)[..., :t]
+    return yr, yi
+
+
+def _irfft_ola(yr: Tensor, yi: Tensor, n_fft: int, n_hop: int, window: Tensor) -> Tensor:
+    """Planar STFT (..., F, T) -> windowed frames overlap-added: (..., (T - 1) * hop + n_fft)."""
+    frames = torch.fft.irfft(torch.complex(yr, yi).transpose(-1, -2), n=n_fft, dim=-1) * window
+    return _irfft_ola_frames(frames, n_hop)
+
+
+def _prepared(separator: Separator) -> Separator:
+    if separator.n_fft % separator.n_hop:
+        raise ConfigError(f"ONNX export needs nfft a multiple of nhop, got {separator.n_fft} and {separator.n_hop}")
+    return separator.freeze()
+
+
+def _envelope(n_frames_like: Tensor, window: Tensor, n_hop: int) -> Tensor:
+    """Window-square envelope of as many frames as ``n_frames_like`` (..., F, T) has."""
+    n_fft = window.shape[0]
+    ones = torch.ones_like(n_frames_like[:1, :1, :1]).transpose(-1, -2).expand(-1, -1, -1, n_fft)
+    return _irfft_ola_frames(ones * window**2, n_hop)
+
+
+def _irfft_ola_frames(frames: Tensor, n_hop: int) -> Tensor:
+    """Time frames (..., T, n_fft) overlap-added: (..., (T - 1) * hop + n_fft)."""
+    k = frames.shape[-1] // n_hop
+    pieces = frames.unflatten(-1, (k, n_hop))  # (..., T, k, hop)
+    out = sum(F.pad(pieces[..., j, :], (0, 0, j, k - 1 - j)) for j in range(k))  # (..., T + k - 1, hop)
+    return out.flatten(-2)
+
+
+class SeparatorGraph(nn.Module):
+    """A :class:`Separator` on a whole signal, in exportable operations: (1, C, N) -> (1, S', C, N)."""
+
+    def __init__(self, separator: Separator) -> None:
+        super().__init__()
+        self.sep = _prepared(separator)
+        self.models = nn.ModuleList(_ModelGraph(m) for m in separator.target_models.values())
+        self.register_buffer("window", torch.hann_window(separator.n_fft), persistent=False)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        sep = self.sep
+        n_fft, n_hop, pad = sep.n_fft, sep.n_hop, sep.n_fft // 2
+        n = audio.shape[-1]
+        padded = F.pad(audio, (pad, pad), mode="reflect")
+        xr, xi = _rfft_planar(_frames(padded, n_fft, n_hop), self.window)
+        specs, _ = _model_magnitudes(self.models, _magnitude(xr, xi, sep.nb_channels))
+        yr, yi = _filter(sep, specs, xr, xi, sep.wiener_win_len)
+        wave = _irfft_ola(yr, yi, n_fft, n_hop, self.window)
+        env = _envelope(xr, self.window, n_hop)
+        return wave[..., pad : pad + n] / env[..., pad : pad + n]
+
+
+class StreamStepGraph(nn.Module):
+    """:class:`~distunmix.stream.StreamingSeparator`'s step: the padded samples of the next T frames
+    ((T - 1) * hop + n_fft) and each target's LSTM state (h, c) in; the T frames separated,
+    windowed and overlap-added (not yet divided by the window envelope) and the new states out."""
+
+    def __init__(self, separator: Separator) -> None:
+        super().__init__()
+        self.sep = _prepared(separator)
+        if separator.niter != 0:
+            raise ConfigError(f"a streaming graph needs niter 0, got {separator.niter}")
+        self.models = nn.ModuleList(_ModelGraph(m) for m in separator.target_models.values())
+        self.register_buffer("window", torch.hann_window(separator.n_fft), persistent=False)
+
+    def forward(self, segment: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+        sep = self.sep
+        xr, xi = _rfft_planar(_frames(segment, sep.n_fft, sep.n_hop), self.window)
+        pairs = [(states[2 * k], states[2 * k + 1]) for k in range(len(self.models))]
+        specs, new = _model_magnitudes(self.models, _magnitude(xr, xi, sep.nb_channels), pairs)
+        yr, yi = _filter(sep, specs, xr, xi, None)
+        return (_irfft_ola(yr, yi, sep.n_fft, sep.n_hop, self.window), *(t for pair in new for t in pair))
+
+
+def _magnitude(xr: Tensor, xi: Tensor, nb_channels: int) -> Tensor:
+    mag = torch.sqrt(xr * xr + xi * xi)
+    return mag.mean(-3, keepdim=True) if nb_channels == 1 else mag
+
+
+def _probe(sep: Separator, seconds: float = 2.0) -> Tensor:
+    n = max(int(seconds * sep.sample_rate), 4 * sep.n_fft)
+    return torch.randn(1, sep.nb_channels, n, generator=torch.Generator().manual_seed(0)) * 0.1
+
+
+def _export(graph: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: Any) -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"ONNX export needs the onnx extra: pip install 'distunmix[onnx]' ({e})") from e
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and the like, once per export
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph.eval(),
+            args,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            dynamo=True,
+            # onnxscript's optimiser drops the Wiener filter's "+ 1e-10" (0 / 0 where a target is silent)
+            optimize=False,
+            custom_translation_table={torch.ops.distunmix.lstm.default: _onnx_lstm},
+            verbose=False,
+        )
+    quiet.setLevel(level)
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp))
+    os.replace(tmp, path)
+
+
+def export_separator(
+    separator: Separator, path: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> list[Path]:
+    """Write ``separator`` (unchunked) as one ONNX graph: input ``audio`` (1, channels, samples),
+    samples dynamic; output ``estimates`` (1, targets, channels, samples). A separator of
+    unidirectional models with niter 0 also gets its streaming step, ``<stem>.stream.onnx``.
+
+    Returns the files written."""
+    path = Path(path)
+    sep = _prepared(separator)
+    samples = torch.export.Dim.DYNAMIC
+    _export(SeparatorGraph(sep), (_probe(sep),), path, ["audio"], ["estimates"], {"audio": {2: samples}})
+    meta = {**(metadata or {}), **settings(sep)}
+    _write_metadata(path, {**meta, "graph": "separator"})
+    written = [path]
+    if streamable(sep):
+        step = StreamStepGraph(sep)
+        frames = 8
+        segment = _probe(sep)[..., : (frames - 1) * sep.n_hop + sep.n_fft]
+        states = []
+        names = []
+        for k, model in enumerate(step.models):
+            shape = (model.lstm.num_layers, 1, model.lstm.hidden_size)
+            states += [torch.zeros(shape), torch.zeros(shape)]
+            names += [f"h{k}", f"c{k}"]
+        stream_path = stream_file_of(path)
+        _export(step, (segment, *states), stream_path, ["segment", *names], ["ola", *(n + "_out" for n in names)],
+                ({2: samples}, (None,) * len(names)))  # fmt: skip
+        _write_metadata(stream_path, {**meta, "graph": "stream"})
+        written.append(stream_path)
+    return written
+
+
+def streamable(separator: Separator) -> bool:
+    """Unidirectional models with niter 0: a streaming step can be exported."""
+    return separator.niter == 0 and all(m.unidirectional for m in separator.target_models.values())
+
+
+def settings(sep: Separator) -> dict[str, Any]:
+    """What the graph bakes in: a runner reads these from the file's metadata."""
+    first = next(iter(sep.target_models.values()))
+    return {
+        "targets": sep.targets,
+        "sample_rate": sep.sample_rate,
+        "nb_channels": sep.nb_channels,
+        "n_fft": sep.n_fft,
+        "n_hop": sep.n_hop,
+        "niter": sep.niter,
+        "residual": sep.residual,
+        "softmask": sep.softmask,
+        "wiener_win_len": sep.wiener_win_len,
+        "unidirectional": first.unidirectional,
+        "hidden_size": first.hidden_size,
+        "parameters": sum(p.numel() for m in sep.target_models.values() for p in m.parameters()),
+        "lstm_states": [[m.lstm.num_layers, m.lstm.hidden_size] for m in sep.target_models.values()],
+    }
+
+
+def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in {"format": FORMAT, **metadata}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def export_model_dir(
+    model_dir: str | os.PathLike, path: str | os.PathLike, options: SeparatorOptions, targets: list[str] | None = None
+) -> list[Path]:
+    """Export a model folder (or URI) with the Wiener settings of ``options`` to ``path``; its
+    separator.json (the model card, where present) goes into the file's metadata."""
+    folder = local_folder(model_dir)
+    separator = load_separator(folder, targets=targets, niter=options.niter, residual=options.residual,
+                               wiener_win_len=options.wiener_win_len, softmask=options.softmask)  # fmt: skip
+    card = folder / "separator.json"
+    meta: dict[str, Any] = {"model": model_label(model_dir)}
+    if card.is_file():
+        meta["separator_json"] = card.read_text()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return export_separator(separator, path, meta)
+
+
+def onnx_separator(
+    model: str | os.PathLike, options: SeparatorOptions, targets: list[str] | None = None
+) -> OnnxSeparator:
+    """The ONNX backend of ``model``: an exported ``.onnx`` file as it is (its baked-in settings
+    must be the ones asked for), or a model folder exported once into the cache (keyed by its
+    files and the settings) and reused."""
+    chunking = {"chunk_seconds": options.chunk_seconds, "context_seconds": options.context_seconds}
+    if str(model).endswith(".onnx"):
+        sep = OnnxSeparator(model, **chunking)
+        # a setting left at its default takes the file's; one set otherwise must be the file's
+        differ = [
+            f"--{key.replace('_', '-')} {getattr(options, key)} (the file has {getattr(sep, key)})"
+            for key in ("niter", "residual", "softmask", "wiener_win_len")
+            if getattr(options, key) not in (getattr(sep, key), getattr(SeparatorOptions, key))
+        ]
+        if differ:
+            raise ConfigError(
+                f"{model}: the graph bakes in its Wiener settings; asked for {', '.join(differ)}: "
+                "export again with those settings, or leave them out"
+            )
+        return sep
+    folder = local_folder(model)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: model folder not found")
+    digest = hashlib.sha256(json.dumps([options.niter, options.residual, options.softmask, options.wiener_win_len,
+                                        targets, torch.__version__]).encode())  # fmt: skip
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.suffix in (".pth", ".json"):
+            digest.update(f.name.encode() + f.read_bytes())
+    path = cache_root() / "onnx" / f"{digest.hexdigest()[:20]}.onnx"
+    if not path.is_file():
+        export_model_dir(folder, path, options, targets)
+    return OnnxSeparator(path, **chunking)
