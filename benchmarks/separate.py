@@ -4,15 +4,19 @@
     .venv/bin/python benchmarks/separate.py --skip-rss --skip-context
 
 1. Speed: the same random weights (4 targets, hidden 512, BiLSTM, max_bin 1487, niter 1, Wiener
-   window 300) separate the same 30 s of stereo audio with both implementations, interleaved,
-   ``--repeats`` times; medians, their ratio and the agreement (SNR in dB, worst target).
+   window 300) separate the same 30 s of stereo audio with every backend side by side, interleaved,
+   ``--repeats`` times: the reference, distunmix's torch path, and the separator exported to one
+   ONNX graph run by onnxruntime (CPU; CUDA too where onnxruntime-gpu is installed); medians,
+   ratios to the reference, the agreement (SNR in dB, worst target) and each backend's peak RSS
+   in a fresh process.
 2. Peak RSS of ``distunmix separate`` on a generated 10-minute stereo track (a fresh process),
    and of the reference on 2 minutes (its separator holds the whole track's STFTs at once).
 3. How chunks are joined: agreement of chunked with unchunked output against the context given to
    each chunk, for random weights, a longer-memory variant (forget-gate bias +2), or the weights
    of ``--model DIR`` (e.g. official umxhq files) on a generated song.
-4. With CUDA: 60 s on the GPU, reference vs distunmix with chunks batched, and the chunked
-   output's agreement with the unchunked one.
+4. With CUDA: 60 s on the GPU, reference vs distunmix torch eager (unchunked) and with chunks
+   batched, onnxruntime's CUDA provider when present, and the chunked output's agreement with the
+   unchunked one. (CUDA graphs are not implemented: no row.)
 Figures go to stdout and, with ``--out FILE``, to JSON. Nothing here is a test.
 """
 
@@ -83,48 +87,89 @@ def timed(fn, *args):
 
 
 def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", batch_chunks: int = 1) -> dict:
+    """Every backend on the same weights and audio, interleaved; medians and ratios to the reference."""
+    from distunmix.export import export_separator
+    from distunmix.onnxrun import OnnxSeparator
+
     ref_models, ours_models = build(openunmix)
     ref = openunmix.model.Separator(ref_models, niter=1, wiener_win_len=300).to(device)
     ref.freeze()
-    ours = Separator(ours_models, niter=1, wiener_win_len=300, batch_chunks=batch_chunks).to(device).freeze()
+    backends = {"torch": Separator(ours_models, niter=1, wiener_win_len=300).to(device).freeze()}
     chunk = {}
-    if device != "cpu":  # on a GPU, cut into short chunks and batch them
-        ours = (
-            Separator(ours_models, niter=1, chunk_seconds=6.0, context_seconds=3.0, batch_chunks=batch_chunks)
-            .to(device)
-            .freeze()
-        )
+    if device != "cpu":  # on a GPU, also cut into short chunks and batch them
         chunk = {"chunk_seconds": 6.0, "context_seconds": 3.0, "batch_chunks": batch_chunks}
+        backends["torch batched"] = Separator(ours_models, niter=1, **chunk).to(device).freeze()
+    tmp = tempfile.TemporaryDirectory()
+    onnx_path = Path(tmp.name) / "separator.onnx"
+    export_separator(backends["torch"].cpu(), onnx_path)
+    backends["torch"].to(device)
+    import onnxruntime as ort
+
+    provider = "CPUExecutionProvider" if device == "cpu" else "CUDAExecutionProvider"
+    if provider in ort.get_available_providers():
+        threads = torch.get_num_threads() if device == "cpu" else None
+        onnx = OnnxSeparator(onnx_path, threads=threads, providers=[provider])
+        backends[f"onnxruntime {'CPU' if device == 'cpu' else 'CUDA'}"] = lambda x: torch.from_numpy(
+            onnx(x.cpu().numpy())
+        )
     x = torch.randn(1, 2, int(seconds * 44100), generator=torch.Generator().manual_seed(1)).to(device) * 0.1
-    t_ref, t_ours = [], []
+    times: dict[str, list[float]] = {"reference": [], **{name: [] for name in backends}}
     with torch.inference_mode():
-        timed(ref, x[..., : 44100 * 4]), timed(ours, x[..., : 44100 * 4])  # warm-up
+        timed(ref, x[..., : 44100 * 4])  # warm-up
+        for sep in backends.values():
+            timed(sep, x[..., : 44100 * 4])
         for _ in range(repeats):
             dt, a = timed(ref, x)
-            t_ref.append(dt)
-            dt, b = timed(ours, x)
-            t_ours.append(dt)
-        agreement = worst_target_snr(a.cpu(), b.cpu())
+            times["reference"].append(dt)
+            outs = {}
+            for name, sep in backends.items():
+                dt, outs[name] = timed(sep, x)
+                times[name].append(dt)
+        agreement = {name: worst_target_snr(a.cpu(), b.cpu()) for name, b in outs.items()}
         exact = {}
         if chunk:
-            full = Separator(ours_models, niter=1, chunk_seconds=None).to(device).freeze()(x)
-            exact = {"chunked_vs_unchunked_db": worst_target_snr(full.cpu(), b.cpu())}
-    med_ref, med_ours = statistics.median(t_ref), statistics.median(t_ours)
-    return {
-        "device": device,
-        "seconds_audio": seconds,
-        "threads": torch.get_num_threads(),
-        "reference_s": t_ref,
-        "distunmix_s": t_ours,
-        "reference_median_s": med_ref,
-        "distunmix_median_s": med_ours,
-        "speedup": med_ref / med_ours,
-        "reference_x_realtime": seconds / med_ref,
-        "distunmix_x_realtime": seconds / med_ours,
-        "agreement_db_worst_target": agreement,
-        **chunk,
-        **exact,
+            full = outs["torch"]
+            exact = {"chunked_vs_unchunked_db": worst_target_snr(full.cpu(), outs["torch batched"].cpu())}
+    rss = bench_backend_rss(seconds, onnx_path) if device == "cpu" else {}
+    tmp.cleanup()
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = {
+        name: {
+            "seconds": t,
+            "median_s": medians[name],
+            "x_realtime": seconds / medians[name],
+            "vs_reference": medians["reference"] / medians[name],
+            "agreement_db_worst_target": agreement.get(name),
+            "peak_rss_gb": rss.get(name),
+        }
+        for name, t in times.items()
     }
+    return {"device": device, "seconds_audio": seconds, "threads": torch.get_num_threads(), "backends": rows,
+            **chunk, **exact}  # fmt: skip
+
+
+def bench_backend_rss(seconds: float, onnx_path: Path) -> dict[str, float]:
+    """Peak RSS (GB) of each CPU backend separating ``seconds`` of audio in a fresh process."""
+    setup = (
+        "import sys, types, numpy as np; sys.modules.setdefault('torchaudio', types.ModuleType('torchaudio')); "
+        f"x = (np.random.default_rng(1).standard_normal((1, 2, {int(seconds * 44100)})) * 0.1).astype(np.float32)\n"
+    )
+    models = "{t: M(nb_bins=2049, nb_channels=2, hidden_size=512, max_bin=1487).eval() for t in " + repr(TARGETS) + "}"
+    codes = {
+        "reference": "import torch, openunmix.model as om; M = om.OpenUnmix\n"
+        f"sep = om.Separator({models}, niter=1).eval(); sep.freeze()\n"
+        "with torch.inference_mode(): sep(torch.from_numpy(x))\n",
+        "torch": "import torch; from distunmix.model import OpenUnmix as M; from distunmix.separator import Separator\n"
+        f"sep = Separator({models}, niter=1).freeze()\n"
+        "with torch.inference_mode(): sep(torch.from_numpy(x))\n",
+        "onnxruntime CPU": f"from distunmix.onnxrun import OnnxSeparator\nOnnxSeparator({str(onnx_path)!r})(x)\n",
+    }
+    out = {}
+    for name, code in codes.items():
+        p = subprocess.run([sys.executable, "-c", setup + code + f"print('RESULT', {PEAK})"], cwd=ROOT,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+        out[name] = int(p.stdout.split("RESULT")[1].split()[0]) / 1024**2
+    return out
 
 
 # Peak RSS of the measured process itself: VmHWM belongs to the process's own memory map, which
@@ -220,6 +265,15 @@ def bench_context(openunmix, seconds: float, chunk_seconds: float, contexts: lis
     return {"seconds_audio": seconds, "chunk_seconds": chunk_seconds, "by_context_seconds": table}
 
 
+def print_backends(rows: dict[str, dict]) -> None:
+    """One line per backend: median, x real time, ratio to the reference, agreement, peak RSS."""
+    for name, r in rows.items():
+        agree = "" if r["agreement_db_worst_target"] is None else f"  agreement {r['agreement_db_worst_target']:.1f} dB"
+        rss = "" if r["peak_rss_gb"] is None else f"  peak RSS {r['peak_rss_gb']:.2f} GB"
+        print(f"  {name:18s} {r['median_s']:7.3f} s  {r['x_realtime']:7.1f}x real time  "
+              f"{r['vs_reference']:5.2f}x the reference{agree}{rss}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0, help="audio length for the CPU speed test")
@@ -245,21 +299,18 @@ def main() -> None:
     }
     speed = bench_speed(openunmix, args.seconds, args.repeats)
     report["cpu_speed"] = speed
-    print(
-        f"CPU, {args.seconds:g} s stereo, 4 targets hidden 512 BiLSTM, niter 1 ({speed['threads']} threads):\n"
-        f"  reference  {speed['reference_median_s']:.2f} s  ({speed['reference_x_realtime']:.1f}x real time)\n"
-        f"  distunmix  {speed['distunmix_median_s']:.2f} s  ({speed['distunmix_x_realtime']:.1f}x real time)\n"
-        f"  speed-up   {speed['speedup']:.2f}x   agreement {speed['agreement_db_worst_target']:.1f} dB (worst target)"
-    )
+    print(f"CPU, {args.seconds:g} s stereo, 4 targets hidden 512 BiLSTM, niter 1 ({speed['threads']} threads):")
+    print_backends(speed["backends"])
     if torch.cuda.is_available():
         gpu = bench_speed(openunmix, args.gpu_seconds, args.repeats, "cuda", args.gpu_batch_chunks)
         report["gpu_speed"] = gpu
         print(
-            f"GPU ({report['machine']['gpu']}), {args.gpu_seconds:g} s: reference {gpu['reference_median_s']:.3f} s "
-            f"({gpu['reference_x_realtime']:.0f}x rt), distunmix {gpu['distunmix_median_s']:.3f} s "
-            f"({gpu['distunmix_x_realtime']:.0f}x rt), speed-up {gpu['speedup']:.1f}x, agreement with reference "
-            f"{gpu['agreement_db_worst_target']:.1f} dB, chunked vs unchunked {gpu['chunked_vs_unchunked_db']:.1f} dB"
+            f"GPU ({report['machine']['gpu']}), {args.gpu_seconds:g} s (batched: 6 s chunks, "
+            f"{args.gpu_batch_chunks} per batch; chunked vs unchunked {gpu['chunked_vs_unchunked_db']:.1f} dB):"
         )
+        print_backends(gpu["backends"])
+    else:
+        print("GPU: no CUDA device here, not measured")
     if not args.skip_context:
         ctx = bench_context(openunmix, 60.0, 14.0, [0.0, 0.5, 1.0, 2.0, 3.0, 5.0], args.model)
         report["chunk_context"] = ctx

@@ -83,6 +83,7 @@ RULES = [
     Rule(r"distunmix synth-clip ", append="--duration 6"),
     Rule(r"distunmix init-model "),
     Rule(r"distunmix separate "),
+    Rule(r"distunmix export "),
     Rule(r"distunmix synth data/", append="--tracks 5 --duration 8"),  # the Python example reads 6 s excerpts
     Rule(r"distunmix prepare --root "),
     Rule(r"distunmix prepare$", append=SMALL_DATA),
@@ -405,6 +406,8 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
         repo / "vocals.wav",
         repo / "runs" / "readme-eval" / "scores.md",
         repo / "separated" / "uni" / "song" / "vocals.wav",  # stream
+        repo / "separator.onnx",  # export
+        repo / "separated" / "separator" / "song" / "vocals.wav",  # separate --backend onnx
     ]
     missing = [str(p) for p in expected if not p.exists()]
     import pyarrow.fs as pafs
