@@ -28,6 +28,7 @@ CASES = {
     "bi-stereo-niter1-residual": dict(unidirectional=False, channels=2, niter=1, residual=True, softmask=False),
     "bi-stereo-niter0": dict(unidirectional=False, channels=2, niter=0, residual=False, softmask=False),
     "uni-mono-niter0-softmask": dict(unidirectional=True, channels=1, niter=0, residual=True, softmask=True),
+    "bi-mono-niter2": dict(unidirectional=False, channels=1, niter=2, residual=False, softmask=False),
 }
 CHUNKING = dict(chunk_seconds=2.0, context_seconds=0.5)
 
@@ -233,6 +234,14 @@ def test_bad_files_and_settings_are_refused_with_their_name(folders, tmp_path, c
     assert main(["export", "-m", str(folders / "bi"), "-o", str(out), "--targets", "vocals,piano"]) == 2
     err = capsys.readouterr().err
     assert str(folders / "bi") in err and "piano" in err and not out.exists()
+    import shutil
+
+    broken = tmp_path / "broken"  # separator.json lists drums; its weights are gone
+    shutil.copytree(folders / "bi", broken)
+    (broken / "drums.pth").unlink()
+    assert main(["export", "-m", str(broken), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "drums" in err and not out.exists()
     assert main(["export", "-m", str(folders / "bi"), "-o", str(tmp_path / "x.pt")]) == 2
     assert "expected a file name ending in .onnx" in capsys.readouterr().err
     assert main(["export", "-m", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
