@@ -89,7 +89,7 @@ class _ModelGraph(nn.Module):
         super().__init__()
         self.nb_bins, self.nb_output_bins, self.hidden_size = model.nb_bins, model.nb_output_bins, model.hidden_size
         for name, value in zip(
-            ("w1", "c1", "w2", "b2", "w3", "c3"), model._folded_weights(model.nb_channels), strict=True
+            ("w1", "c1", "w2", "b2", "w3", "c3"), model.folded_weights(model.nb_channels), strict=True
         ):
             self.register_buffer(name, value.detach().clone())
         self.lstm = model.lstm
@@ -128,11 +128,10 @@ def _filter(sep: Separator, s: Tensor, xr: Tensor, xi: Tensor, win_len: int | No
 
     Frames are zero-padded to whole windows of ``win_len`` (None: one window of all frames).
     """
-    b, _, c, f, t = s.shape
-    if sep.niter == 0:
-        scale = xr.new_ones((b, 1, 1, 1, 1))
-        y = spectral._wiener_block(s, xr, xi, scale[:, 0], 0, sep.softmask, sep.residual, 1e-10)
-        return y
+    eps, t = spectral.WIENER_EPS, s.shape[-1]
+    if sep.niter == 0:  # frame-local: no windows, no scale
+        scale = xr.new_ones((s.shape[0], 1, 1, 1))
+        return spectral.wiener_block(s, xr, xi, scale, 0, sep.softmask, sep.residual, eps)
     if win_len is None:
         n_win, wl = 1, t
         sw, xrw, xiw = s.unsqueeze(1), xr.unsqueeze(1), xi.unsqueeze(1)
@@ -147,8 +146,8 @@ def _filter(sep: Separator, s: Tensor, xr: Tensor, xi: Tensor, win_len: int | No
 
         sw, xrw, xiw = windows(s), windows(xr), windows(xi)
     peak = (xrw * xrw + xiw * xiw).amax(dim=(-3, -2, -1), keepdim=True).sqrt()
-    scale = torch.clamp(peak / 10.0, min=1.0)
-    yr, yi = spectral._wiener_block(sw, xrw, xiw, scale, sep.niter, sep.softmask, sep.residual, 1e-10)
+    scale = torch.clamp(peak / spectral.WIENER_SCALE, min=1.0)
+    yr, yi = spectral.wiener_block(sw, xrw, xiw, scale, sep.niter, sep.softmask, sep.residual, eps)
     # (B, n_win, S', C, F, wl) -> (B, S', C, F, n_win * wl)[..., :t]
     yr = yr.movedim(1, -2).flatten(-2)[..., :t]
     yi = yi.movedim(1, -2).flatten(-2)[..., :t]
@@ -158,7 +157,7 @@ def _filter(sep: Separator, s: Tensor, xr: Tensor, xi: Tensor, win_len: int | No
 def _irfft_ola(yr: Tensor, yi: Tensor, n_fft: int, n_hop: int, window: Tensor) -> Tensor:
     """Planar STFT (..., F, T) -> windowed frames overlap-added: (..., (T - 1) * hop + n_fft)."""
     frames = torch.fft.irfft(torch.complex(yr, yi).transpose(-1, -2), n=n_fft, dim=-1) * window
-    return _irfft_ola_frames(frames, n_hop)
+    return _overlap_add(frames, n_hop)
 
 
 def _prepared(separator: Separator) -> Separator:
@@ -171,10 +170,10 @@ def _envelope(n_frames_like: Tensor, window: Tensor, n_hop: int) -> Tensor:
     """Window-square envelope of as many frames as ``n_frames_like`` (..., F, T) has."""
     n_fft = window.shape[0]
     ones = torch.ones_like(n_frames_like[:1, :1, :1]).transpose(-1, -2).expand(-1, -1, -1, n_fft)
-    return _irfft_ola_frames(ones * window**2, n_hop)
+    return _overlap_add(ones * window**2, n_hop)
 
 
-def _irfft_ola_frames(frames: Tensor, n_hop: int) -> Tensor:
+def _overlap_add(frames: Tensor, n_hop: int) -> Tensor:
     """Time frames (..., T, n_fft) overlap-added: (..., (T - 1) * hop + n_fft)."""
     k = frames.shape[-1] // n_hop
     pieces = frames.unflatten(-1, (k, n_hop))  # (..., T, k, hop)

@@ -221,7 +221,7 @@ class OpenUnmix(nn.Module):
         # (nb_frames, nb_samples, nb_channels, nb_bins)
         xt = x.permute(3, 0, 1, 2)
         nb_frames, nb_samples, nb_channels, _ = xt.shape
-        w1, c1, w2, b2, w3, c3 = self._folded_weights(nb_channels)
+        w1, c1, w2, b2, w3, c3 = self.folded_weights(nb_channels)
         flat = xt[..., : self.nb_bins].reshape(-1, nb_channels * self.nb_bins)
         h = torch.addmm(c1, flat, w1.t()).tanh_().reshape(nb_frames, nb_samples, self.hidden_size)
         lstm_out, state = _lstm_steps(self.lstm, h, hx) if stepwise else self.lstm(h, hx)
@@ -234,7 +234,7 @@ class OpenUnmix(nn.Module):
             return y.mul_(x), state
         return torch.mul(y, x, out=out), state
 
-    def _folded_weights(self, nb_channels: int) -> tuple[Tensor, ...]:
+    def folded_weights(self, nb_channels: int) -> tuple[Tensor, ...]:
         """(w1, c1, w2, b2, w3, c3) of the folded layers, cached until a parameter or buffer
         changes (in place, or by moving the model): streaming calls this once per frame."""
         tensors = [*self.parameters(), *self.buffers()]

@@ -100,6 +100,8 @@ def magnitude(X: Tensor, mono: bool = False) -> Tensor:
 # Planar block layouts:  y: (..., S, C, Fb, T)   x: (..., C, Fb, T)   stats: (..., S, Fb, 1)
 # --------------------------------------------------------------------------------------------
 
+WIENER_SCALE = 10.0  # EM runs on a window divided by max(1, its peak |x| / WIENER_SCALE) (open-unmix)
+WIENER_EPS = 1e-10  # open-unmix's regularisation of the filter's powers and covariances
 _BLOCK_ELEMS = 1 << 18  # elements of one (S, Fb, T) block; ~1 MB of float32
 
 
@@ -210,7 +212,7 @@ def _apply_filter(
     return out
 
 
-def _wiener_block(
+def wiener_block(
     s: Tensor,
     xr: Tensor,
     xi: Tensor,
@@ -264,8 +266,8 @@ def wiener(
     softmask: bool = False,
     residual: bool = False,
     wiener_win_len: int | None = 300,
-    scale_factor: float = 10.0,
-    eps: float = 1e-10,
+    scale_factor: float = WIENER_SCALE,
+    eps: float = WIENER_EPS,
 ) -> Tensor:
     """Multichannel Wiener filtering of a mixture from target magnitude estimates.
 
@@ -320,7 +322,7 @@ def wiener(
             fs = slice(f0, f0 + block)
             target = dst[..., fs, :, :]
             # contiguous (bins, frames) blocks: EM reduces over frames
-            y = _wiener_block(
+            y = wiener_block(
                 s[..., fs, :].contiguous(),
                 xr[..., fs, :].contiguous(),
                 xi[..., fs, :].contiguous(),
