@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import spectral
+from . import __version__, spectral
 from .checkpoint import load_separator, model_label
 from .errors import CheckpointError, ConfigError
 from .model import OpenUnmix
@@ -235,33 +235,46 @@ def _probe(sep: Separator, seconds: float = 2.0) -> Tensor:
     return torch.randn(1, sep.nb_channels, n, generator=torch.Generator().manual_seed(0)) * 0.1
 
 
-def _export(graph: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: Any) -> None:
+def _export(
+    graph: nn.Module, args: tuple, path: Path, names: tuple[list[str], list[str]], dynamic: Any, metadata: dict
+) -> None:
+    """Export ``graph`` to ``path`` with ``metadata``; the file appears complete or not at all."""
     try:
+        import onnx
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"ONNX export needs the onnx extra: pip install 'distunmix[onnx]' ({e})") from e
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and the like, once per export
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph.eval(),
-            args,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            dynamo=True,
-            # onnxscript's optimiser drops the Wiener filter's "+ 1e-10" (0 / 0 where a target is silent)
-            optimize=False,
-            custom_translation_table={torch.ops.distunmix.lstm.default: _onnx_lstm},
-            verbose=False,
-        )
-    quiet.setLevel(level)
-    tmp = path.with_name(path.name + ".tmp")
-    program.save(str(tmp))
-    os.replace(tmp, path)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                graph.eval(),
+                args,
+                input_names=names[0],
+                output_names=names[1],
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                dynamo=True,
+                # onnxscript's optimiser drops the Wiener filter's "+ 1e-10" (0 / 0 where a target is silent)
+                optimize=False,
+                custom_translation_table={torch.ops.distunmix.lstm.default: _onnx_lstm},
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    model = program.model_proto
+    del model.metadata_props[:]
+    for key, value in {"format": FORMAT, **metadata}.items():
+        model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent exporters (replicas) do not collide
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_separator(
@@ -269,32 +282,31 @@ def export_separator(
 ) -> list[Path]:
     """Write ``separator`` (unchunked) as one ONNX graph: input ``audio`` (1, channels, samples),
     samples dynamic; output ``estimates`` (1, targets, channels, samples). A separator of
-    unidirectional models with niter 0 also gets its streaming step, ``<stem>.stream.onnx``.
+    unidirectional models with niter 0 also gets its streaming step, ``<stem>.stream.onnx``,
+    written first: a file at ``path`` means both are complete.
 
     Returns the files written."""
     path = Path(path)
     sep = _prepared(separator)
     samples = torch.export.Dim.DYNAMIC
-    _export(SeparatorGraph(sep), (_probe(sep),), path, ["audio"], ["estimates"], {"audio": {2: samples}})
     meta = {**(metadata or {}), **settings(sep)}
-    _write_metadata(path, {**meta, "graph": "separator"})
-    written = [path]
+    written = []
     if streamable(sep):
         step = StreamStepGraph(sep)
-        frames = 8
-        segment = _probe(sep)[..., : (frames - 1) * sep.n_hop + sep.n_fft]
-        states = []
-        names = []
+        segment = _probe(sep)[..., : 7 * sep.n_hop + sep.n_fft]  # 8 frames
+        states, names = [], []
         for k, model in enumerate(step.models):
             shape = (model.lstm.num_layers, 1, model.lstm.hidden_size)
             states += [torch.zeros(shape), torch.zeros(shape)]
             names += [f"h{k}", f"c{k}"]
         stream_path = stream_file_of(path)
-        _export(step, (segment, *states), stream_path, ["segment", *names], ["ola", *(n + "_out" for n in names)],
-                ({2: samples}, (None,) * len(names)))  # fmt: skip
-        _write_metadata(stream_path, {**meta, "graph": "stream"})
+        io_names = (["segment", *names], ["ola", *(n + "_out" for n in names)])
+        _export(step, (segment, *states), stream_path, io_names, ({2: samples}, (None,) * len(names)),
+                {**meta, "graph": "stream"})  # fmt: skip
         written.append(stream_path)
-    return written
+    _export(SeparatorGraph(sep), (_probe(sep),), path, (["audio"], ["estimates"]), {"audio": {2: samples}},
+            {**meta, "graph": "separator"})  # fmt: skip
+    return [path, *written]
 
 
 def streamable(separator: Separator) -> bool:
@@ -320,17 +332,6 @@ def settings(sep: Separator) -> dict[str, Any]:
         "parameters": sum(p.numel() for m in sep.target_models.values() for p in m.parameters()),
         "lstm_states": [[m.lstm.num_layers, m.lstm.hidden_size] for m in sep.target_models.values()],
     }
-
-
-def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in {"format": FORMAT, **metadata}.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(model, str(path))
 
 
 def export_model_dir(
@@ -373,8 +374,9 @@ def onnx_separator(
     folder = local_folder(model)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: model folder not found")
-    digest = hashlib.sha256(json.dumps([options.niter, options.residual, options.softmask, options.wiener_win_len,
-                                        targets, torch.__version__]).encode())  # fmt: skip
+    key = [options.niter, options.residual, options.softmask, options.wiener_win_len, targets, torch.__version__,
+           __version__, FORMAT]  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key).encode())
     for f in sorted(folder.iterdir()):
         if f.is_file() and f.suffix in (".pth", ".json"):
             digest.update(f.name.encode() + f.read_bytes())

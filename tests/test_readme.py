@@ -79,7 +79,8 @@ class Rule:
 
 RULES = [
     Rule(r"^\./run\.sh test$", kind="ci"),  # the suite itself: CI's .ci/run runs it (checked below)
-    Rule(r"^\./run\.sh demo$", append="--size tiny", timeout=900),
+    # its tuning and training runs on S3 (and copied back for the report): the wheel test's demo did this
+    Rule(r"^\./run\.sh demo$", append="--size tiny --storage-path s3://bucket/demo", timeout=900),
     Rule(r"distunmix synth-clip ", append="--duration 6"),
     Rule(r"distunmix init-model "),
     Rule(r"distunmix separate "),
@@ -457,6 +458,19 @@ def test_demo_wrote_every_stage_and_report_file(demo):
     assert train["num_workers"] == 2 and train["init_from"].endswith("tune/best")
     size = SIZES["tiny"]  # the final run spends its budget on its own excerpts and epochs
     assert (train["samples_per_track"], train["seq_dur"]) == (size.train_samples_per_track, size.train_seq_dur)
+
+
+@pytest.mark.integration
+def test_the_demo_kept_its_runs_on_s3_and_copied_back_what_the_report_reads(demo):
+    import pyarrow.fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri("s3://bucket/")
+    stored = {i.path for i in fs.get_file_info(pafs.FileSelector("bucket/demo", recursive=True))}
+    for key in ("tune/results.json", "tune/best/separator.json", "train/history.json", "train/best/separator.json"):
+        assert f"bucket/demo/{key}" in stored, key
+    assert any("/train/checkpoint_" in key for key in stored)  # the training run's checkpoints are on S3
+    assert not [p for p in (demo / "train").glob("checkpoint_*") if p.is_dir()]  # its results and best/ copied back
+    assert (demo / "train" / "best" / "separator.json").is_file() and (demo / "tune" / "results.md").is_file()
 
 
 @pytest.mark.integration
