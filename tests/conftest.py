@@ -116,7 +116,9 @@ def s3():
 
 # the longest files first, so that with two pytest processes (./run.sh test) neither is left with
 # a long file at the end; within a file the order is kept
-LONGEST_FIRST = ("test_readme.py", "test_train_ray.py", "test_tune.py", "test_serve.py", "test_wheel.py", "test_export.py")
+LONGEST_FIRST = (
+    "test_readme.py", "test_train_ray.py", "test_tune.py", "test_serve.py", "test_wheel.py", "test_export.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list) -> None:
