@@ -575,7 +575,7 @@ def test_demo_rerun_reuses_stages_and_redoes_a_missing_one(sandbox, demo):
     state = json.loads((demo / "demo.json").read_text())
     report = (demo / "report.md").read_text()
     (demo / "report.md").unlink()
-    p = sandbox.run(".venv/bin/distunmix demo --size tiny -q", 300)
+    p = sandbox.run(".venv/bin/distunmix demo --size tiny --storage-path s3://bucket/demo -q", 300)
     assert p.returncode == 0, p.stderr[-3000:]
     for name in [s.name for s in STAGES[:-1]]:
         assert re.search(rf"\] {name}: reused", p.stdout), p.stdout
