@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -163,9 +164,7 @@ def _irfft_ola(yr: Tensor, yi: Tensor, n_fft: int, n_hop: int, window: Tensor) -
     As ``irfft`` does, the imaginary parts of the DC and Nyquist bins are ignored.
     """
     lead, (f, t) = yr.shape[:-2], yr.shape[-2:]
-    k = 1
-    for d in lead:
-        k *= d
+    k = math.prod(lead)
     # frame-major (k, T, F): the bins, then the FFT, run along the last axis
     yr, yi = yr.reshape(k, f, t).transpose(1, 2), yi.reshape(k, f, t).transpose(1, 2)
     zero = torch.zeros_like(yi[..., :1])

@@ -12,7 +12,6 @@ whole), keeping each chunk's middle. :class:`OnnxStreamer` runs the streaming st
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .chunking import chunk_frames, context_frames, plan_chunks
 from .errors import CheckpointError, ConfigError
 
 FORMAT = "distunmix-separator-onnx/1"  # the metadata "format" an exported file carries
@@ -107,29 +107,25 @@ class OnnxSeparator:
         return self.session.run(None, {"audio": np.ascontiguousarray(x[None])})[0][0]
 
     def plan(self, nb_timesteps: int) -> list[tuple[int, int, int, int]]:
-        """(keep start, keep stop, segment start, segment stop) in samples, for each chunk."""
+        """(keep start, keep stop, segment start, segment stop) in samples, for each chunk: the
+        torch separator's chunks, each run as a signal of its own with its context around it."""
         hop, nb_frames = self.n_hop, nb_timesteps // self.n_hop + 1
-        if self.chunk_seconds is None:
-            return [(0, nb_timesteps, 0, nb_timesteps)]
-        chunk = max(1, int(self.chunk_seconds * self.sample_rate / hop))
-        win = self.wiener_win_len
-        if win:
-            chunk = max(win, chunk // win * win)
-        context = math.ceil(self.context_seconds * self.sample_rate / hop)
-        if nb_frames <= chunk + 2 * context:
+        chunk = chunk_frames(self.chunk_seconds, self.sample_rate, hop, self.wiener_win_len)
+        context = context_frames(self.context_seconds, self.sample_rate, hop)
+        plans = [] if chunk is None else plan_chunks(nb_frames, chunk, context)
+        if len(plans) <= 1:
             return [(0, nb_timesteps, 0, nb_timesteps)]
         # whole Wiener windows of context (and at least the frames an STFT frame overlaps), so the
         # windows of a chunk's kept frames start where the torch separator's start
         context = max(context, self.n_fft // hop)
-        if win and self.niter > 0:
-            context = -(-context // win) * win
-        plans = []
-        for t0 in range(0, nb_frames, chunk):
-            t1 = min(t0 + chunk, nb_frames)
-            a, b = max(0, t0 - context), min(nb_frames, t1 + context)
-            plans.append((t0 * hop, min(nb_timesteps, t1 * hop), a * hop, min(nb_timesteps, b * hop)))
-        plans[-1] = plans[-1][:1] + (nb_timesteps,) + plans[-1][2:]
-        return plans
+        if self.wiener_win_len and self.niter > 0:
+            context = -(-context // self.wiener_win_len) * self.wiener_win_len
+        out = []
+        for p in plans:
+            a, b = max(0, p.t0 - context), min(nb_frames, p.t1 + context)
+            out.append((p.t0 * hop, min(nb_timesteps, p.t1 * hop), a * hop, min(nb_timesteps, b * hop)))
+        out[-1] = (out[-1][0], nb_timesteps, *out[-1][2:])
+        return out
 
     def iter_chunks(self, audio: Any) -> Iterator[tuple[int, np.ndarray]]:
         """Separate chunk by chunk: yields (first sample, estimates (B, S, C, n)) in order."""

@@ -12,7 +12,6 @@ runs unchunked and exact. See docs in README ("How long files are chunked") for 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import spectral
+from .chunking import ChunkPlan, chunk_frames, context_frames, plan_chunks
 from .errors import ConfigError
 from .flags import setting
 from .model import OpenUnmix
@@ -58,33 +58,6 @@ class SeparatorOptions:
 
 
 _D = SeparatorOptions()
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """Frames [t0, t1) of a chunk are kept; the models see frames [a, b) around them."""
-
-    t0: int
-    t1: int
-    a: int
-    b: int
-
-
-def plan_chunks(nb_frames: int, chunk_frames: int, context_frames: int) -> list[ChunkPlan]:
-    """Cut ``nb_frames`` into chunks of ``chunk_frames`` with model context on both sides.
-
-    Every chunk's model window [a, b) has the same length min(nb_frames, chunk + 2 * context):
-    at the signal's ends the missing context is taken from the other side.
-    """
-    if nb_frames <= chunk_frames + 2 * context_frames:
-        return [ChunkPlan(0, nb_frames, 0, nb_frames)]
-    span = chunk_frames + 2 * context_frames
-    plans = []
-    for t0 in range(0, nb_frames, chunk_frames):
-        t1 = min(t0 + chunk_frames, nb_frames)
-        a = min(max(0, t0 - context_frames), nb_frames - span)
-        plans.append(ChunkPlan(t0, t1, a, a + span))
-    return plans
 
 
 class Separator(nn.Module):
@@ -174,12 +147,7 @@ class Separator(nn.Module):
 
     def chunk_frames(self) -> int | None:
         """Kept frames per chunk: whole Wiener windows (None: no chunking)."""
-        if self.chunk_seconds is None:
-            return None
-        frames = max(1, int(self.chunk_seconds * self.sample_rate / self.n_hop))
-        if self.wiener_win_len:
-            frames = max(self.wiener_win_len, frames // self.wiener_win_len * self.wiener_win_len)
-        return frames
+        return chunk_frames(self.chunk_seconds, self.sample_rate, self.n_hop, self.wiener_win_len)
 
     def plan(self, nb_timesteps: int) -> list[ChunkPlan]:
         """The chunks a signal of ``nb_timesteps`` samples is separated in."""
@@ -187,8 +155,7 @@ class Separator(nn.Module):
         chunk = self.chunk_frames()
         if chunk is None:
             return [ChunkPlan(0, nb_frames, 0, nb_frames)]
-        context = math.ceil(self.context_seconds * self.sample_rate / self.n_hop)
-        return plan_chunks(nb_frames, chunk, context)
+        return plan_chunks(nb_frames, chunk, context_frames(self.context_seconds, self.sample_rate, self.n_hop))
 
     # -- separation --------------------------------------------------------------------------
     def _prepare(self, audio: Tensor) -> Tensor:
