@@ -79,7 +79,8 @@ class StreamingSeparator:
         self._ola = spectral.OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
         self._done = False
 
-    def _prepare(self, block: Tensor) -> Tensor:
+    def _prepare(self, block: Tensor | np.ndarray) -> Tensor:
+        block = torch.as_tensor(block)
         if block.dim() == 2:
             block = block[None]
         if block.dim() != 3 or block.shape[1] not in (1, 2):
@@ -89,7 +90,7 @@ class StreamingSeparator:
         return block.to(device=self.separator.device, dtype=torch.float32)
 
     @torch.inference_mode()
-    def process(self, block: Tensor) -> Tensor:
+    def process(self, block: Tensor | np.ndarray) -> Tensor:
         """Feed the next samples; returns the separated samples finished so far."""
         if self._done:
             raise RuntimeError("the stream was flushed: call reset() to start a new one")

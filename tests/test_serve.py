@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,14 @@ from ray import serve
 
 from distunmix.checkpoint import load_separator
 from distunmix.cli import main
-from distunmix.serve import proxy
+from distunmix.serve import client, proxy
 from distunmix.serve.app import deployment
 from distunmix.serve.client import free_port
 from distunmix.serve.service import ServiceConfig
+from distunmix.serve.streamclient import stream_remote
 
 pytestmark = pytest.mark.integration  # Ray: skipped by ./run.sh test --quick
+METRICS_PORT: list[int] = []
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +41,17 @@ def server(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv(proxy.CALLBACK_ENV, proxy.CALLBACK)  # as distunmix serve does: JSON errors from the proxy too
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    metrics = free_port()  # Ray's Prometheus endpoint, reported every second
+    METRICS_PORT[:] = [metrics]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics,
+             _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServiceConfig(str(model), device="cpu", max_upload_mb=1.0, max_seconds=5.0, job_dir=str(tmp / "jobs"),
                            refusal_delay_s=0.0)  # fmt: skip
     app = deployment(config, num_replicas=2, ray_actor_options={"num_cpus": 0.5})
     serve.run(app, name="distunmix", route_prefix="/")
+    mp.setattr(client, "BACKOFF_S", 0.2)  # retries after a replica is killed come sooner
     yield f"http://127.0.0.1:{port}", model, tmp
     serve.shutdown()
     ray.shutdown()
@@ -471,3 +479,217 @@ def test_uploads_that_look_alike_are_told_apart():
     slots = [a, b]
     slots.remove(b)
     assert len(slots) == 1 and slots[0] is a
+
+
+# -- /stream: live separation over a WebSocket --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(server):
+    """A second app, at /live: two replicas of a unidirectional model, with small stream limits."""
+    url, _, tmp = server
+    model = tmp / "uni"
+    assert main(["init-model", str(model), "--hidden-size", "16", "--unidirectional", "--targets", "vocals,drums"]) == 0
+    config = ServiceConfig(str(model), device="cpu", max_streams=2, stream_max_block=8192, stream_idle_s=2.0,
+                           stream_max_seconds=6.0, job_dir=str(tmp / "live-jobs"), job_lease_s=3.0,
+                           refusal_delay_s=0.0)  # fmt: skip
+    serve.run(deployment(config, num_replicas=2, ray_actor_options={"num_cpus": 0.25}), name="live",
+              route_prefix="/live")  # fmt: skip
+    yield f"{url}/live", model
+    serve.delete("live")
+
+
+def _ws(url: str):
+    from websockets.sync.client import connect
+
+    return connect(url.replace("http://", "ws://") + "/stream", open_timeout=30, compression=None, proxy=None)
+
+
+def _offline(model: Path, clip: np.ndarray) -> np.ndarray:
+    """``separate --niter 0`` in process: (targets, channels, n)."""
+    sep = load_separator(model, niter=0, chunk_seconds=None)
+    with torch.inference_mode():
+        return sep(torch.from_numpy(clip)[None])[0].numpy()
+
+
+def test_a_stream_in_any_block_size_equals_separate_niter_0(live, tmp_path, capsys):
+    url, model = live
+    clip = _clip(3.0, seed=5)
+    wav = tmp_path / "song.wav"
+    sf.write(wav, clip.T, 44100, subtype="FLOAT")
+    whole = _offline(model, clip)
+    for block in (333, 1024, 5000):
+        out = tmp_path / f"b{block}"
+        if block == 1024:  # the command line, paced at real time
+            assert main(["client", url, str(wav), "--stream", "--block", "1024", "--realtime", "-o", str(out)]) == 0
+            said = capsys.readouterr().out
+            assert "latency 92.9 ms" in said and "late blocks" in said and "reconnects 0" in said, said
+            folder = next(out.glob("*/song"))
+        else:
+            folder, _, figures = stream_remote(url, wav, out, block=block, fmt="s16" if block == 333 else "f32")
+            assert figures["blocks"] == -(-clip.shape[1] // block) and figures["reconnects"] == 0
+        for k, target in enumerate(("vocals", "drums")):
+            stem = sf.read(folder / f"{target}.wav", dtype="float32")[0].T
+            # s16 input is the clip rounded to 16 bits: compared with the offline separation of that clip
+            expected = _offline(model, np.round(clip * 32768) / 32768)[k] if block == 333 else whole[k]
+            assert stem.shape == clip.shape and snr_db(torch.from_numpy(expected), torch.from_numpy(stem)) > 100, block
+
+
+def _refused(url: str, hello, frames=()) -> tuple[int, str, str]:
+    """(close code, reason, error message) of a stream that sends ``hello`` then ``frames``."""
+    from websockets.exceptions import ConnectionClosed
+
+    error = ""
+    with _ws(url) as ws:
+        ws.send(hello if isinstance(hello, (str, bytes)) else json.dumps(hello))
+        try:
+            if frames:
+                assert json.loads(ws.recv(10))["type"] == "ready"
+            for k, frame in enumerate(frames):
+                ws.send(frame)
+                if isinstance(frame, bytes) and k < len(frames) - 1:
+                    assert isinstance(ws.recv(10), bytes)  # its answer
+            while True:
+                message = ws.recv(10)
+                if isinstance(message, str) and json.loads(message)["type"] == "error":
+                    error = json.loads(message)["error"]
+        except ConnectionClosed as e:
+            return e.rcvd.code, e.rcvd.reason, error
+    raise AssertionError("the server did not close the stream")
+
+
+def test_bad_hellos_and_frames_close_with_their_code_and_the_replica_stays_up(server, live):
+    url, _ = live
+    hello = {"sample_rate": 44100, "channels": 1, "block": 1024}
+    block = np.zeros((1024, 1), np.float32).tobytes()
+    cases = [  # (hello, frames after the ready message, code, said)
+        (b"\x00\x01", [], 1003, "the first frame must be the JSON hello"),
+        ("{not json", [], 1007, "hello is not JSON"),
+        ({**hello, "colour": "red"}, [], 1007, "unknown key(s) colour"),
+        ({**hello, "sample_rate": 22050}, [], 1007, "sample_rate=22050; expected 44100"),
+        ({**hello, "channels": 6}, [], 1007, "channels=6; expected 1..2"),
+        ({**hello, "format": "mp3"}, [], 1007, "format='mp3'; expected f32 or s16"),
+        ({**hello, "block": 10**6}, [], 1009, "block=1000000; expected 1..8192"),
+        ({**hello, "targets": ["bass"]}, [], 1007, "expected a non-empty subset of vocals,drums"),
+        ({**hello, "model": "someone-elses"}, [], 1008, "is not served here"),
+        (hello, [block[:-2]], 1007, "a frame of 4094 bytes; expected a positive multiple of 4"),
+        (hello, [block + block], 1009, "a frame of 2048 samples per channel; the hello said block=1024"),
+        (hello, [block, "pause please"], 1003, "a text frame 'pause please' mid-stream"),
+        (hello, [np.full(1024, np.inf, np.float32).tobytes()], 1007, "NaN or infinite samples"),
+        (hello, [block[:400], json.dumps({"type": "end"})], 1007, "the stream ends too early"),
+        ({**hello, "block": 8192}, [bytes(8192 * 4)] * 33, 1008, "exceeds its limit of 6 s (stream_max_seconds)"),
+        (hello, [block, None], 1008, "nothing arrived for 2 s (stream_idle_s)"),
+    ]
+    for hello_, frames, code, said in cases:
+        got = _refused(url, hello_, [f for f in frames if f is not None])
+        assert got[0] == code and said in got[2] and got[2].startswith(got[1]), (hello_, got)
+    # a bidirectional model cannot stream: the app at / serves one
+    code, _, said = _refused(server[0], hello)
+    assert code == 1008 and "bidirectional" in said and "--unidirectional" in said, said
+    # five streams held open on two replicas of max_streams 2: at least one is told to try later
+    from websockets.exceptions import ConnectionClosed
+
+    answers = []
+    with ExitStack() as stack:
+        for _ in range(5):
+            ws = stack.enter_context(_ws(url))
+            with suppress(ConnectionClosed):  # a refused one is closed at once: its error frame is read below
+                ws.send(json.dumps(hello))
+            answers.append(json.loads(ws.recv(10)))
+            if answers[-1]["type"] == "error":
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(10)
+                answers[-1]["code"] = closed.value.rcvd.code
+    refused = [a for a in answers if a["type"] == "error"]
+    assert len(refused) >= 1 and [a["type"] for a in answers].count("ready") <= 4, answers
+    assert all(a["code"] == 1013 and "max_streams" in a["error"] for a in refused), refused
+    for _ in range(3):
+        assert _call(f"{url}/healthz")[0] == 200
+    assert json.loads(_call(f"{url}/models")[2])["limits"]["stream_max_block"] == 8192
+
+
+def _scrape(prefix: str = "ray_distunmix_") -> dict[str, float]:
+    """The series of Ray's Prometheus endpoint whose name starts with ``prefix``, each summed over
+    replicas and tags but ``kind`` (``name{kind}``)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics", timeout=10).read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name.startswith(prefix):
+            key = name + ("{" + line.split('kind="')[1].split('"')[0] + "}" if 'kind="' in line else "")
+            found[key] = found.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_metrics_reach_rays_prometheus_endpoint(server, live):
+    """Audio seconds and real-time factors of requests, jobs and streams, stream blocks, active
+    streams and retries seen reach Ray's Prometheus endpoint, counted by the replicas."""
+    url, _ = live
+    clip = _wav(_clip(1.0, seed=3))
+    assert _call(f"{url}/separate?targets=vocals", clip, {"X-Distunmix-Attempt": "2"})[0] == 200
+    job = json.loads(_call(f"{url}/jobs", clip)[2])["id"]
+    wanted = {"ray_distunmix_audio_seconds_total{request}": 1.0, "ray_distunmix_audio_seconds_total{job}": 1.0,
+              "ray_distunmix_audio_seconds_total{stream}": 3 * 4096 / 44100, "ray_distunmix_stream_blocks_total": 3,
+              "ray_distunmix_realtime_factor_count{request}": 1, "ray_distunmix_realtime_factor_count{job}": 1,
+              "ray_distunmix_retries_seen_total": 1, "ray_distunmix_active_streams": 1}  # fmt: skip
+    with _ws(url) as ws:  # a stream kept open (a block a second) while the endpoint is read
+        ws.send(json.dumps({"sample_rate": 44100, "channels": 1, "block": 4096}))
+        ws.recv(10)
+        for _ in range(30):  # metrics are exported every second (the fixture's metrics_report_interval_ms)
+            ws.send(np.zeros(4096, np.float32).tobytes())
+            ws.recv(10)
+            found = _scrape()
+            if all(found.get(k, 0) >= v - 1e-6 for k, v in wanted.items()):
+                break
+            time.sleep(1.0)
+    assert all(found.get(k, 0) >= v - 1e-6 for k, v in wanted.items()), (wanted, found)
+    assert json.loads(_call(f"{url}/jobs/{job}")[2])["status"] == "done"
+
+
+def test_a_replica_killed_mid_load_loses_no_request_job_or_stream(server, live, tmp_path, capsys):
+    """The replica holding a live stream is killed while requests and a job are in flight: the
+    client's retries lose no request, the job is done, and the stream reconnects, resumes and
+    equals the uninterrupted one."""
+    url, model = live
+    clip = _clip(4.0, seed=9)
+    wav = tmp_path / "live.wav"
+    sf.write(wav, clip.T, 44100, subtype="FLOAT")
+    body = _wav(_clip(2.0, seed=10))
+    stop, lost, answered, retries, readies = threading.Event(), [], [], [], []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                client.request(f"{url}/separate?targets=drums", body, timeout=60, on_retry=retries.append)
+                answered.append(1)
+            except Exception as e:  # noqa: BLE001 (every failure is counted)
+                lost.append(repr(e))
+
+    with ThreadPoolExecutor(5) as pool:
+        streamed = pool.submit(stream_remote, url, wav, tmp_path / "out", block=2048, realtime=True,
+                               on_retry=retries.append, on_ready=readies.append)  # fmt: skip
+        workers = [pool.submit(load) for _ in range(3)]
+        job = json.loads(_call(f"{url}/jobs", _wav(clip))[2])["id"]
+        time.sleep(1.5)  # the stream is 1.5 s in (paced at real time)
+        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "SERVE_REPLICA::live#" in a["name"]]  # fmt: skip
+        victim = [name for name in replicas if name.endswith(readies[0]["replica"])]  # the stream's replica
+        assert len(replicas) == 2 and len(victim) == 1, (replicas, readies)
+        ray.kill(ray.get_actor(victim[0], namespace="serve"), no_restart=True)
+        folder, _, figures = streamed.result(timeout=120)
+        stop.set()
+        for w in workers:
+            w.result(timeout=120)
+    assert lost == [] and len(answered) >= 3, lost
+    for _ in range(300):  # a job of the killed replica is taken over once its lease (3 s) runs out
+        state = json.loads(_call(f"{url}/jobs/{job}")[2])
+        if state["status"] in ("done", "failed"):
+            break
+        time.sleep(0.1)
+    assert state["status"] == "done", state
+    whole = _offline(model, clip)
+    for k, target in enumerate(("vocals", "drums")):
+        stem = sf.read(folder / f"{target}.wav", dtype="float32")[0].T
+        assert snr_db(torch.from_numpy(whole[k]), torch.from_numpy(stem)) > 100, (target, figures, retries)
+    assert figures["reconnects"] >= 1 and readies[-1]["replica"] != readies[0]["replica"], (figures, retries)
+    assert any("resuming from block" in r for r in retries), retries

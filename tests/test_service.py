@@ -322,3 +322,55 @@ def test_the_default_model_is_the_newest_run_or_demo_model_else_a_refusal(tmp_pa
     assert default_model("runs") == str(tmp_path / "runs" / "tune" / "best")
     with pytest.raises(ConfigError, match=r"no model given and no model folder in .*empty.*pass --model DIR"):
         default_model(tmp_path / "empty")  # none: refused, with the flag to pass (no untrained stand-in)
+
+
+def test_the_client_retries_connection_errors_and_5xx_with_bounded_backoff(monkeypatch):
+    """503 and 500 are tried again (the server sees the try count), 4xx is not, a server that
+    never answers fails after ATTEMPTS tries; each retry is told with its reason and wait."""
+    import http.server
+    import threading
+
+    from distunmix.errors import ClientError
+    from distunmix.serve import client
+
+    seen: list[tuple[str, str | None]] = []
+    plan = {"/flaky": [503, 500, 200], "/refuse": [422, 200]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append((self.path, self.headers.get(client.ATTEMPT_HEADER)))
+            status = plan[self.path].pop(0)
+            body = json.dumps({"error": f"status {status}"} if status != 200 else {"ok": 1}).encode()
+            self.send_response(status)
+            if status == 503:
+                self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    monkeypatch.setattr(client, "BACKOFF_S", 0.01)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    told: list[str] = []
+    try:
+        assert client.request(f"{url}/flaky", b"x", on_retry=told.append)[0] == b'{"ok": 1}'
+        assert [a for p, a in seen if p == "/flaky"] == ["1", "2", "3"]
+        assert "HTTP 503: status 503; try 2 of 5" in told[0] and "HTTP 500" in told[1]
+        with pytest.raises(ClientError, match="HTTP 422: status 422"):
+            client.request(f"{url}/refuse", b"x")
+        assert [a for p, a in seen if p == "/refuse"] == ["1"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    told.clear()
+    t0 = time.monotonic()
+    with pytest.raises(ClientError, match="cannot reach"):
+        client.request(f"{url}/flaky", b"x", attempts=3, on_retry=told.append)
+    assert len(told) == 2 and time.monotonic() - t0 < 5
+    assert client.backoff(1) <= 0.01 * 1.25 and client.backoff(30) == client.MAX_BACKOFF_S
+    assert client.backoff(1, "3") >= 3 and client.backoff(1, "999") == client.MAX_BACKOFF_S

@@ -9,10 +9,11 @@ from typing import Any
 
 from ..audio import find_audio_files
 from ..checkpoint import load_separator
-from ..errors import ClientError, ConfigError
+from ..errors import AudioError, ClientError, ConfigError
 from ..flags import add_flags, from_args
 from ..serve.client import separate_remote
 from ..serve.service import FORMATS, ServiceConfig
+from ..serve.streamclient import stream_remote
 from ..stemfiles import output_names
 from ..storage import is_uri
 from .common import command, flag, out_flag, run_flags
@@ -40,6 +41,16 @@ def register(sub: Any) -> None:
     flag(p, "--niter", type=int, default=1, help="Wiener EM iterations")
     out_flag(p, "separated", "output root")
     flag(p, "--timeout", type=float, default=600.0, help="seconds per request")
+    g = p.add_argument_group("live streams (unidirectional models)")
+    flag(
+        g,
+        "--stream",
+        action="store_true",
+        help="send each file as a live input through the WebSocket /stream "
+        "(Wiener niter 0; stems written as they come back), and print latency, real-time factor and late blocks",
+    )
+    flag(g, "--block", type=int, default=1024, help="samples per channel in each streamed block")
+    flag(g, "--realtime", action="store_true", help="pace the stream at real time (default: as fast as possible)")
     p.set_defaults(func=run_client)
 
 
@@ -65,17 +76,37 @@ def run_client(args: argparse.Namespace) -> int:
     files = find_audio_files(args.inputs)
     if not files:
         raise ConfigError(f"no audio files found in {', '.join(args.inputs)}")
+    if args.stream and args.format != "wav":
+        raise ConfigError(f"--format {args.format} with --stream: streamed stems are written as wav")
+    if args.block < 1:
+        raise ConfigError(f"--block {args.block}: expected samples >= 1")
     failed = 0
+
+    def said(message: str) -> None:
+        print(f"retrying: {message}", file=sys.stderr)
+
     for path, name in zip(files, output_names(files), strict=True):
         try:
-            out_dir, written = separate_remote(
-                args.url, path, args.out, args.targets, args.format, args.niter, args.timeout, name
-            )
-        except ClientError as e:
+            if args.stream:
+                out_dir, written, figures = stream_remote(
+                    args.url, path, args.out, args.targets, args.block, args.realtime, name=name,
+                    timeout=min(args.timeout, 60.0), on_retry=said,
+                )  # fmt: skip
+            else:
+                out_dir, written = separate_remote(
+                    args.url, path, args.out, args.targets, args.format, args.niter, args.timeout, name, on_retry=said
+                )
+        except (ClientError, AudioError) as e:
             failed += 1
             print(f"error: {path}: {e}", file=sys.stderr)
             continue
         print(f"{path} -> {out_dir}/ ({', '.join(p.name for p in written)})")
+        if args.stream:
+            f = figures
+            print(f"  latency {f['latency_ms']:.1f} ms (the model's delay + one block of {f['block_ms']:.1f} ms); "
+                  f"real-time factor {f['realtime_factor']:.1f}x; per block p50 {f['p50_ms']:.1f} ms, p99 "
+                  f"{f['p99_ms']:.1f} ms; late blocks {f['late_blocks']} of {f['blocks']}; "
+                  f"reconnects {f['reconnects']}")  # fmt: skip
     if failed:
         print(f"{failed} of {len(files)} file(s) failed", file=sys.stderr)
     return 1 if failed else 0

@@ -5,12 +5,15 @@
 
 Routes: ``POST /separate`` (raw body or multipart field ``file``; query ``targets``, ``format``,
 ``niter``) returns one stem or a ZIP; ``POST /jobs`` starts a long job, ``GET /jobs/{id}`` reports
-it and ``GET /jobs/{id}/{target}`` downloads a stem; ``GET /models`` and ``GET /healthz``. Short
-clips arriving together are separated as one batch (``@serve.batch``).
+it and ``GET /jobs/{id}/{target}`` downloads a stem; ``/stream`` is a WebSocket for live
+separation with unidirectional models (:mod:`.streaming`); ``GET /models`` and ``GET /healthz``.
+Short clips arriving together are separated as one batch (``@serve.batch``).
 """
 
 # no "from __future__ import annotations": FastAPI reads the route signatures' annotations at runtime
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import time
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -31,9 +34,11 @@ from starlette.exceptions import HTTPException
 from ..cluster import ray_session
 from ..errors import ConfigError
 from ..storage import is_uri
-from . import proxy
+from . import proxy, streaming
+from .client import ATTEMPT_HEADER
 from .jobfiles import open_job_files
 from .jobs import JobStore, default_job_dir
+from .metrics import Metrics
 from .service import (
     FORMATS,
     PROBE_BYTES,
@@ -44,6 +49,7 @@ from .service import (
     ServiceError,
     UploadReader,
 )
+from .streaming import StreamClose, StreamSession
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ UPLOAD_POLL_S = 0.25  # how often a waiting upload checks its clocks
 EVICT_IDLE_S = 1.0  # an upload silent this long may be dropped for a newcomer when all slots are taken
 REFUSED = frozenset({400, 413, 415, 422})  # statuses that refuse the client's own request or body
 MAX_HELD_BACK = 16  # refusals delayed at once (refusal_delay_s); more are answered at once
-ROUTES = "POST /separate, POST /jobs, GET /jobs/{id}, GET /jobs/{id}/{target}, GET /models, GET /healthz"
+ROUTES = (
+    "POST /separate, POST /jobs, GET /jobs/{id}, GET /jobs/{id}/{target}, GET /models, GET /healthz, WebSocket /stream"
+)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -92,6 +100,26 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)  # the details stay in the replica's log
     return _error(500, "the server failed to process this request; it was logged, and the server goes on")
+
+
+# Module helpers the deployment uses are defined above it: @serve.deployment pickles the class where it
+# stands, and names defined further down are missing in the replicas.
+async def _receive(ws: WebSocket, idle_s: float) -> dict[str, Any]:
+    """The next frame of a stream, or StreamClose when none comes within ``idle_s``."""
+    try:
+        message = await asyncio.wait_for(ws.receive(), idle_s)
+    except TimeoutError:
+        raise StreamClose(streaming.POLICY, f"nothing arrived for {idle_s:g} s (stream_idle_s)") from None
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message
+
+
+async def _close(ws: WebSocket, error: StreamClose) -> None:
+    """The whole message as an error frame, then the close code with the message as its reason."""
+    with contextlib.suppress(Exception):  # the client may be gone already
+        await ws.send_text(json.dumps({"type": "error", "code": error.code, "error": error.message}))
+        await ws.close(error.code, error.reason)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -134,6 +162,8 @@ class SeparatorDeployment:
         self._queue: asyncio.Queue[tuple[str, list[str], str, int]] = asyncio.Queue()
         self._held: set[str] = set()  # jobs of this replica, queued or running (their heartbeats)
         self._background: list[asyncio.Task] = []
+        self._streams = 0  # live /stream connections
+        self.metrics = Metrics()
 
     def _start_background(self) -> None:
         """The job worker, the job heartbeats and the expiry timer (on the replica's event loop)."""
@@ -197,6 +227,7 @@ class SeparatorDeployment:
         self._check_room(job)
         if job:
             self._jobs += 1
+            self.metrics.job_queue.set(self._jobs)
         else:
             self._pending += 1
             self._idle.clear()
@@ -204,6 +235,7 @@ class SeparatorDeployment:
     def _release(self, seconds: float, job: bool = False) -> None:
         if job:
             self._jobs -= 1
+            self.metrics.job_queue.set(self._jobs)
         else:
             self._pending -= 1
             if self._pending == 0:
@@ -344,6 +376,7 @@ class SeparatorDeployment:
     async def separate(
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> Response:
+        self.metrics.attempt(request.headers.get(ATTEMPT_HEADER))
         names, fmt, n, clip = await self._parse(request, targets, format, niter)
         t0 = time.perf_counter()
         try:
@@ -353,6 +386,7 @@ class SeparatorDeployment:
                 stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [n]))[0]
         finally:
             self._release(time.perf_counter() - t0)
+        self.metrics.separated("request", clip.seconds, time.perf_counter() - t0)
         pieces, media, name = self.service.package(stems, names, fmt)  # encoded as sent, off the event loop
         headers = self._headers({"Content-Disposition": f'attachment; filename="{name}"'})
         return StreamingResponse(pieces, media_type=media, headers=headers)
@@ -362,6 +396,7 @@ class SeparatorDeployment:
         self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
     ) -> JSONResponse:
         self._start_background()
+        self.metrics.attempt(request.headers.get(ATTEMPT_HEADER))
         names, fmt, n, clip = await self._parse(request, targets, format, niter, job=True)
         # the clip waits on disk; room for it and its stems is made in the store first
         need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
@@ -399,7 +434,9 @@ class SeparatorDeployment:
             await update(status="running", progress=0.1)
             audio = await asyncio.to_thread(self.jobs.load_input, job_id)
             clip = Clip(audio, self.service.rate, audio.shape[1] / self.service.rate)
+            t1 = time.perf_counter()
             stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [niter]))[0]
+            self.metrics.separated("job", clip.seconds, time.perf_counter() - t1)
             await update(progress=0.8)
             for k, t in enumerate(names):
                 data = await asyncio.to_thread(self.service.encode, stems[self.service.targets.index(t)], fmt)
@@ -413,6 +450,58 @@ class SeparatorDeployment:
                 await update(status="failed", error=f"the separation failed ({type(e).__name__})")
             except Exception:  # expired, or the store cannot be reached: its lease runs out instead
                 log.exception("job %s: its failure could not be recorded", job_id)
+
+    @app.websocket("/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        """Live separation (:mod:`.streaming`): a hello, then PCM blocks in and separated blocks out."""
+        await ws.accept()
+        self._start_background()
+        if self._streams >= self.service.config.max_streams:
+            full = f"this replica serves {self._streams} stream(s), as many as it may (max_streams); reconnect shortly"
+            await _close(ws, StreamClose(streaming.TRY_LATER, full))
+            return
+        self._streams += 1
+        self.metrics.active_streams.set(self._streams)
+        try:
+            await self._stream(ws)
+        except StreamClose as e:
+            await _close(ws, e)
+        except WebSocketDisconnect:
+            pass  # the client went away: nothing to answer
+        except Exception:
+            log.exception("a /stream connection failed")
+            failed = "the separation failed on the server (logged there); reconnect and resume"
+            await _close(ws, StreamClose(streaming.INTERNAL, failed))
+        finally:
+            self._streams -= 1
+            self.metrics.active_streams.set(self._streams)
+
+    async def _stream(self, ws: WebSocket) -> None:
+        config = self.service.config
+        info, limits = {**self.service.model_info(), "replica": self.replica}, self.service.stream_limits()
+        first = await _receive(ws, config.stream_idle_s)
+        if first.get("text") is None:
+            expected = 'the first frame must be the JSON hello, as text: {"type": "hello", ...}'
+            raise StreamClose(streaming.UNSUPPORTED, expected)
+        hello = streaming.parse_hello(first["text"], info, limits)
+        streamer = await asyncio.to_thread(self.service.streamer)  # the onnx backend may export first
+        session = StreamSession(hello, streamer, self.service.targets, limits)
+        await ws.send_text(streaming.ready_message(hello, info, streamer.latency, limits, config.stream_idle_s))
+        rate = hello.sample_rate
+        while True:
+            message = await _receive(ws, config.stream_idle_s)
+            if message.get("bytes") is None:
+                streaming.parse_end(message.get("text") or "")
+                await ws.send_bytes(await asyncio.to_thread(session.finish))
+                await ws.send_text(json.dumps({"type": "done", "blocks": session.seq, "samples": session.received}))
+                await ws.close(streaming.NORMAL)
+                return
+            block = session.check(message["bytes"])
+            t0 = time.perf_counter()
+            answer = await asyncio.to_thread(session.feed, block)
+            self.metrics.stream_block(block.shape[1] / rate, time.perf_counter() - t0)
+            if answer is not None:
+                await ws.send_bytes(answer)
 
     @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(self, job_id: str) -> JSONResponse:

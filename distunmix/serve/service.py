@@ -32,7 +32,9 @@ from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, ConfigError, ServiceError
 from ..flags import setting
 from ..onnxrun import BACKENDS, OnnxSeparator
-from ..separator import SeparatorOptions
+from ..separator import Separator, SeparatorOptions
+from ..stream import StreamingSeparator
+from .streaming import Streamer, StreamLimits
 
 FORMATS = {"wav": ("WAV", "FLOAT", "audio/wav"), "flac": ("FLAC", "PCM_24", "audio/flac")}
 MIN_RATE, MAX_RATE = 8000, 192000  # sample rates an upload may have
@@ -84,6 +86,11 @@ class ServiceConfig:
                                   group=_LIMITS)  # fmt: skip
     job_lease_s: float = setting(30.0, "a job whose replica has not beaten its heartbeat for this long failed",
                                  group=_LIMITS)  # fmt: skip
+    max_streams: int = setting(4, "live streams (/stream) a replica serves at once; more are closed with 1013",
+                               group=_LIMITS)  # fmt: skip
+    stream_max_block: int = setting(16384, "most samples per channel in one /stream frame", group=_LIMITS)
+    stream_idle_s: float = setting(10.0, "a stream that sends nothing for this long is closed (1008)", group=_LIMITS)
+    stream_max_seconds: float = setting(3600.0, "longest audio one stream may send, in seconds", group=_LIMITS)
     refusal_delay_s: float = setting(
         1.0,
         "a request refused for its own content (400/413/415/422) is answered after this, in seconds: "
@@ -122,6 +129,10 @@ class ServiceConfig:
             (self.max_jobs >= 1, "max_jobs", self.max_jobs, ">= 1"),
             (self.job_quota_mb > 0, "job_quota_mb", self.job_quota_mb, "> 0"),
             (self.job_lease_s > 0, "job_lease_s", self.job_lease_s, "> 0"),
+            (self.max_streams >= 0, "max_streams", self.max_streams, ">= 0"),
+            (self.stream_max_block >= 1, "stream_max_block", self.stream_max_block, ">= 1"),
+            (self.stream_idle_s > 0, "stream_idle_s", self.stream_idle_s, "> 0"),
+            (self.stream_max_seconds > 0, "stream_max_seconds", self.stream_max_seconds, "> 0"),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -337,6 +348,19 @@ class SeparationService:
         self.separator.niter = niter
         return self.separator(x.to(self.separator.device)).cpu().numpy()
 
+    def streamer(self) -> Streamer:
+        """A new live stream's separator (unidirectional models, no Wiener iterations), sharing the
+        loaded models; streams do not wait for the batch lock."""
+        if self.config.backend == "onnx":
+            return self._onnx_for(0).streamer()
+        sep = self.separator
+        live = Separator(dict(sep.target_models), sep.sample_rate, sep.n_fft, sep.n_hop, niter=0,
+                         softmask=sep.softmask, residual=sep.residual, chunk_seconds=None)  # fmt: skip
+        return StreamingSeparator(live)
+
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(self.config.stream_max_block, self.config.stream_max_seconds)
+
     def model_info(self) -> dict[str, Any]:
         sep = self.separator
         if isinstance(sep, OnnxSeparator):
@@ -360,6 +384,10 @@ class SeparationService:
                 "max_niter": self.config.max_niter,
                 "max_decoded_mb": self.config.max_decoded_mb,
                 "sample_rates": [MIN_RATE, MAX_RATE],
+                "max_streams": self.config.max_streams,
+                "stream_max_block": self.config.stream_max_block,
+                "stream_max_seconds": self.config.stream_max_seconds,
+                "stream_idle_s": self.config.stream_idle_s,
             },
         }
 
