@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "distunmix"
 # the core: usable and testable without Ray
 CORE = ("model", "spectral", "separator", "stream", "stemfiles", "checkpoint", "fileio", "audio", "errors",
-        "flags", "tables", "plots", "devices", "data", "serve.service")  # fmt: skip
+        "flags", "tables", "plots", "devices", "data", "serve.service", "serve.streaming", "serve.client",
+        "serve.streamclient", "chunking", "onnxrun")  # fmt: skip
 
 
 def _module(path: Path) -> str:

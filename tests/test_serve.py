@@ -693,3 +693,123 @@ def test_a_replica_killed_mid_load_loses_no_request_job_or_stream(server, live, 
         assert snr_db(torch.from_numpy(whole[k]), torch.from_numpy(stem)) > 100, (target, figures, retries)
     assert figures["reconnects"] >= 1 and readies[-1]["replica"] != readies[0]["replica"], (figures, retries)
     assert any("resuming from block" in r for r in retries), retries
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(server, live):
+    """With autoscaling (1 to 2 replicas, one ongoing request each), four streams held open scale
+    the deployment up to 2, and it goes back to 1 once they close (bounded: 60 s each way)."""
+    url, model = server[0], live[1]
+    config = ServiceConfig(str(model), device="cpu", max_streams=4, stream_idle_s=120.0)
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
+               "downscale_delay_s": 1.0, "metrics_interval_s": 0.5, "look_back_period_s": 1.0}  # fmt: skip
+    serve.run(deployment(config, autoscaling_config=scaling, ray_actor_options={"num_cpus": 0.1}), name="auto",
+              route_prefix="/auto")  # fmt: skip
+
+    def running() -> int:
+        return serve.status().applications["auto"].deployments["Separator"].replica_states.get("RUNNING", 0)
+
+    def wait_for(count: int) -> list[int]:
+        seen = []
+        for _ in range(120):
+            seen.append(running())
+            if seen[-1] == count:
+                break
+            time.sleep(0.5)
+        return seen
+
+    assert running() == 1
+    hello = json.dumps({"sample_rate": 44100, "channels": 1, "block": 1024})
+    with ExitStack() as stack:
+        for _ in range(4):
+            ws = stack.enter_context(_ws(f"{url}/auto"))
+            ws.send(hello)
+            assert json.loads(ws.recv(10))["type"] == "ready"
+        up = wait_for(2)  # the streams stay open until here
+    assert up[-1] == 2, up
+    down = wait_for(1)
+    assert down[-1] == 1, down
+    serve.delete("auto")
+
+
+# -- many models in one deployment (Serve's model multiplexing) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi(server):
+    """An app at /multi serving a root of three models (default a), one more loaded at a time."""
+    url, _, tmp = server
+    root = tmp / "root"
+    for name, targets, seed in (("a", "vocals,drums", 1), ("b", "vocals,bass", 2), ("c", "drums,other", 3)):
+        assert (
+            main(["init-model", str(root / name), "--hidden-size", "8", "--targets", targets, "--seed", str(seed)]) == 0
+        )
+    (root / "b" / "model_card.md").write_text("# b\ntrained on nothing at all\n")
+    config = ServiceConfig(models_root=str(root), model="a", max_models=1, device="cpu", refusal_delay_s=0.0,
+                           job_dir=str(tmp / "multi-jobs"))  # fmt: skip
+    serve.run(deployment(config, num_replicas=1, ray_actor_options={"num_cpus": 0.1}), name="multi",
+              route_prefix="/multi")  # fmt: skip
+    yield f"{url}/multi", root, config
+    serve.delete("multi")
+
+
+def test_requests_pick_their_model_and_a_replica_keeps_the_most_recent_ones(multi):
+    url, root, _ = multi
+    info = json.loads(_call(f"{url}/models")[2])
+    models = {m["name"]: m for m in info["models"]}
+    assert sorted(models) == ["a", "b", "c"] and info["model"] == "a" and models["a"]["default"]
+    assert models["b"]["targets"] == ["vocals", "bass"] and models["c"]["hidden_size"] == 8
+    assert models["b"]["card"].startswith("# b") and "card" not in models["a"] and not models["b"]["loaded"]
+    clip = _clip(1.0, seed=11)
+    evicted = info["evicted"]
+    for name, how in (("b", "query"), ("c", "header"), ("b", "query"), ("a", "header"), ("c", "query")):
+        query, headers = (f"?model={name}", {}) if how == "query" else ("", {"serve_multiplexed_model_id": name})
+        status, got, body = _call(f"{url}/separate{query}", _wav(clip), headers)
+        assert status == 200 and got["x-model"] == name, (name, status, body[:200])
+        sep = load_separator(root / name, niter=1)
+        with torch.inference_mode():
+            expected = sep(torch.from_numpy(clip)[None])[0].numpy()
+        stems = (
+            _stems(body) if len(sep.targets) > 1 else {sep.targets[0]: sf.read(io.BytesIO(body), dtype="float32")[0].T}
+        )
+        assert list(stems) == sep.targets
+        for k, target in enumerate(sep.targets):
+            assert snr_db(torch.from_numpy(expected[k]), torch.from_numpy(stems[target])) > 100, (name, target)
+    after = json.loads(_call(f"{url}/models")[2])
+    loaded = sorted(m["name"] for m in after["models"] if m["loaded"])
+    assert loaded == ["a", "c"] and after["evicted"] - evicted == 3, after  # b, c, b went to make room
+    status, _, body = _call(f"{url}/separate?model=../a", _wav(clip))
+    assert status == 404 and "the models are a, b, c" in json.loads(body)["error"]
+
+
+def test_user_config_changes_limits_and_the_default_model_without_restarting(multi):
+    """As ``serve deploy`` does (a config to the controller, declarative): a new user_config reaches
+    the running replica through ``reconfigure``, with no restart."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    url, root, _ = multi
+    url = url.removesuffix("/multi") + "/conf"
+
+    def deploy(user_config: dict) -> None:
+        app = {"name": "conf", "route_prefix": "/conf", "import_path": "distunmix.serve.app:build_app",
+               "args": {"models_root": str(root), "model": "a", "device": "cpu", "refusal_delay_s": 0.0},
+               "deployments": [{"name": "Separator", "num_replicas": 1, "user_config": user_config,
+                                "ray_actor_options": {"num_cpus": 0.1}}]}  # fmt: skip
+        _get_global_client().deploy_apps(ServeDeploySchema.parse_obj({"applications": [app]}), _blocking=True)
+
+    deploy({"max_seconds": 5.0})
+    replica = _call(f"{url}/healthz")[1]["x-replica"]
+    long_clip = _wav(_clip(2.0, seed=12))
+    status, headers, _ = _call(f"{url}/separate", long_clip)
+    assert status == 200 and headers["x-model"] == "a"
+    deploy({"max_seconds": 1.0, "model": "b"})
+    status, _, body = _call(f"{url}/separate", long_clip)
+    assert status == 413 and "exceeds the limit of 1 s" in json.loads(body)["error"]
+    status, headers, _ = _call(f"{url}/separate", _wav(_clip(0.5, seed=13)))
+    assert status == 200 and headers["x-model"] == "b" and headers["x-replica"] == replica  # reconfigured in place
+    deploy({"max_models": 2, "max_seconds": 3.0})  # max_models is fixed for a replica's life: all refused
+    info = json.loads(_call(f"{url}/models")[2])
+    assert "max_models cannot change on running replicas" in info["user_config_error"], info
+    assert info["limits"]["max_seconds"] == 1.0 and info["model"] == "b"  # nothing changed
+    assert _call(f"{url}/healthz")[1]["x-replica"] == replica
+    serve.delete("conf")

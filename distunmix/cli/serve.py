@@ -11,6 +11,7 @@ from ..audio import find_audio_files
 from ..checkpoint import load_separator
 from ..errors import AudioError, ClientError, ConfigError
 from ..flags import add_flags, from_args
+from ..serve.catalog import ModelCatalog
 from ..serve.client import separate_remote
 from ..serve.service import FORMATS, ServiceConfig
 from ..serve.streamclient import stream_remote
@@ -59,6 +60,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..serve.app import default_model, serve_foreground  # Ray Serve and FastAPI: only this command
 
     config = from_args(ServiceConfig, args)
+    if config.models_root is not None:
+        catalog = ModelCatalog.of(config.model, config.models_root)  # a ConfigError names the folder before Ray starts
+        load_separator(catalog.folder(catalog.default))  # the one every replica loads first
+        serve_foreground(config, args.host, args.port, args.replicas, args.num_gpus, args.address,
+                         getattr(args, "verbose", False), on_ready=lambda url: print(
+                             f"serving {', '.join(catalog.folders)} (default {catalog.default}) at {url}"))  # fmt: skip
+        return 0
     model = config.model or default_model()
     if not is_uri(model):
         model = str(Path(model).expanduser().resolve())  # said in full: which folder answers is never a guess

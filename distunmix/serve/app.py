@@ -32,9 +32,10 @@ from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException
 
 from ..cluster import ray_session
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..storage import is_uri
 from . import proxy, streaming
+from .catalog import ModelCatalog
 from .client import ATTEMPT_HEADER
 from .jobfiles import open_job_files
 from .jobs import JobStore, default_job_dir
@@ -122,6 +123,20 @@ async def _close(ws: WebSocket, error: StreamClose) -> None:
         await ws.close(error.code, error.reason)
 
 
+class Loaded:
+    """A multiplexed model in Serve's LRU; unloading it (``__del__``, which Serve calls) drops it
+    from the replica's list."""
+
+    def __init__(self, service: SeparationService, owner: Any) -> None:
+        self.service, self.owner = service, owner
+
+    def __del__(self) -> None:
+        if self.owner is not None and self.owner._loaded.pop(self.service.name, None) is not None:
+            self.owner.evicted += 1
+            log.info("unloaded model %s (least recently used)", self.service.name)
+        self.owner = None
+
+
 @dataclass(eq=False)  # compared by identity
 class Upload:
     """A body being read: when it started, when a piece last arrived, its bytes, whether dropped."""
@@ -143,7 +158,20 @@ class SeparatorDeployment:
 
     def __init__(self, config: ServiceConfig) -> None:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.service = SeparationService(config)
+        self.config = config
+        self.catalog = ModelCatalog.of(config.model, config.models_root)
+        # the default model stays loaded; the others are Serve's multiplexed models, LRU per replica
+        self.default = SeparationService(replace(config, model=self.catalog.folder(self.catalog.default)),
+                                         self.catalog.default)  # fmt: skip
+        self._loaded: dict[str, SeparationService] = {}  # the multiplexed models loaded now
+        self.evicted = 0  # multiplexed models unloaded to make room
+        self.user_config_error: str | None = None  # why the last user_config was refused
+
+        async def load(name: str) -> Loaded:
+            service = await asyncio.to_thread(self._new_service, name)
+            return Loaded(service, self)
+
+        self._load = serve.multiplexed(max_num_models_per_replica=config.max_models)(load)
         # one private folder for every replica on this node, so any replica can answer for any job
         self.jobs = JobStore(config.job_dir or default_job_dir(), config.job_ttl_s,
                              int(config.job_quota_mb * 2**20), config.job_lease_s)  # fmt: skip
@@ -165,6 +193,58 @@ class SeparatorDeployment:
         self._streams = 0  # live /stream connections
         self.metrics = Metrics()
 
+    def _new_service(self, name: str) -> SeparationService:
+        service = SeparationService(replace(self.config, model=self.catalog.folder(name)), name)
+        self._loaded[name] = service
+        return service
+
+    async def _service(self, name: str | None = None) -> SeparationService:
+        """The service of model ``name`` (else the multiplexed model id of the request's header, else
+        the default), loaded on first use; 404 for a model that is not served."""
+        name = name or serve.get_multiplexed_model_id() or self.catalog.default
+        if name == self.catalog.default:
+            return self.default
+        self.catalog.folder(name)  # 404 before anything is loaded
+        try:
+            return (await self._load(name)).service
+        except (CheckpointError, RuntimeError) as e:
+            log.exception("model %s cannot be loaded", name)
+            raise ServiceError(503, f"model {name!r} cannot be loaded on this replica ({type(e).__name__}); the "
+                                    "error is in its log", retry_after=30) from None  # fmt: skip
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config: limits, batching and the default model, applied to the running
+        replica (no restart). One that cannot apply (an unknown setting or value, a model that is
+        not there, or the model folders, backend, device or max_models, which need a new
+        deployment) is refused whole: logged, named in ``/models``, and the replica goes on as it was."""
+        try:
+            self._reconfigure(dict(user_config or {}))
+            self.user_config_error = None
+        except (ConfigError, CheckpointError, RuntimeError, ServiceError) as e:
+            self.user_config_error = f"user_config refused, nothing changed: {e}"
+            log.error("%s", self.user_config_error)
+
+    def _reconfigure(self, user_config: dict[str, Any]) -> None:
+        fixed = sorted(set(user_config) & {"models_root", "backend", "device", "max_models"})
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change on running replicas; deploy anew")
+        ServiceConfig.from_mapping(user_config)  # names and values checked
+        config = replace(self.config, **user_config)
+        catalog, default = self.catalog, self.default
+        model = user_config.get("model")
+        if model is not None and model != self.catalog.default:
+            if config.models_root and model not in self.catalog.folders:
+                raise ConfigError(f"model {model!r}; expected one of {', '.join(self.catalog.folders)}")
+            catalog = replace(catalog, default=model) if config.models_root else ModelCatalog.of(model, None)
+            default = SeparationService(replace(config, model=catalog.folder(catalog.default)), catalog.default)
+        self.config, self.catalog, self.default = config, catalog, default
+        for service in (self.default, *self._loaded.values()):
+            service.config = replace(config, model=service.config.model)
+        self._separate_batch.set_max_batch_size(config.batch_size)
+        self._separate_batch.set_batch_wait_timeout_s(config.batch_wait_s)
+        self.batch_max_seconds = config.batch_max_seconds
+        log.warning("user_config applied: %s", ", ".join(sorted(user_config)) or "(nothing)")
+
     def _start_background(self) -> None:
         """The job worker, the job heartbeats and the expiry timer (on the replica's event loop)."""
         if not self._background:
@@ -176,7 +256,7 @@ class SeparatorDeployment:
         """Beat the heartbeat of this replica's jobs, and take over those of replicas that stopped
         (a store that cannot be reached now is tried again at the next beat)."""
         while True:
-            await asyncio.sleep(self.service.config.job_lease_s / 3)
+            await asyncio.sleep(self.config.job_lease_s / 3)
             try:
                 await self._beat_once()
             except Exception:
@@ -185,15 +265,16 @@ class SeparatorDeployment:
     async def _beat_once(self) -> None:
         await asyncio.to_thread(self.jobs.touch, sorted(self._held))
         for job_id in await asyncio.to_thread(self.jobs.orphans):
-            if self._jobs >= self.service.config.max_jobs:
+            if self._jobs >= self.config.max_jobs:
                 break
             record = await asyncio.to_thread(self.jobs.claim, job_id, self.replica)
             if record is None:
                 continue
             try:  # the record was written by another replica, maybe of another model or limits
-                names = self.service.parse_targets(",".join(record["targets"]))
-                job = (job_id, names, self.service.parse_format(record["format"]),
-                       self.service.parse_niter(record.get("niter", 1)))  # fmt: skip
+                service = await self._service(str(record.get("model") or self.catalog.default))
+                names = service.parse_targets(",".join(record["targets"]))
+                job = (job_id, service.name, names, service.parse_format(record["format"]),
+                       service.parse_niter(record.get("niter", 1)))  # fmt: skip
             except ServiceError as e:
                 log.warning("job %s of a stopped replica cannot run here: %s", job_id, e.message)
                 await asyncio.to_thread(self.jobs.update, job_id, {"status": "failed", "error": e.message})
@@ -205,7 +286,7 @@ class SeparatorDeployment:
 
     async def _expire(self) -> None:
         while True:
-            await asyncio.sleep(min(self.service.config.job_ttl_s / 4, 60.0))
+            await asyncio.sleep(min(self.config.job_ttl_s / 4, 60.0))
             try:
                 await asyncio.to_thread(self.jobs.expire)
             except Exception:
@@ -214,7 +295,7 @@ class SeparatorDeployment:
     def _check_room(self, job: bool) -> None:
         """503, with when to try again, when this replica holds as many separations (a request's,
         or a job's) as it may."""
-        config = self.service.config
+        config = self.config
         held, limit = (self._jobs, config.max_jobs) if job else (self._pending, config.max_pending)
         if held >= limit:
             wait = min(600.0, max(1.0, (self._pending + self._jobs) * self._seconds_per_item))
@@ -247,15 +328,24 @@ class SeparatorDeployment:
         """Serve's health check: the event loop answers (a blocked one times this check out) and
         was not blocked longer than ``max_loop_block_s``, and the model gives finite output."""
         self._start_background()
-        self.watchdog.check(self.service.config.max_loop_block_s)
-        await asyncio.to_thread(self.service.healthy)
+        self.watchdog.check(self.config.max_loop_block_s)
+        await asyncio.to_thread(self.default.healthy)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _separate_batch(self, items: list[tuple[Any, int]]) -> list[Any]:
-        clips, niters = [c for c, _ in items], [n for _, n in items]
-        return await asyncio.to_thread(self.service.separate_batch, clips, niters)
+    async def _separate_batch(self, items: list[tuple[SeparationService, Any, int]]) -> list[Any]:
+        """Clips of one model are separated together (each model's batch in turn)."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (service, _, _) in enumerate(items):
+            groups.setdefault(id(service), []).append(i)
+        for members in groups.values():
+            service = items[members[0]][0]
+            clips, niters = [items[i][1] for i in members], [items[i][2] for i in members]
+            for i, stems in zip(members, await asyncio.to_thread(service.separate_batch, clips, niters), strict=True):
+                out[i] = stems
+        return out
 
-    async def _read_upload(self, request: Request) -> bytes:
+    async def _read_upload(self, request: Request, service: SeparationService) -> bytes:
         """The audio bytes of a raw or multipart body, refusing oversized ones before reading them.
 
         At most ``max_uploads`` bodies are read at once. When all are taken, the one that has
@@ -263,7 +353,7 @@ class SeparatorDeployment:
         newcomer gets 503: stalled clients never hold the slots of working ones. A body that stalls
         for ``upload_idle_s``, arrives slower than ``min_upload_kib_s`` or not within
         ``upload_timeout_s`` gets 408."""
-        config = self.service.config
+        config = self.config
         limit = config.max_upload_bytes
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit + 64 * 1024:
@@ -299,13 +389,13 @@ class SeparatorDeployment:
                 pending = None
                 upload.last = loop.time()
                 upload.bytes = max(upload.bytes, reader.received + len(chunk))
-                if sum(u.bytes for u in self._uploads) > self.service.config.upload_budget_mb * 2**20:
+                if sum(u.bytes for u in self._uploads) > self.config.upload_budget_mb * 2**20:
                     raise ServiceError(503, "the uploads being read hold as much memory as they may; try again "
                                             "shortly", retry_after=1)  # fmt: skip
                 reader.feed(chunk)
                 if not probed and len(reader.data) >= PROBE_BYTES:
                     probed = True  # a decode bomb is refused from its header, not after 2 MB
-                    self.service.probe(bytes(reader.data[:PROBE_BYTES]))
+                    service.probe(bytes(reader.data[:PROBE_BYTES]))
             return reader.finish()
         finally:
             if pending is not None:
@@ -315,7 +405,7 @@ class SeparatorDeployment:
     def _admit(self, now: float, declared: int) -> Upload:
         """A slot for a new upload (dropping the longest-stalled one when all are taken), or 503;
         ``declared`` bytes (its Content-Length) count against ``upload_budget_mb`` from the start."""
-        config = self.service.config
+        config = self.config
         if sum(u.bytes for u in self._uploads) + declared > config.upload_budget_mb * 2**20:
             raise ServiceError(503, "the uploads being read hold as much memory as they may; try again shortly", 1)
         if len(self._uploads) >= config.max_uploads:
@@ -328,24 +418,32 @@ class SeparatorDeployment:
         return upload
 
     async def _parse(
-        self, request: Request, targets: str | None, fmt: str | None, niter: str | None, job: bool = False
-    ) -> tuple[list[str], str, int, Any]:
-        """Checked (targets, format, niter, clip) of a separation request, parameters before the
-        upload; a request's place is then held (:meth:`_release` it), a job's is checked."""
+        self,
+        request: Request,
+        model: str | None,
+        targets: str | None,
+        fmt: str | None,
+        niter: str | None,
+        job: bool = False,
+    ) -> tuple[SeparationService, list[str], str, int, Any]:
+        """Checked (model's service, targets, format, niter, clip) of a separation request,
+        parameters before the upload; a request's place is then held (:meth:`_release` it), a
+        job's is checked."""
         try:
-            names = self.service.parse_targets(targets)
-            fmt = self.service.parse_format(fmt)
-            n = self.service.parse_niter(niter)
+            service = await self._service(model)
+            names = service.parse_targets(targets)
+            fmt = service.parse_format(fmt)
+            n = service.parse_niter(niter)
             self._check_room(job)  # a full replica refuses before it reads the body
-            data = await self._read_upload(request)
+            data = await self._read_upload(request, service)
             if len(data) <= PROBE_BYTES:  # a small body is checked whole before it takes a place
-                self.service.check_small(data)
+                service.check_small(data)
         except ServiceError as e:
             await self._hold_back(e)
             raise
         self._reserve(job)
         try:
-            clip = await asyncio.to_thread(self.service.decode, data)
+            clip = await asyncio.to_thread(service.decode, data)
         except ServiceError as e:
             self._release(0.0, job)
             await self._hold_back(e)
@@ -353,14 +451,14 @@ class SeparatorDeployment:
         except BaseException:
             self._release(0.0, job)
             raise
-        return names, fmt, n, clip
+        return service, names, fmt, n, clip
 
     async def _hold_back(self, error: ServiceError) -> None:
         """Answer a refusal of the client's own request after ``refusal_delay_s``, holding no upload
         or separation slot meanwhile: a client that posts bad bodies back to back (a decode-bomb
         flood) then costs Ray Serve's proxy and this replica one request per delay, not a hundred a
         second. At most ``MAX_HELD_BACK`` wait at once; more are answered at once."""
-        delay = self.service.config.refusal_delay_s
+        delay = self.config.refusal_delay_s
         if error.status not in REFUSED or delay <= 0 or self._held_back >= MAX_HELD_BACK:
             return
         self._held_back += 1
@@ -374,33 +472,44 @@ class SeparatorDeployment:
 
     @app.post("/separate")
     async def separate(
-        self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
+        self,
+        request: Request,
+        targets: str | None = None,
+        format: str | None = None,
+        niter: str | None = None,
+        model: str | None = None,
     ) -> Response:
         self.metrics.attempt(request.headers.get(ATTEMPT_HEADER))
-        names, fmt, n, clip = await self._parse(request, targets, format, niter)
+        service, names, fmt, n, clip = await self._parse(request, model, targets, format, niter)
         t0 = time.perf_counter()
         try:
             if clip.seconds <= self.batch_max_seconds:
-                stems = await self._separate_batch((clip, n))
+                stems = await self._separate_batch((service, clip, n))
             else:
-                stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [n]))[0]
+                stems = (await asyncio.to_thread(service.separate_batch, [clip], [n]))[0]
         finally:
             self._release(time.perf_counter() - t0)
         self.metrics.separated("request", clip.seconds, time.perf_counter() - t0)
-        pieces, media, name = self.service.package(stems, names, fmt)  # encoded as sent, off the event loop
-        headers = self._headers({"Content-Disposition": f'attachment; filename="{name}"'})
+        pieces, media, name = service.package(stems, names, fmt)  # encoded as sent, off the event loop
+        headers = self._headers({"Content-Disposition": f'attachment; filename="{name}"', "X-Model": service.name})
         return StreamingResponse(pieces, media_type=media, headers=headers)
 
     @app.post("/jobs")
     async def create_job(
-        self, request: Request, targets: str | None = None, format: str | None = None, niter: str | None = None
+        self,
+        request: Request,
+        targets: str | None = None,
+        format: str | None = None,
+        niter: str | None = None,
+        model: str | None = None,
     ) -> JSONResponse:
         self._start_background()
         self.metrics.attempt(request.headers.get(ATTEMPT_HEADER))
-        names, fmt, n, clip = await self._parse(request, targets, format, niter, job=True)
+        service, names, fmt, n, clip = await self._parse(request, model, targets, format, niter, job=True)
         # the clip waits on disk; room for it and its stems is made in the store first
         need = clip.audio.nbytes * (1 + len(names)) + 64 * 1024
-        info = {"targets": names, "format": fmt, "niter": n, "seconds": clip.seconds, "replica": self.replica}
+        info = {"targets": names, "format": fmt, "niter": n, "seconds": clip.seconds, "replica": self.replica,
+                "model": service.name}  # fmt: skip
         try:
             job_id = await asyncio.to_thread(self.jobs.create, info, need)
             await asyncio.to_thread(self.jobs.save_input, job_id, clip.audio)
@@ -408,23 +517,23 @@ class SeparatorDeployment:
             self._release(0.0, job=True)
             raise
         self._held.add(job_id)
-        self._queue.put_nowait((job_id, names, fmt, n))
+        self._queue.put_nowait((job_id, service.name, names, fmt, n))
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202, headers=self._headers())
 
     async def _job_worker(self) -> None:
         """Run this replica's jobs one after another, each when no request is separating or waiting:
         requests come first, jobs take the gaps."""
         while True:
-            job_id, names, fmt, niter = await self._queue.get()
+            job_id, model, names, fmt, niter = await self._queue.get()
             await self._idle.wait()
             t0 = time.perf_counter()
             try:
-                await self._run_job(job_id, names, fmt, niter)
+                await self._run_job(job_id, model, names, fmt, niter)
             finally:
                 self._held.discard(job_id)
                 self._release(time.perf_counter() - t0, job=True)
 
-    async def _run_job(self, job_id: str, names: list[str], fmt: str, niter: int) -> None:
+    async def _run_job(self, job_id: str, model: str, names: list[str], fmt: str, niter: int) -> None:
         t0 = time.time()
 
         async def update(**fields: Any) -> None:  # the store may be remote: off the event loop
@@ -432,14 +541,15 @@ class SeparatorDeployment:
 
         try:
             await update(status="running", progress=0.1)
+            service = await self._service(model)
             audio = await asyncio.to_thread(self.jobs.load_input, job_id)
-            clip = Clip(audio, self.service.rate, audio.shape[1] / self.service.rate)
+            clip = Clip(audio, service.rate, audio.shape[1] / service.rate)
             t1 = time.perf_counter()
-            stems = (await asyncio.to_thread(self.service.separate_batch, [clip], [niter]))[0]
+            stems = (await asyncio.to_thread(service.separate_batch, [clip], [niter]))[0]
             self.metrics.separated("job", clip.seconds, time.perf_counter() - t1)
             await update(progress=0.8)
             for k, t in enumerate(names):
-                data = await asyncio.to_thread(self.service.encode, stems[self.service.targets.index(t)], fmt)
+                data = await asyncio.to_thread(service.encode, stems[service.targets.index(t)], fmt)
                 await asyncio.to_thread(self.jobs.write_stem, job_id, t, fmt, data)
                 await update(progress=0.8 + 0.2 * (k + 1) / len(names))
             await update(status="done", progress=1.0, seconds_taken=time.time() - t0)
@@ -456,7 +566,7 @@ class SeparatorDeployment:
         """Live separation (:mod:`.streaming`): a hello, then PCM blocks in and separated blocks out."""
         await ws.accept()
         self._start_background()
-        if self._streams >= self.service.config.max_streams:
+        if self._streams >= self.config.max_streams:
             full = f"this replica serves {self._streams} stream(s), as many as it may (max_streams); reconnect shortly"
             await _close(ws, StreamClose(streaming.TRY_LATER, full))
             return
@@ -477,15 +587,19 @@ class SeparatorDeployment:
             self.metrics.active_streams.set(self._streams)
 
     async def _stream(self, ws: WebSocket) -> None:
-        config = self.service.config
-        info, limits = {**self.service.model_info(), "replica": self.replica}, self.service.stream_limits()
+        config = self.config
         first = await _receive(ws, config.stream_idle_s)
         if first.get("text") is None:
             expected = 'the first frame must be the JSON hello, as text: {"type": "hello", ...}'
             raise StreamClose(streaming.UNSUPPORTED, expected)
+        try:
+            service = await self._service(streaming.hello_model(first["text"]))
+        except ServiceError as e:
+            raise StreamClose(streaming.POLICY, e.message) from None
+        info, limits = {**service.model_info(), "replica": self.replica}, service.stream_limits()
         hello = streaming.parse_hello(first["text"], info, limits)
-        streamer = await asyncio.to_thread(self.service.streamer)  # the onnx backend may export first
-        session = StreamSession(hello, streamer, self.service.targets, limits)
+        streamer = await asyncio.to_thread(service.streamer)  # the onnx backend may export first
+        session = StreamSession(hello, streamer, service.targets, limits)
         await ws.send_text(streaming.ready_message(hello, info, streamer.latency, limits, config.stream_idle_s))
         rate = hello.sample_rate
         while True:
@@ -515,14 +629,19 @@ class SeparatorDeployment:
 
     @app.api_route("/models", methods=["GET", "HEAD"])
     async def models(self) -> JSONResponse:
-        return JSONResponse(self.service.model_info(), headers=self._headers())
+        models = [self.catalog.describe(name) for name in self.catalog.folders]
+        for entry in models:
+            entry["loaded"] = entry["name"] == self.catalog.default or entry["name"] in self._loaded
+        info = {**self.default.model_info(), "models": models, "evicted": self.evicted,
+                "user_config_error": self.user_config_error}  # fmt: skip
+        return JSONResponse(info, headers=self._headers())
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "replica": self.replica}, headers=self._headers())
 
     def _docs_enabled(self, request: Request) -> None:
-        if not self.service.config.api_docs:
+        if not self.config.api_docs:
             raise ServiceError(404, f"no route {request.method} {request.url.path}: the API docs are off (api_docs)")
 
     @app.get("/openapi.json", include_in_schema=False)
@@ -555,6 +674,14 @@ def default_model(storage: str | Path = "runs") -> str:
 def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
     """The app for ``config`` (``config.model`` None: :func:`default_model`, and the choice is
     logged); ``options`` are Serve deployment options (num_replicas, ray_actor_options, ...)."""
+    if config.job_dir and is_uri(config.job_dir):  # reachable and a job store: said here, not by each replica
+        open_job_files(config.job_dir)
+    if config.models_root is not None:  # checked here, named in full: replicas may start in another folder
+        root = str(Path(config.models_root).expanduser().resolve())
+        catalog = ModelCatalog.of(config.model, root)
+        config = replace(config, models_root=root, model=catalog.default)
+        log.warning("serving the models %s of %s (default %s)", ", ".join(catalog.folders), root, catalog.default)
+        return SeparatorDeployment.options(**options).bind(config)
     chosen = config.model is None
     if chosen:
         config = replace(config, model=default_model())
@@ -562,8 +689,6 @@ def deployment(config: ServiceConfig, **options: Any) -> serve.Application:
         config = replace(config, model=str(Path(config.model).expanduser().resolve()))
     # logged whether chosen or given: which folder a service answers with is never a guess
     log.warning("serving the model folder %s%s", config.model, " (no model given: the newest under runs/)" * chosen)
-    if config.job_dir and is_uri(config.job_dir):  # reachable and a job store: said here, not by each replica
-        open_job_files(config.job_dir)
     return SeparatorDeployment.options(**options).bind(config)
 
 

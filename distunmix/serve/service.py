@@ -52,6 +52,10 @@ class ServiceConfig:
     model: str | None = setting(None, "model folder to serve", short="-m",
                                 shown_default="the newest runs/*/best or runs/*/model (after the demo, its "
                                               "runs/demo/model)")  # fmt: skip
+    models_root: str | None = setting(None, "a folder of model folders to serve together (Serve's model "
+                                      "multiplexing): requests pick one with model=NAME or the "
+                                      "serve_multiplexed_model_id header; model: names the default")  # fmt: skip
+    max_models: int = setting(3, "models a replica keeps loaded besides the default (least recently used go first)")
     device: str = setting("auto", DEVICE_HELP)
     backend: str = setting("torch", "torch, or onnx: each replica exports the model folder to ONNX (once per Wiener "
                            "iteration count, cached) and separates with onnxruntime", choices=BACKENDS)  # fmt: skip
@@ -130,6 +134,7 @@ class ServiceConfig:
             (self.job_quota_mb > 0, "job_quota_mb", self.job_quota_mb, "> 0"),
             (self.job_lease_s > 0, "job_lease_s", self.job_lease_s, "> 0"),
             (self.max_streams >= 0, "max_streams", self.max_streams, ">= 0"),
+            (self.max_models >= 1, "max_models", self.max_models, ">= 1"),
             (self.stream_max_block >= 1, "stream_max_block", self.stream_max_block, ">= 1"),
             (self.stream_idle_s > 0, "stream_idle_s", self.stream_idle_s, "> 0"),
             (self.stream_max_seconds > 0, "stream_max_seconds", self.stream_max_seconds, "> 0"),
@@ -166,10 +171,11 @@ class Clip:
 class SeparationService:
     """A loaded model folder and the checks and codecs around it."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, config: ServiceConfig, name: str | None = None) -> None:
         if config.model is None:
             raise ConfigError("model: a model folder is needed (build_app chooses a default one)")
         self.config = config
+        self.name = name or model_label(config.model)  # what requests and /models call it
         self._onnx: dict[int, OnnxSeparator] = {}
         try:
             if config.backend == "onnx":
@@ -370,7 +376,7 @@ class SeparationService:
             hidden, uni = first.hidden_size, first.unidirectional
             params = sum(p.numel() for m in sep.target_models.values() for p in m.parameters())
         return {
-            "model": model_label(self.config.model),
+            "model": self.name,
             "backend": self.config.backend,
             "targets": self.targets,
             "sample_rate": self.rate,

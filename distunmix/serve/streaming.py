@@ -253,3 +253,13 @@ def parse_end(text: str | bytes) -> None:
         shown = text[:60] if isinstance(text, str) else repr(text[:60])
         expected = 'expected binary PCM blocks or {"type": "end"}'
         raise StreamClose(UNSUPPORTED, f"a text frame {shown!r} mid-stream; {expected}")
+
+
+def hello_model(text: str | bytes) -> str | None:
+    """The ``model`` a hello asks for (a string), else None: the default (:func:`parse_hello` checks the rest)."""
+    try:
+        hello = json.loads(text) if len(text) <= MAX_HELLO_BYTES else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = hello.get("model") if isinstance(hello, dict) else None
+    return model if isinstance(model, str) else None
