@@ -2,7 +2,7 @@
 # distunmix set-up and entry point.
 #
 #   ./run.sh demo    set up (ffmpeg, .venv) and run the main job (distunmix demo [flags])
-#   ./run.sh test    set up (ffmpeg, .venv) and run the whole test suite
+#   ./run.sh test    set up (ffmpeg, chromium for the page test, .venv) and run the whole test suite
 #   ./run.sh test --quick    the same without the Ray, Serve, wheel and README integration tests
 #   ./run.sh setup   set up only
 #
@@ -51,6 +51,11 @@ find_python() {
 
 ensure_ffmpeg() {
     command -v ffmpeg >/dev/null || apt_install ffmpeg
+}
+
+ensure_browser() {
+    # the Serve page's test drives a real headless Chromium (Debian's packages; nothing downloaded at run time)
+    { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || apt_install chromium chromium-driver
 }
 
 ensure_venv() {
@@ -107,6 +112,7 @@ case "$cmd" in
         ;;
     test)
         setup
+        [ "${1:-}" = "--quick" ] || ensure_browser
         "$VENV/bin/ruff" check distunmix tests benchmarks tune
         "$VENV/bin/ruff" format --check distunmix tests benchmarks tune
         if [ "${1:-}" = "--quick" ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -813,3 +814,87 @@ def test_user_config_changes_limits_and_the_default_model_without_restarting(mul
     assert info["limits"]["max_seconds"] == 1.0 and info["model"] == "b"  # nothing changed
     assert _call(f"{url}/healthz")[1]["x-replica"] == replica
     serve.delete("conf")
+
+
+# -- the page at /, in a real browser -----------------------------------------------------------
+
+
+def _browser():
+    """Headless Chromium from Debian's packages through selenium (./run.sh test installs it); a
+    browser that cannot start fails the test."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = shutil.which("chromium") or "chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,900",
+                "--autoplay-policy=no-user-gesture-required"):  # fmt: skip
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"), options=options)
+
+
+def _until(driver, condition, seconds: float = 90.0) -> None:
+    """Wait for ``condition(driver)``; on time-out, fail with what the page shows and its console."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(driver, seconds).until(condition)
+    except TimeoutException:
+        shown = {
+            k: driver.find_element(By.ID, k).text for k in ("model", "error", "progress-text", "live-state", "latency")
+        }
+        raise AssertionError(f"the page shows {shown}; its console: {driver.get_log('browser')}") from None
+
+
+def test_the_page_separates_a_dropped_file_and_streams_one_live_in_a_real_browser(live, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, _ = live
+    song = tmp_path / "song.wav"
+    sf.write(song, _clip(3.0, seed=14).T, 44100, subtype="PCM_16")
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio at all " * 100)
+    status, headers, _ = _call(f"{url}/")
+    assert status == 200 and "default-src 'self'" in headers["content-security-policy"]
+    driver = _browser()
+    try:
+        driver.get(f"{url}/")
+        _until(driver, lambda d: "live mode works" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        _until(driver, lambda d: d.find_element(By.ID, "error").text)
+        assert "unsupported audio format" in driver.find_element(By.ID, "error").text  # the API's own words
+        driver.find_element(By.ID, "file").send_keys(str(song))
+        _until(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#stems .stem")) == 2)
+        job = driver.find_element(By.ID, "job").get_attribute("data-id")
+        for row in driver.find_elements(By.CSS_SELECTOR, "#stems .stem"):
+            target = row.get_attribute("data-target")
+            link = row.find_element(By.CSS_SELECTOR, "a.download")
+            assert link.get_attribute("download") == f"{target}.wav"
+            script = ("const done = arguments[1]; fetch(arguments[0]).then(r => r.arrayBuffer())"
+                      ".then(b => done(Array.from(new Uint8Array(b)))).catch(e => done(String(e)));")  # fmt: skip
+            got = driver.execute_async_script(script, link.get_attribute("href"))
+            status, _, expected = _call(f"{url}/jobs/{job}/{target}")
+            assert status == 200 and bytes(got) == expected, target
+        row = driver.find_element(By.CSS_SELECTOR, "#stems .stem")
+        row.find_element(By.CSS_SELECTOR, "button.solo").click()
+        audible = [r.get_attribute("data-audible") for r in driver.find_elements(By.CSS_SELECTOR, "#stems .stem")]
+        assert audible == ["true", "false"]
+        driver.find_element(By.ID, "live-mode").click()
+        driver.find_element(By.ID, "file").send_keys(str(song))
+        _until(driver, lambda d: d.find_element(By.ID, "latency").text not in ("", "–"))
+        latency = float(driver.find_element(By.ID, "latency").text)
+        assert (3072 + 4096) / 44.1 < latency < 5000  # the model's delay and a block, plus the measured round trip
+        _until(driver, lambda d: d.find_element(By.ID, "live-state").text == "done")
+        shot = tmp_path / "page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("DISTUNMIX_SCREENSHOT"):  # the README's picture is this test's
+            Path(os.environ["DISTUNMIX_SCREENSHOT"]).write_bytes(shot.read_bytes())
+    finally:
+        driver.quit()
+    assert _call(f"{url}/healthz")[0] == 200

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,17 @@ async def _close(ws: WebSocket, error: StreamClose) -> None:
     with contextlib.suppress(Exception):  # the client may be gone already
         await ws.send_text(json.dumps({"type": "error", "code": error.code, "error": error.message}))
         await ws.close(error.code, error.reason)
+
+
+PAGE_TYPES = {"index.html": "text/html; charset=utf-8", "page.js": "text/javascript; charset=utf-8",
+              "page.css": "text/css; charset=utf-8"}  # fmt: skip
+PAGE = {name: (resources.files(__package__) / "page" / name).read_bytes() for name in PAGE_TYPES}  # package data
+PAGE_HEADERS = {  # the page loads nothing from elsewhere, and nothing may frame it
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss: blob:; media-src 'self' blob:; "
+    "img-src 'self' data: blob:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 class Loaded:
@@ -639,6 +651,19 @@ class SeparatorDeployment:
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> JSONResponse:
         return JSONResponse({"status": "ok", "replica": self.replica}, headers=self._headers())
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page(self) -> Response:
+        """The web page: pick or drop a file, separate it through the jobs API or stream it live."""
+        return Response(PAGE["index.html"], media_type=PAGE_TYPES["index.html"], headers=self._headers(PAGE_HEADERS))
+
+    @app.get("/page.js", include_in_schema=False)
+    async def page_script(self) -> Response:
+        return Response(PAGE["page.js"], media_type=PAGE_TYPES["page.js"], headers=self._headers(PAGE_HEADERS))
+
+    @app.get("/page.css", include_in_schema=False)
+    async def page_style(self) -> Response:
+        return Response(PAGE["page.css"], media_type=PAGE_TYPES["page.css"], headers=self._headers(PAGE_HEADERS))
 
     def _docs_enabled(self, request: Request) -> None:
         if not self.config.api_docs:
