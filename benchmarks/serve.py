@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/serve.py --adversarial        # valid load with and without an attack
     .venv/bin/python benchmarks/serve.py --largest            # the largest allowed request's memory
     .venv/bin/python benchmarks/serve.py --streams            # concurrent live streams per replica
+    .venv/bin/python benchmarks/serve.py --multiplex          # two models in one deployment vs one
 
 ``--largest``: one replica with the default limits answers one request as large as they allow
 (``max_seconds`` of stereo at 44.1 kHz, FLAC within ``max_upload_mb``, every target); prints its
@@ -23,6 +24,10 @@ each sending ``--stream-seconds`` of audio in 1024-sample blocks paced at real t
 p50/p99 round trip of a block and the late blocks (answered later than a block's duration after it
 was sent), and the most concurrent streams with no late block (goal on the 2-core CPU: at least 2 at
 hidden 256).
+
+``--multiplex``: one replica serving a root of two models (the same weights), ``--clients``
+requesting them in turn, against the same clients requesting one: the multiplexed vs single-model
+throughput ratio.
 
 ``--clients`` threads each POST one ``--clip-seconds`` clip to /separate on 127.0.0.1 again and
 again for ``--seconds`` (bounded in time and count), per configuration:
@@ -83,9 +88,10 @@ def _post_retrying(url: str, body: bytes, timeout: float, seen: dict) -> int:
 
 
 def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None,
-         retry: bool = False) -> dict:  # fmt: skip
+         retry: bool = False, queries: tuple[str, ...] = ("",)) -> dict:  # fmt: skip
     """Closed-loop load: ``clients`` threads, each waiting for its answer before the next request;
-    ``retry``: as the client retries (codes then hold -2 for a request lost, ``retried`` what it saw)."""
+    ``retry``: as the client retries (codes then hold -2 for a request lost, ``retried`` what it saw);
+    ``queries`` are added to the requests in turn (``&model=a``, ``&model=b``)."""
     latencies, errors, codes, retried = [], [], {}, {}
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -97,8 +103,9 @@ def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
                 if count[0] >= max_requests:
                     return
                 count[0] += 1
+                query = queries[count[0] % len(queries)]  # requests take turns over the queries
             t0 = time.perf_counter()
-            target = f"{url}/separate?targets=vocals"
+            target = f"{url}/separate?targets=vocals{query}"
             code = _post_retrying(target, body, 120, retried) if retry else _post(target, body, timeout=120)
             with lock:
                 codes[code] = codes.get(code, 0) + 1
@@ -300,6 +307,39 @@ def adversarial(args: argparse.Namespace, url: str, port: int, body: bytes, mode
     return {"clean": clean, "attacked": attacked, "ratio": ratio, "attackers": outcome, "peak_rss_mib": peak}
 
 
+def multiplexed(args: argparse.Namespace, url: str, body: bytes, tmp: Path) -> dict:
+    """One replica serving a root of two models: requests alternating between them against requests
+    for one of them (both models loaded: the default stays, the other is the one multiplexed model)."""
+    import shutil
+
+    from ray import serve
+
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
+
+    root = tmp / "root"
+    root.mkdir()
+    shutil.copytree(tmp / "model", root / "a")
+    shutil.copytree(tmp / "model", root / "b")  # the same weights: the same work per request
+    cpus = os.cpu_count() or 2
+    config = ServiceConfig(models_root=str(root), model="a", max_models=1, device=args.device,
+                           batch_size=args.batch_size, batch_wait_s=args.batch_wait_s)  # fmt: skip
+    options = {"num_cpus": cpus, "num_gpus": args.num_gpus}
+    serve.run(deployment(config, num_replicas=1, max_ongoing_requests=args.clients, ray_actor_options=options),
+              name="distunmix", route_prefix="/")  # fmt: skip
+    load(url, body, 2, 3.0, 4, queries=("&model=a", "&model=b"))  # warm-up: both loaded
+    results = {}
+    for name, queries in (("one model", ("&model=a",)), ("two models, alternating", ("&model=a", "&model=b"))):
+        r = load(url, body, args.clients, args.seconds, args.max_requests, queries=queries)
+        results[name] = r
+        print(f"  {name:26s} {r['requests_per_s']:6.2f} req/s, p50 {r['p50_ms']:7.0f} ms, p99 {r['p99_ms']:7.0f} ms, "
+              f"errors {r['errors']} {r['codes']}", flush=True)  # fmt: skip
+    ratio = results["two models, alternating"]["requests_per_s"] / results["one model"]["requests_per_s"]
+    print(f"  multiplexed vs single-model throughput: {ratio:.2f}x")
+    results["multiplexed_ratio"] = ratio
+    return results
+
+
 def live_streams(args: argparse.Namespace, url: str, tmp: Path) -> dict:
     """Concurrent real-time streams on one replica per hidden size: the most with no late block."""
     import torch
@@ -373,6 +413,7 @@ def main() -> None:
     )
     p.add_argument("--flooders", type=int, default=2, help="--adversarial: clients that flood /jobs")
     p.add_argument("--largest", action="store_true", help="the largest allowed request's time and memory")
+    p.add_argument("--multiplex", action="store_true", help="two models in one deployment vs one model")
     p.add_argument("--streams", action="store_true", help="concurrent real-time /stream clients per replica")
     p.add_argument("--stream-hidden", default="256,512", help="--streams: hidden sizes of the unidirectional models")
     p.add_argument("--max-streams", type=int, default=4, help="--streams: most concurrent streams tried")
@@ -409,19 +450,13 @@ def main() -> None:
             f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
         )
     results = {}
-    if args.streams:
-        try:
-            results = live_streams(args, url, tmp)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1, default=str))
-        return
-    if args.adversarial or args.largest:
+    if args.streams or args.multiplex or args.adversarial or args.largest:
         try:
             model = tmp / "model"
-            results = largest(url, model) if args.largest else adversarial(args, url, port, body, model)
+            if args.streams or args.multiplex:
+                results = live_streams(args, url, tmp) if args.streams else multiplexed(args, url, body, tmp)
+            else:
+                results = largest(url, model) if args.largest else adversarial(args, url, port, body, model)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,13 @@ class StreamingSeparator:
     @torch.inference_mode()
     def process(self, block: Tensor | np.ndarray) -> Tensor:
         """Feed the next samples; returns the separated samples finished so far."""
+        step = self.begin(block)
+        return step if isinstance(step, Tensor) else self.end(step, step_models([step])[0])
+
+    @torch.inference_mode()
+    def begin(self, block: Tensor | np.ndarray) -> StreamStep | Tensor:
+        """:meth:`process` up to the models: the next frames' spectra, or the (empty) output when no
+        frame is complete yet. :func:`step_models` then runs the models, :meth:`end` the rest."""
         if self._done:
             raise RuntimeError("the stream was flushed: call reset() to start a new one")
         block = self._prepare(block)
@@ -108,11 +116,17 @@ class StreamingSeparator:
         else:
             self._buf = torch.cat([self._buf, block], -1)
         nb = (self._buf.shape[-1] - self.n_fft) // self.n_hop + 1
-        return self._frames(nb, final=False) if nb > 0 else self._empty(block)
+        return self._spectra(nb, final=False) if nb > 0 else self._empty(block)
 
     @torch.inference_mode()
     def flush(self) -> Tensor:
         """End the stream: the remaining output (the signal's end is reflect-padded as offline)."""
+        step = self.begin_flush()
+        return self.end(step, step_models([step])[0])
+
+    @torch.inference_mode()
+    def begin_flush(self) -> StreamStep:
+        """:meth:`flush` up to the models (see :meth:`begin`)."""
         if self._done:
             raise RuntimeError("the stream was already flushed")
         self._done = True
@@ -125,17 +139,19 @@ class StreamingSeparator:
         # right reflect pad: samples N-2 .. N-pad-1
         self._buf = torch.cat([self._buf, self._tail[..., :-1].flip(-1)], -1)
         self._ola.nb_frames, self._ola.length = nb_frames, length
-        return self._frames(nb_frames - self._frame, final=True)
+        return self._spectra(nb_frames - self._frame, final=True)
 
-    def _frames(self, nb: int, final: bool) -> Tensor:
-        """Transform, separate and overlap-add the next ``nb`` frames; return finished samples."""
+    def _spectra(self, nb: int, final: bool) -> StreamStep:
+        """The next ``nb`` frames' mixture STFT and magnitude, waiting for the models."""
         seg = self._buf[..., : (nb - 1) * self.n_hop + self.n_fft]
         mix = spectral.stft(seg, self.n_fft, self.n_hop, center=False)  # (B, C, F, nb)
-        mag = spectral.magnitude(mix, mono=self.separator.nb_channels == 1)
-        specs = []
-        for k, model in enumerate(self.separator.target_models.values()):
-            y, self._states[k] = model.forward_stream(mag, self._states[k])
-            specs.append(y)
+        return StreamStep(self, mix, spectral.magnitude(mix, mono=self.separator.nb_channels == 1), nb, final)
+
+    @torch.inference_mode()
+    def end(self, step: StreamStep, specs: list[Tensor]) -> Tensor:
+        """The rest of :meth:`process` once :func:`step_models` gave each target's magnitude: the
+        Wiener filter and the overlap-add; returns the finished samples."""
+        nb, mix, final = step.nb, step.mix, step.final
         est = spectral.wiener(
             torch.stack(specs, 1),
             mix,
@@ -151,6 +167,48 @@ class StreamingSeparator:
 
     def _empty(self, block: Tensor) -> Tensor:
         return block.new_zeros(block.shape[0], len(self.targets), self.separator.nb_channels, 0)
+
+
+@dataclass(eq=False)
+class StreamStep:
+    """A stream's next frames between :meth:`StreamingSeparator.begin` and :meth:`~StreamingSeparator.end`."""
+
+    streamer: StreamingSeparator
+    mix: Tensor  # (B, C, F, nb) complex STFT
+    mag: Tensor  # (B, C, F, nb) the models' input
+    nb: int
+    final: bool
+
+
+@torch.inference_mode()
+def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
+    """Run the target models once for several streams' next frames (the same models, the same frame
+    count; streams sharing a separator's models): their magnitudes and LSTM states go along the
+    batch, so the weights are read once for all (the cost of a streamed block on a CPU). Each
+    stream's state moves on as if it had run alone. Returns each step's per-target magnitudes."""
+    first = steps[0].streamer
+    models = list(first.separator.target_models.values())
+    for s in steps[1:]:
+        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, s.streamer.separator.target_models.values(),
+                                                                   strict=True)):  # fmt: skip
+            raise ValueError("steps run together need the same models and frame count")
+    mag = torch.cat([s.mag for s in steps]) if len(steps) > 1 else steps[0].mag
+    sizes = [s.mag.shape[0] for s in steps]
+    out: list[list[Tensor]] = [[] for _ in steps]
+    for k, model in enumerate(models):
+        states = [s.streamer._states[k] for s in steps]
+        if len(steps) == 1:
+            state = states[0]
+        else:
+            layers, hidden = model.lstm.num_layers, model.lstm.hidden_size
+            zeros = [torch.zeros(layers, n, hidden, dtype=mag.dtype, device=mag.device) for n in sizes]
+            state = tuple(torch.cat([st[i] if st is not None else z for st, z in zip(states, zeros, strict=True)], 1)
+                          for i in (0, 1))  # fmt: skip
+        y, (h, c) = model.forward_stream(mag, state)
+        for j, (part, hs, cs) in enumerate(zip(y.split(sizes), h.split(sizes, 1), c.split(sizes, 1), strict=True)):
+            steps[j].streamer._states[k] = (hs, cs)
+            out[j].append(part)
+    return out
 
 
 def stream_file(

@@ -95,6 +95,7 @@ RULES = [
     Rule(r"^ray job submit ", append=SMALL_TUNE, timeout=600),
     Rule(r"\.venv/bin/serve run ", kind="server"),
     Rule(r"distunmix serve ", kind="server"),
+    Rule(r"^mkdir -p models && cp -r "),  # a models root for multiplexing, from the README's own models
     Rule(r"^curl "),
     Rule(r"distunmix client "),
     Rule(r"distunmix evaluate ", append="--synth-tracks 5 --synth-duration 4"),
@@ -407,6 +408,7 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
         repo / "vocals.wav",
         repo / "runs" / "readme-eval" / "scores.md",
         repo / "separated" / "uni" / "song" / "vocals.wav",  # stream
+        repo / "drums.wav",  # a multiplexed model's answer
         repo / "separator.onnx",  # export
         repo / "separated" / "separator" / "song" / "vocals.wav",  # separate --backend onnx
     ]

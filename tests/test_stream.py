@@ -138,3 +138,46 @@ def test_streaming_speed_pools_its_repeats_under_the_same_rule(audio):
     assert figures["blocks"] == 3 * blocks and figures["seconds"] == pytest.approx(3.0)
     assert len(figures["realtime_factor_runs"]["runs"]) == 3 and figures["verdict"] == verdict(figures)
     assert figures["latency_ms"] == pytest.approx(1000 * (4096 - 1024 + 1024) / 44100)
+
+
+def test_streams_stepped_together_equal_each_stream_alone():
+    """Blocks of several streams through one batched model step (their LSTM states stacked) give
+    each stream what it gets alone, also when one starts later (no state yet) and at the flush."""
+    from distunmix.stream import step_models
+
+    torch.manual_seed(2)
+    separator = Separator(make_models(TARGETS, hidden_size=8, unidirectional=True), niter=0, chunk_seconds=None)
+    signals = [torch.randn(2, 9000) * 0.1 for _ in range(3)]
+    starts = [0, 0, 3]  # the third stream opens three blocks later
+    alone = [_stream(StreamingSeparator(separator), x, 1024)[0] for x in signals]
+    streamers = [StreamingSeparator(separator) for _ in signals]
+    outs: list[list[torch.Tensor]] = [[] for _ in signals]
+    blocks = [[x[:, i : i + 1024] for i in range(0, x.shape[1], 1024)] for x in signals]
+    batched = 0
+    for t in range(max(len(b) + s for b, s in zip(blocks, starts, strict=True)) + 1):
+        steps, owners = [], []
+        for j, (streamer, b, s) in enumerate(zip(streamers, blocks, starts, strict=True)):
+            k = t - s
+            if 0 <= k < len(b):
+                step = streamer.begin(b[k])
+            elif k == len(b):
+                step = streamer.begin_flush()
+            else:
+                continue
+            if isinstance(step, torch.Tensor):
+                outs[j].append(step)
+            else:
+                steps.append(step)
+                owners.append(j)
+        groups: dict[int, list[int]] = {}
+        for i, step in enumerate(steps):
+            groups.setdefault(step.nb, []).append(i)
+        for members in groups.values():
+            batched += len(members) > 1
+            specs = step_models([steps[i] for i in members])
+            for i, spec in zip(members, specs, strict=True):
+                outs[owners[i]].append(streamers[owners[i]].end(steps[i], spec))
+    assert batched >= 5
+    for j, expected in enumerate(alone):
+        got = torch.cat(outs[j], -1)
+        assert got.shape == expected.shape and snr_db(expected, got) > 100, j

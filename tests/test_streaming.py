@@ -112,3 +112,49 @@ def test_a_session_answers_every_block_like_the_streamer_and_keeps_its_bounds():
     with pytest.raises(StreamClose, match="exceeds its limit of 0.05 s") as e:
         session.check(bytes(8 * 1024 * 2))
     assert e.value.code == streaming.POLICY
+
+
+def test_the_batcher_separates_concurrent_streams_together_as_each_alone():
+    """Three sessions' blocks sent concurrently meet in the batcher's worker and share model
+    steps; each gets the answers it gets alone (a bad block fails only its own stream)."""
+    import asyncio
+
+    from distunmix.serve.streaming import StreamBatcher
+
+    torch.manual_seed(1)
+    models = make_models(("vocals", "drums"), hidden_size=8, unidirectional=True)
+    sep = Separator(models, niter=0, chunk_seconds=None).freeze()
+    rng = np.random.default_rng(3)
+    clips = [rng.standard_normal((2, 12000)).astype(np.float32) * 0.1 for _ in range(3)]
+    hello = parse_hello(json.dumps(GOOD), INFO, LIMITS)
+
+    def session() -> StreamSession:
+        return StreamSession(hello, StreamingSeparator(sep), ["vocals", "drums"], LIMITS)
+
+    def blocks(x: np.ndarray) -> list[np.ndarray]:
+        return [x[:, i : i + 1024] for i in range(0, x.shape[1], 1024)]
+
+    alone = []
+    for x in clips:
+        s = session()
+        alone.append([s.feed(b) for b in blocks(x)] + [s.finish()])
+
+    async def main() -> tuple[list[list[bytes | None]], StreamBatcher]:
+        batcher = StreamBatcher()
+
+        async def one(x: np.ndarray) -> list[bytes | None]:
+            s = session()
+            return [await batcher.run(s, b) for b in blocks(x)] + [await batcher.run(s, None)]
+
+        return list(await asyncio.gather(*(one(x) for x in clips))), batcher
+
+    together, batcher = asyncio.run(main())
+    assert batcher.blocks == 3 * 13 and batcher.steps < batcher.blocks  # some steps held several streams
+    for got, expected in zip(together, alone, strict=True):
+        assert [a is None for a in got] == [a is None for a in expected]
+        for a, b in zip(got, expected, strict=True):
+            if a is not None:
+                seq_a, wave_a = streaming.decode_output(a, 2, 2)
+                seq_b, wave_b = streaming.decode_output(b, 2, 2)
+                assert seq_a == seq_b and wave_a.shape == wave_b.shape
+                np.testing.assert_allclose(wave_a, wave_b, atol=1e-6)

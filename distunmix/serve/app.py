@@ -51,7 +51,7 @@ from .service import (
     ServiceError,
     UploadReader,
 )
-from .streaming import StreamClose, StreamSession
+from .streaming import StreamBatcher, StreamClose, StreamSession
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class SeparatorDeployment:
         self._held: set[str] = set()  # jobs of this replica, queued or running (their heartbeats)
         self._background: list[asyncio.Task] = []
         self._streams = 0  # live /stream connections
+        self.stream_batcher = StreamBatcher()  # their blocks, separated together when they meet
         self.metrics = Metrics()
 
     def _new_service(self, name: str) -> SeparationService:
@@ -618,13 +619,13 @@ class SeparatorDeployment:
             message = await _receive(ws, config.stream_idle_s)
             if message.get("bytes") is None:
                 streaming.parse_end(message.get("text") or "")
-                await ws.send_bytes(await asyncio.to_thread(session.finish))
+                await ws.send_bytes(await self.stream_batcher.run(session, None))
                 await ws.send_text(json.dumps({"type": "done", "blocks": session.seq, "samples": session.received}))
                 await ws.close(streaming.NORMAL)
                 return
             block = session.check(message["bytes"])
             t0 = time.perf_counter()
-            answer = await asyncio.to_thread(session.feed, block)
+            answer = await self.stream_batcher.run(session, block)
             self.metrics.stream_block(block.shape[1] / rate, time.perf_counter() - t0)
             if answer is not None:
                 await ws.send_bytes(answer)

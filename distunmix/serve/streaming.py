@@ -23,6 +23,7 @@ checked before any work: hello size, block size, frame size, stream duration, id
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..stemfiles import as_numpy
+from ..stream import StreamStep, step_models
 
 NORMAL, GOING_AWAY, UNSUPPORTED, INVALID, POLICY, TOO_BIG, INTERNAL, TRY_LATER = (
     1000, 1001, 1003, 1007, 1008, 1009, 1011, 1013)  # fmt: skip
@@ -221,26 +223,101 @@ class StreamSession:
         return block
 
     def feed(self, block: np.ndarray) -> bytes | None:
-        """Separate a checked block; its answer, or None for a block a resuming client has."""
-        self.received += block.shape[1]
-        out = self._answer(self.streamer.process(block))
-        self.seq += 1
-        return out
+        """Separate a checked block alone; its answer, or None for a block a resuming client has."""
+        step, answer = self.start(block)
+        return answer if step is None else self.complete(step, step_models([step])[0])
 
     def finish(self) -> bytes:
         """End the stream: the last answer (the rest of the output)."""
+        step, answer = self.start(None)
+        return answer if step is None else self.complete(step, step_models([step])[0])  # type: ignore[return-value]
+
+    def start(self, block: np.ndarray | None) -> tuple[StreamStep | None, bytes | None]:
+        """A checked block (None: the end) up to the models: (its step, None) when they must run
+        (:func:`~distunmix.stream.step_models`, then :meth:`complete`), else (None, its answer)."""
+        streamer = self.streamer
         try:
-            out = self.streamer.flush()
+            if block is None:
+                out = streamer.begin_flush() if hasattr(streamer, "begin") else streamer.flush()
+            else:
+                self.received += block.shape[1]
+                out = streamer.begin(block) if hasattr(streamer, "begin") else streamer.process(block)
         except ValueError as e:  # too short to separate
             raise StreamClose(INVALID, f"the stream ends too early: {e}") from None
-        answer = self._answer(out, final=True)
-        self.seq += 1
-        return answer  # type: ignore[return-value]
+        if isinstance(out, StreamStep):
+            return out, None
+        return None, self._reply(out, final=block is None)
 
-    def _answer(self, out: Any, final: bool = False) -> bytes | None:
-        if self.seq < self.hello.resume_from and not final:
-            return None
-        return encode_output(self.seq, as_numpy(out)[0][self.rows])
+    def complete(self, step: StreamStep, specs: list[Any]) -> bytes | None:
+        """The answer of a step once the models ran."""
+        return self._reply(step.streamer.end(step, specs), final=step.final)
+
+    def _reply(self, out: Any, final: bool) -> bytes | None:
+        seq, self.seq = self.seq, self.seq + 1
+        if seq < self.hello.resume_from and not final:
+            return None  # the resuming client has it
+        return encode_output(seq, as_numpy(out)[0][self.rows])
+
+
+def separate_together(items: list[tuple[StreamSession, np.ndarray | None]]) -> list[tuple[bool, Any]]:
+    """Blocks of several streams (None: a stream's end), each to (True, its answer) or (False, the
+    exception): the streams with the same models and frame count share one model step."""
+    results: list[tuple[bool, Any]] = [(False, RuntimeError("not run"))] * len(items)
+    groups: dict[tuple, list[tuple[int, StreamStep]]] = {}
+    for i, (session, block) in enumerate(items):
+        try:
+            step, answer = session.start(block)
+        except Exception as e:  # noqa: BLE001 (handed to that stream's handler)
+            results[i] = (False, e)
+            continue
+        if step is None:
+            results[i] = (True, answer)
+        else:
+            models = tuple(id(m) for m in step.streamer.separator.target_models.values())
+            groups.setdefault((models, step.nb), []).append((i, step))
+    for group in groups.values():
+        try:
+            specs = step_models([step for _, step in group])
+            for (i, step), spec in zip(group, specs, strict=True):
+                results[i] = (True, items[i][0].complete(step, spec))
+        except Exception as e:  # noqa: BLE001
+            for i, _ in group:
+                results[i] = (False, e)
+    return results
+
+
+class StreamBatcher:
+    """One worker separates every stream's blocks on a replica: whatever blocks wait when it is free
+    go through the models together (:func:`separate_together`), so no block waits for another, and
+    concurrent streams read the weights once per step instead of once each."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self.steps = 0  # worker rounds
+        self.blocks = 0  # blocks separated
+
+    async def run(self, session: StreamSession, block: np.ndarray | None) -> bytes | None:
+        """The answer to ``block`` (None: the end) of ``session``."""
+        if self._worker is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((session, block, done))
+        return await done
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            results = await asyncio.to_thread(separate_together, [(s, b) for s, b, _ in items])
+            self.steps += 1
+            self.blocks += len(items)
+            for (_, _, done), (ok, value) in zip(items, results, strict=True):
+                if not done.done():
+                    done.set_result(value) if ok else done.set_exception(value)
 
 
 def parse_end(text: str | bytes) -> None:
