@@ -20,7 +20,8 @@ valid request failed), what the attackers got, and the replica's peak RSS.
 ``--streams``: one replica (all CPUs) of a unidirectional model per hidden size
 (``--stream-hidden``, 256 and 512; one torch thread, ``OMP_NUM_THREADS=1``), and 1, 2, ...
 ``--max-streams`` concurrent ``/stream`` clients,
-each sending ``--stream-seconds`` of audio in 1024-sample blocks paced at real time: per level the
+each its own process sending ``--stream-seconds`` of audio in 1024-sample blocks paced at real
+time: per level the
 p50/p99 round trip of a block and the late blocks (answered later than a block's duration after it
 was sent), and the most concurrent streams with no late block (goal on the 2-core CPU: at least 2 at
 hidden 256).
@@ -49,7 +50,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +340,30 @@ def multiplexed(args: argparse.Namespace, url: str, body: bytes, tmp: Path) -> d
     return results
 
 
+STREAM_CLIENT = """
+import json, sys
+from distunmix.serve.streamclient import stream_remote
+print(json.dumps(stream_remote(sys.argv[1], sys.argv[2], sys.argv[3], block=1024, realtime=True)[2]))
+"""
+
+
+def _stream_clients(url: str, song: Path, tmp: Path, n: int) -> list[dict]:
+    """``n`` real-time stream clients at once, each its own process (as users' clients are, and not
+    sharing a GIL with this process's Ray driver): their figures."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", STREAM_CLIENT, url, str(song), str(tmp / f"s{k}")],
+                              stdout=subprocess.PIPE, text=True) for k in range(n)]  # fmt: skip
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=600)
+        if p.returncode:
+            raise RuntimeError(f"a stream client failed ({p.returncode})")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
 def live_streams(args: argparse.Namespace, url: str, tmp: Path) -> dict:
     """Concurrent real-time streams on one replica per hidden size: the most with no late block."""
     import torch
@@ -370,9 +394,7 @@ def live_streams(args: argparse.Namespace, url: str, tmp: Path) -> dict:
         stream_remote(url, song, tmp / "warm", block=1024)  # warm-up, as fast as possible
         best = 0
         for n in range(1, args.max_streams + 1):
-            with ThreadPoolExecutor(n) as pool:
-                runs = list(pool.map(lambda k: stream_remote(url, song, tmp / f"s{k}", block=1024, realtime=True)[2],
-                                     range(n)))  # fmt: skip
+            runs = _stream_clients(url, song, tmp, n)
             late = sum(r["late_blocks"] for r in runs)
             blocks = sum(r["blocks"] for r in runs)
             p50 = float(np.median([r["p50_ms"] for r in runs]))

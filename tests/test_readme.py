@@ -328,6 +328,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
+    """Stop a README server, and Serve with it: all servers share this module's Ray, so an app a
+    stopped server left running would answer the next server's health check (seen: a stream client
+    reached the previous block's models)."""
     if proc is None or proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGINT)
@@ -336,6 +339,9 @@ def _stop(proc: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+    from ray import serve
+
+    serve.shutdown()  # a no-op when the server shut Serve down itself
 
 
 @pytest.fixture(scope="module")
