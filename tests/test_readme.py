@@ -414,7 +414,8 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
         repo / "vocals.wav",
         repo / "runs" / "readme-eval" / "scores.md",
         repo / "separated" / "uni" / "song" / "vocals.wav",  # stream
-        repo / "drums.wav",  # a multiplexed model's answer
+        repo / "drums.wav",  # a multiplexed model's answer (by query)
+        repo / "untrained.zip",  # and by Serve's header
         repo / "separator.onnx",  # export
         repo / "separated" / "separator" / "song" / "vocals.wav",  # separate --backend onnx
     ]
@@ -430,6 +431,8 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
 
     with zipfile.ZipFile(repo / "stems.zip") as z:
         assert sorted(z.namelist()) == ["drums.flac", "vocals.flac"]
+    with zipfile.ZipFile(repo / "untrained.zip") as z:  # the header picked the model: all its targets
+        assert sorted(z.namelist()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
 
 
 # -- the demo's outputs --------------------------------------------------------------------------------
