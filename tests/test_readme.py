@@ -431,7 +431,7 @@ def test_readme_commands_made_their_outputs(sandbox, readme_run):
 
     with zipfile.ZipFile(repo / "stems.zip") as z:
         assert sorted(z.namelist()) == ["drums.flac", "vocals.flac"]
-    with zipfile.ZipFile(repo / "untrained.zip") as z:  # the header picked the model: all its targets
+    with zipfile.ZipFile(repo / "untrained.zip") as z:  # a ZIP of every target, not an error
         assert sorted(z.namelist()) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
 
 
