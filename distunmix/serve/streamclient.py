@@ -33,8 +33,10 @@ MAX_ANSWER_FRAME = 64 * 2**20  # bytes of one answer frame (a flush of a few sec
 class _Stream:
     """The state a stream keeps across reconnections."""
 
-    def __init__(self, blocks: list[np.ndarray], rate: float, realtime: bool, writers: list[Any]) -> None:
+    def __init__(self, blocks: list[np.ndarray], rate: float, realtime: bool, writers: list[Any], targets: list[str],
+                 channels: int) -> None:  # fmt: skip
         self.blocks, self.rate, self.realtime, self.writers = blocks, rate, realtime, writers
+        self.targets, self.channels = targets, channels  # what the answers must hold
         self.answered = 0  # blocks (and the final flush) whose output was written
         self.sent_at: dict[int, float] = {}
         self.times: list[float] = []  # per block: its answer's round trip (paced) or gap to the previous answer
@@ -64,10 +66,13 @@ class _Stream:
         ready = self._text(ws.recv(timeout), "ready")
         while not ready:  # an error: its close comes next and ends this connection
             ready = self._text(ws.recv(timeout), "ready")
+        if ready.get("targets") != self.targets or ready.get("channels") != self.channels:
+            raise ClientError(f"the server's ready message says targets {ready.get('targets')!r}, channels "
+                              f"{ready.get('channels')!r}; expected {self.targets}, {self.channels}")  # fmt: skip
         self.ready = ready
         if self.on_ready is not None:
             self.on_ready(ready)
-        nb_targets, channels = len(ready["targets"]), int(ready["channels"])
+        nb_targets, channels = len(self.targets), self.channels
         sender = threading.Thread(target=self._send_all, args=(ws, hello["format"]), daemon=True)
         last = time.perf_counter()
         sender.start()
@@ -103,6 +108,8 @@ class _Stream:
         except ValueError:
             data = None
         if isinstance(data, dict) and data.get("type") == "error":
+            if self.error:  # one error frame, then the close: a server that goes on is refused
+                raise ClientError(f"the server sent a second error after {self.error!r}")
             self.error = str(data.get("error"))[:MAX_HELLO_BYTES]
             return {}
         if not isinstance(data, dict) or data.get("type") != expected:
@@ -145,7 +152,8 @@ def stream_remote(
     url = ("wss" if base.startswith("https") else "ws") + base[base.index(":") :] + "/stream"
     reconnects = 0
     with StemSet(paths, rate, channels, "wav") as writers:
-        stream = _Stream([audio[:, i : i + block] for i in range(0, audio.shape[1], block)], rate, realtime, writers)
+        pieces = [audio[:, i : i + block] for i in range(0, audio.shape[1], block)]
+        stream = _Stream(pieces, rate, realtime, writers, names, channels)
         stream.on_ready = on_ready
         stream.start = time.perf_counter()
         while True:

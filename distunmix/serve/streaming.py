@@ -222,15 +222,15 @@ class StreamSession:
                                       "(stream_max_seconds); open a new one")  # fmt: skip
         return block
 
-    def feed(self, block: np.ndarray) -> bytes | None:
-        """Separate a checked block alone; its answer, or None for a block a resuming client has."""
+    def feed(self, block: np.ndarray | None) -> bytes | None:
+        """Separate a checked block alone (None: end the stream, the last answer); its answer, or
+        None for a block a resuming client has."""
         step, answer = self.start(block)
         return answer if step is None else self.complete(step, step_models([step])[0])
 
     def finish(self) -> bytes:
         """End the stream: the last answer (the rest of the output)."""
-        step, answer = self.start(None)
-        return answer if step is None else self.complete(step, step_models([step])[0])  # type: ignore[return-value]
+        return self.feed(None)  # type: ignore[return-value]
 
     def start(self, block: np.ndarray | None) -> tuple[StreamStep | None, bytes | None]:
         """A checked block (None: the end) up to the models: (its step, None) when they must run
