@@ -44,7 +44,9 @@ def server(tmp_path_factory):
     mp.setenv(proxy.CALLBACK_ENV, proxy.CALLBACK)  # as distunmix serve does: JSON errors from the proxy too
     metrics = free_port()  # Ray's Prometheus endpoint, reported every second
     METRICS_PORT[:] = [metrics]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics,
+    # 4 logical CPUs on 2 cores: the module's five apps fit even when a failed test leaves its app
+    # deployed (a failed 503 test once kept 0.5 CPU, and the next app waited for 600 s)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics,
              _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
