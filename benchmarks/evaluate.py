@@ -4,9 +4,10 @@
     python benchmarks/evaluate.py --skip-eval --device cuda     # speed on a GPU
 
 eval:  the generated test split (``--tracks`` songs of ``--seconds`` s; 20% are test tracks) scored
-       with museval by an untrained hidden-512 model, one track after another in this process, then
-       as Ray tasks (1 CPU each) on this machine's cores; wall times and the ratio. Also checks that
-       both give the same numbers.
+       for four models (three untrained, the mixture) as the demo does: BSSEval seconds per track
+       with museval and with the fast engine (one track after another in this process) and the
+       largest frame difference between them; then the whole run (fast) as Ray tasks (1 CPU each)
+       on this machine's cores against one after another, and that both give the same numbers.
 speed: x real time of offline separation (niter 1 and 0) for BiLSTM and LSTM models at several
        hidden sizes, and of streaming (blocks of 1024 and 4096 samples, niter 0) for the LSTM ones, with
        the per-block compute time against the block's duration (23.2 ms for 1024 samples).
@@ -37,53 +38,75 @@ def eval_section(args) -> dict:
 
     from distunmix.checkpoint import save_model_dir
     from distunmix.data.config import DataConfig, load_split
-    from distunmix.evaluate import ModelSpec, run_tracks
+    from distunmix.evaluate import MIXTURE, ModelSpec, run_tracks
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     config = DataConfig(
         cache_dir=str(tmp / "cache"), synth_tracks=args.tracks, synth_duration=args.seconds, progress=False
     )
     cache = load_split(config, "test")
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_bandwidth(hidden_size=512)
-    save_model_dir(tmp / "model", {t: OpenUnmix.from_config(cfg) for t in TARGETS}, bandwidth=16000.0)
-    spec = ModelSpec(str(tmp / "model"), "model")
-    t0 = time.perf_counter()
-    serial = run_tracks(spec, cache, TARGETS, None, parallel=False)
-    t_serial = time.perf_counter() - t0
+    specs = []
+    for seed in range(3):  # the demo scores four: trained, tuned, untrained and the mixture
+        torch.manual_seed(seed)
+        cfg = ModelConfig.from_bandwidth(hidden_size=args.eval_hidden)
+        save_model_dir(tmp / f"m{seed}", {t: OpenUnmix.from_config(cfg) for t in TARGETS}, bandwidth=16000.0)
+        specs.append(ModelSpec(str(tmp / f"m{seed}"), f"m{seed}"))
+    specs.append(ModelSpec(MIXTURE, MIXTURE))
+    runs, scoring, wall = {}, {}, {}
+    for engine in ("museval", "fast"):
+        t0 = time.perf_counter()
+        runs[engine] = run_tracks(specs, cache, TARGETS, None, parallel=False, engine=engine)
+        wall[engine] = time.perf_counter() - t0
+        scoring[engine] = sum(s.scoring_seconds for r in runs[engine].values() for s in r) / len(cache)
+    engine_diff = _largest_difference(runs["museval"], runs["fast"])
+    t_serial = wall["fast"]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        run_tracks(spec, cache, TARGETS, None, parallel=True)  # warm the workers (imports, museval)
+        run_tracks(specs, cache, TARGETS, None, parallel=True)  # warm the workers (imports)
         t0 = time.perf_counter()
-        parallel = run_tracks(spec, cache, TARGETS, None, parallel=True)
+        parallel = run_tracks(specs, cache, TARGETS, None, parallel=True)
         t_parallel = time.perf_counter() - t0
         cpus = ray.cluster_resources().get("CPU", 0)
     finally:
         ray.shutdown()
     # Ray tasks run torch on 1 thread, this process on all cores: float rounding differs slightly
-    diff = max(
-        float(np.nanmax(np.abs(np.subtract(a.frames[t][m], b.frames[t][m]), dtype=float), initial=0.0))
-        for a, b in zip(serial, parallel, strict=True)
-        for t in TARGETS
-        for m in ("SDR", "SIR", "ISR", "SAR")
-    )
-    per_track = np.mean([s.separation_seconds + s.scoring_seconds for s in serial])
-    scoring = np.mean([s.scoring_seconds for s in serial])
+    ray_diff = _largest_difference(runs["fast"], parallel)
     print(
-        f"  {len(cache)} test tracks of {args.seconds:g} s: serial {t_serial:.1f} s ({per_track:.1f} s per track, "
-        f"museval {scoring:.1f} s of it), Ray tasks on {cpus:g} CPUs {t_parallel:.1f} s: "
-        f"{t_serial / t_parallel:.2f}x; largest score difference {diff:.1e} dB"
+        f"  {len(cache)} test tracks of {args.seconds:g} s, {len(specs)} models (3 untrained "
+        f"hidden-{args.eval_hidden}, mixture): BSSEval per track museval {scoring['museval']:.1f} s, "
+        f"fast {scoring['fast']:.1f} s: "
+        f"{scoring['museval'] / scoring['fast']:.1f}x; largest frame difference {engine_diff:.1e} dB"
+    )
+    print(
+        f"  whole run (separation and scoring, fast): serial {t_serial:.1f} s, Ray tasks on {cpus:g} CPUs "
+        f"{t_parallel:.1f} s: {t_serial / t_parallel:.2f}x; largest score difference {ray_diff:.1e} dB"
     )
     return {
         "tracks": len(cache),
         "seconds": args.seconds,
+        "models": len(specs),
+        "museval_s_per_track": scoring["museval"],
+        "fast_s_per_track": scoring["fast"],
+        "engine_ratio": scoring["museval"] / scoring["fast"],
+        "engine_max_diff_db": engine_diff,
         "serial_s": t_serial,
         "ray_s": t_parallel,
         "ratio": t_serial / t_parallel,
         "cpus": cpus,
-        "max_diff_db": diff,
+        "max_diff_db": ray_diff,
     }
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    """The largest difference of any frame's SDR/SIR/ISR/SAR between two runs of the same models."""
+    return max(
+        float(np.nanmax(np.abs(np.subtract(x.frames[t][m], y.frames[t][m]), dtype=float), initial=0.0))
+        for label in a
+        for x, y in zip(a[label], b[label], strict=True)
+        for t in TARGETS
+        for m in ("SDR", "SIR", "ISR", "SAR")
+    )
 
 
 def _models(hidden: int, uni: bool, device) -> dict[str, OpenUnmix]:
@@ -160,6 +183,7 @@ def main() -> None:
     p.add_argument("--tracks", type=int, default=20, help="generated songs (20%% test tracks)")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--eval-hidden", type=int, default=128, help="hidden size of the models scored in eval")
     p.add_argument("--speed-seconds", type=float, default=20.0)
     p.add_argument("--stream-seconds", type=int, default=10)
     p.add_argument("--blocks", type=int, nargs="+", default=[1024, 4096], help="streaming block sizes")

@@ -25,15 +25,16 @@ museval. :func:`bss_eval_v4` takes museval's arguments and layout: (nsrc, nsampl
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import toeplitz
+from numpy.lib.stride_tricks import sliding_window_view
 
 FILTERS_LEN = 512  # museval's distortion-filter length (taps)
 WINDOW_BLOCK = 16  # windows projected at once
+BLOCK_FFT = 4096  # FFT size of the blocks the filters' correlations are summed over
+BLOCK_GROUP = 128  # blocks transformed at once
 
 
 def _pad(x: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -46,9 +47,28 @@ def _nfft(nsampl: int, filters_len: int) -> int:
     return int(2 ** np.ceil(np.log2(nsampl + filters_len - 1.0)))
 
 
-def _lags(x: np.ndarray, filters_len: int) -> np.ndarray:
-    """Lags 0, -1, ..., -(filters_len - 1) of a circular correlation (its last axis)."""
-    return np.concatenate([x[..., :1], x[..., -1:-filters_len:-1]], axis=-1)
+def _xcorr(x: np.ndarray, y: np.ndarray, filters_len: int) -> np.ndarray:
+    """``X[a, b, l] = sum_n x[a, n - l] y[b, n]`` for lags ``0 <= l < filters_len``: (A, B, L).
+
+    Only ``filters_len`` lags are needed, so the signals are cut into blocks (overlap-save: each
+    block of ``y`` meets the stretch of ``x`` reaching ``filters_len - 1`` samples further back),
+    the blocks' cross-spectra are summed, and one short inverse FFT per pair gives the lags: a
+    fraction of the work of whole-track FFTs, in memory bounded by ``BLOCK_GROUP`` blocks."""
+    nx, n = x.shape
+    hold = filters_len - 1
+    step = BLOCK_FFT - hold
+    nblocks = -(-n // step)
+    xp = np.pad(x, ((0, 0), (hold, nblocks * step - n)))
+    yp = np.pad(y, ((0, 0), (hold, nblocks * step - n)))
+    acc = np.zeros((BLOCK_FFT // 2 + 1, nx, y.shape[0]), dtype=np.complex128)
+    for first in range(0, nblocks, BLOCK_GROUP):
+        idx = np.arange(first, min(nblocks, first + BLOCK_GROUP))[:, None] * step + np.arange(BLOCK_FFT)
+        fy = yp[:, idx]  # (B, blocks, BLOCK_FFT): each block's own samples after `hold` zeros
+        fy[..., :hold] = 0
+        fx = np.fft.rfft(xp[:, idx], axis=-1)
+        fy = np.fft.rfft(fy, axis=-1)
+        acc += np.matmul(np.conj(fx).transpose(2, 0, 1), fy.transpose(2, 1, 0))
+    return np.fft.irfft(acc.transpose(1, 2, 0), n=BLOCK_FFT, axis=-1)[..., :filters_len]
 
 
 @dataclass
@@ -56,7 +76,6 @@ class References:
     """What BSSEval v4 needs of a track's references, computed once for every model scored."""
 
     references: np.ndarray  # (nsrc, nsampl, nchan) float64
-    spectra: np.ndarray  # (nsrc, nchan, nfft // 2 + 1) of the zero-padded references
     lu: tuple  # LU factors of the whole Gram matrix (+ eps I)
     lu_own: list[tuple]  # per source: LU factors of its own block (+ eps I)
     filters_len: int
@@ -65,38 +84,38 @@ class References:
     def of(cls, references: np.ndarray, filters_len: int = FILTERS_LEN) -> References:
         refs = np.asarray(references, dtype=np.float64)
         nsrc, nsampl, nchan = refs.shape
-        nfft = _nfft(nsampl, filters_len)
-        spectra = np.fft.rfft(np.moveaxis(refs, 1, 2), n=nfft, axis=-1)
-        gram = np.zeros((nsrc, nsrc, nchan, nchan, filters_len, filters_len))
-        for (i, c1), (j, c2) in itertools.combinations_with_replacement(
-            itertools.product(range(nsrc), range(nchan)), 2
-        ):
-            ssf = np.fft.irfft(spectra[j, c2] * np.conj(spectra[i, c1]), n=nfft)
-            ss = toeplitz(np.hstack((ssf[0], ssf[-1:-filters_len:-1])), r=ssf[:filters_len])
-            gram[j, i, c2, c1] = ss
-            gram[i, j, c1, c2] = ss.T
-        eps = np.finfo(float).eps
+        signals = _signals(refs)
+        x = _xcorr(signals, signals, filters_len)  # (A, B, L)
+        # gram[(A, p), (B, q)], the inner product of signal A delayed by p and B delayed by q, is
+        # x[B, A, q - p] for q >= p and x[A, B, p - q] otherwise: a Toeplitz block per (A, B) read
+        # from the lags -(L-1)..(L-1) as sliding windows, row p starting at lag -p
+        lags = np.concatenate([x[:, :, :0:-1], np.swapaxes(x, 0, 1)], axis=-1)  # (A, B, 2L - 1)
+        gram = sliding_window_view(lags, filters_len, axis=-1)[:, :, ::-1]  # (A, B, p, q), a view
         size = nsrc * nchan * filters_len
-        whole = np.moveaxis(gram, (1, 3), (3, 4)).reshape(size, size)
-        lu = scipy.linalg.lu_factor(whole + eps * np.eye(size), check_finite=False)
+        whole = np.ascontiguousarray(np.swapaxes(gram, 1, 2)).reshape(size, size)  # (A p), (B q)
+        whole[np.diag_indices(size)] += np.finfo(float).eps
+        lu = scipy.linalg.lu_factor(whole, check_finite=False)
         own = []
         for j in range(nsrc):
-            block = np.moveaxis(gram[j, j], 1, 2).reshape(nchan * filters_len, nchan * filters_len)
-            own.append(scipy.linalg.lu_factor(block + eps * np.eye(block.shape[0]), check_finite=False))
-        return cls(refs, spectra, lu, own, filters_len)
+            part = slice(j * nchan * filters_len, (j + 1) * nchan * filters_len)
+            own.append(scipy.linalg.lu_factor(whole[part, part], check_finite=False))
+        return cls(refs, lu, own, filters_len)
+
+
+def _signals(x: np.ndarray) -> np.ndarray:
+    """(nsrc, nsampl, nchan) -> (nsrc * nchan, nsampl), source-major."""
+    nsrc, nsampl, nchan = x.shape
+    return np.moveaxis(x, 1, 2).reshape(nsrc * nchan, nsampl)
 
 
 def _filters(refs: References, estimates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C, Cj): every estimate's projection filters on all references, (nsrc, nsrc, nchan, L, nchan),
     and on its own reference, (nsrc, nchan, L, nchan)."""
     nsrc, nsampl, nchan = estimates.shape
-    L, nfft = refs.filters_len, _nfft(nsampl, refs.filters_len)
-    est_spectra = np.fft.rfft(np.moveaxis(estimates, 1, 2), n=nfft, axis=-1)  # (nsrc, nchan, F)
-    # D[e, j, cj, l, c]: correlation of reference j channel cj with estimate e channel c at lag -l
-    # one (estimate, reference) pair at a time: a whole-track correlation is nfft samples long
-    d = np.stack([np.stack([_lags(np.fft.irfft(refs.spectra[j][:, None] * np.conj(est_spectra[e][None]), n=nfft), L)
-                            for j in range(nsrc)]) for e in range(nsrc)])  # (e, j, cj, c, L)  # fmt: skip
-    d = np.moveaxis(d, 3, 4)  # (e, j, cj, L, c)
+    L = refs.filters_len
+    # D[e, j, cj, l, c]: reference j channel cj delayed by l, correlated with estimate e channel c
+    x = _xcorr(_signals(refs.references), _signals(estimates), L)  # (j cj, e c, L)
+    d = np.moveaxis(x.reshape(nsrc, nchan, nsrc, nchan, L), (2, 3), (0, 4))  # (e, j, cj, L, c)
     rhs = np.moveaxis(d.reshape(nsrc, nsrc * nchan * L, nchan), 0, 1).reshape(nsrc * nchan * L, nsrc * nchan)
     c_all = scipy.linalg.lu_solve(refs.lu, rhs, check_finite=False)
     c_all = np.moveaxis(c_all.reshape(nsrc * nchan * L, nsrc, nchan), 1, 0).reshape(nsrc, nsrc, nchan, L, nchan)

@@ -1,4 +1,6 @@
-"""Scoring separations with museval (BSSEval v4), track by track, in parallel as Ray tasks.
+"""Scoring separations with BSSEval v4 as museval defines it, track by track, in parallel as Ray
+tasks: by :mod:`distunmix.bsseval` (``fast``, the default, sharing the references' statistics
+across the models scored on a track) or by museval itself (``museval``, the oracle).
 
 Two SDRs are reported, each named:
   - museval's SDR / SIR / ISR / SAR: BSSEval v4 on 1 s windows; per track and target the median
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import math
 import tempfile
@@ -43,6 +46,7 @@ from .storage import is_uri
 from .tables import fmt
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
+ENGINES = ("fast", "museval")  # BSSEval v4 by distunmix.bsseval, or by museval itself
 MIXTURE = "mixture"  # the baseline that returns the mixture for every target
 AGGREGATION = "museval: median over 1 s frames, then median over tracks; global SDR: mean over tracks"
 
@@ -75,6 +79,72 @@ def global_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return math.inf if error == 0.0 else 10 * math.log10(signal / error)
 
 
+class Scorer:
+    """BSSEval v4 of one track's estimates, model after model, by ``engine``:
+
+    - ``fast`` (:mod:`distunmix.bsseval`): museval's numbers, with what depends on the references
+      alone (their Gram matrix and its factors) computed once and shared by every model scored on
+      the track;
+    - ``museval``: ``museval.evaluate`` itself, the reference implementation (imported on first
+      use: it imports musdb, which needs ffmpeg).
+    """
+
+    def __init__(self, references: dict[str, np.ndarray], rate: float, engine: str = "fast",
+                 win: float = 1.0, hop: float = 1.0) -> None:  # fmt: skip
+        if engine not in ENGINES:
+            raise ConfigError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+        self.references, self.rate, self.engine = references, rate, engine
+        self.win, self.hop = int(win * rate), int(hop * rate)
+        self._shared: dict[tuple[str, ...], Any] = {}  # scorable targets -> bsseval.References
+
+    def bsseval(self, targets: list[str], estimates: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(SDR, ISR, SIR, SAR), each (len(targets), frames), of ``targets`` scored jointly."""
+        refs = np.stack([self.references[t] for t in targets])
+        if self.engine == "museval":
+            import museval
+
+            return tuple(museval.evaluate(refs, estimates, win=self.win, hop=self.hop))
+        from . import bsseval
+
+        key = tuple(targets)
+        if key not in self._shared:
+            self._shared[key] = bsseval.References.of(refs)
+        return bsseval.bss_eval_v4(self._shared[key], estimates, win=self.win, hop=self.hop)
+
+    def score(self, name: str, estimates: dict[str, np.ndarray]) -> TrackScores:
+        """BSSEval v4 and global SDR of one model's estimates; arrays are (nb_samples, nb_channels).
+
+        Targets are evaluated jointly, as ``museval.eval_mus_track`` does (SIR depends on the other
+        targets); a target silent in reference or estimate is left out of the joint evaluation.
+        """
+        references = self.references
+        notes: list[str] = []
+        targets = list(references)
+        g = {t: global_sdr(references[t], estimates[t]) for t in targets}
+        scorable = []
+        for t in targets:
+            if not np.any(references[t]):
+                notes.append(f"{t}: reference silent over the whole track: no BSSEval scores, no global SDR")
+            elif not np.any(estimates[t]):
+                notes.append(f"{t}: estimate silent over the whole track: no BSSEval scores")
+            else:
+                scorable.append(t)
+        frames: dict[str, dict[str, list[float]]] = {t: {m: [] for m in METRICS} for t in targets}
+        if scorable:
+            sdr, isr, sir, sar = self.bsseval(scorable, np.stack([estimates[t] for t in scorable]))
+            for k, t in enumerate(scorable):
+                for metric, values in zip(METRICS, (sdr[k], sir[k], isr[k], sar[k]), strict=True):
+                    frames[t][metric] = [float(v) for v in values]
+                nan = int(np.isnan(sdr[k]).sum())
+                if nan:
+                    notes.append(f"{t}: {nan} of {len(sdr[k])} frames silent in reference or estimate (NaN, left out)")
+                if np.isposinf(sdr[k]).any():
+                    notes.append(f"{t}: perfect estimate in {int(np.isposinf(sdr[k]).sum())} frame(s): SDR +inf")
+            if len(scorable) == 1:
+                notes.append(f"{scorable[0]}: the only scorable target: SIR is +inf (no other source to interfere)")
+        return TrackScores(name, frames, g, notes, duration=references[targets[0]].shape[0] / self.rate)
+
+
 def score_track(
     name: str,
     references: dict[str, np.ndarray],
@@ -82,41 +152,10 @@ def score_track(
     rate: float,
     win: float = 1.0,
     hop: float = 1.0,
+    engine: str = "fast",
 ) -> TrackScores:
-    """BSSEval v4 (museval) and global SDR of one track; arrays are (nb_samples, nb_channels).
-
-    Targets are evaluated jointly, as ``museval.eval_mus_track`` does (SIR depends on the other
-    targets); a target silent in reference or estimate is left out of the joint evaluation.
-    """
-    import museval  # imports musdb, which needs ffmpeg: only where scoring runs
-
-    notes: list[str] = []
-    targets = list(references)
-    g = {t: global_sdr(references[t], estimates[t]) for t in targets}
-    scorable = []
-    for t in targets:
-        if not np.any(references[t]):
-            notes.append(f"{t}: reference silent over the whole track: no BSSEval scores, no global SDR")
-        elif not np.any(estimates[t]):
-            notes.append(f"{t}: estimate silent over the whole track: no BSSEval scores")
-        else:
-            scorable.append(t)
-    frames: dict[str, dict[str, list[float]]] = {t: {m: [] for m in METRICS} for t in targets}
-    if scorable:
-        refs = np.stack([references[t] for t in scorable])
-        ests = np.stack([estimates[t] for t in scorable])
-        sdr, isr, sir, sar = museval.evaluate(refs, ests, win=int(win * rate), hop=int(hop * rate))
-        for k, t in enumerate(scorable):
-            for metric, values in zip(METRICS, (sdr[k], sir[k], isr[k], sar[k]), strict=True):
-                frames[t][metric] = [float(v) for v in values]
-            nan = int(np.isnan(sdr[k]).sum())
-            if nan:
-                notes.append(f"{t}: {nan} of {len(sdr[k])} frames silent in reference or estimate (NaN, left out)")
-            if np.isposinf(sdr[k]).any():
-                notes.append(f"{t}: perfect estimate in {int(np.isposinf(sdr[k]).sum())} frame(s): SDR +inf")
-        if len(scorable) == 1:
-            notes.append(f"{scorable[0]}: the only scorable target: SIR is +inf (no other source to interfere)")
-    return TrackScores(name, frames, g, notes, duration=references[targets[0]].shape[0] / rate)
+    """BSSEval v4 (``engine``: fast or museval) and global SDR of one model on one track."""
+    return Scorer(references, rate, engine, win, hop).score(name, estimates)
 
 
 def museval_json(scores: TrackScores, win: float = 1.0, hop: float = 1.0) -> str:
@@ -158,24 +197,29 @@ def _separator(spec: ModelSpec, targets: tuple[str, ...]) -> Separator:
                           device=spec.device)  # fmt: skip
 
 
-def evaluate_track(spec: ModelSpec, cache: AudioCache, index: int, targets: Sequence[str]) -> TrackScores:
-    """Separate track ``index`` of an AudioCache with ``spec`` and score it (a Ray task's work)."""
+def evaluate_track(
+    specs: Sequence[ModelSpec], cache: AudioCache, index: int, targets: Sequence[str], engine: str = "fast"
+) -> list[TrackScores]:
+    """Separate track ``index`` of an AudioCache with every spec and score each (a Ray task's
+    work): the references are read, and with the fast engine their statistics built, once."""
     entry = cache.entries[index]
     mixture = cache.mixture(index)  # (C, N)
-    references = {t: cache.read_float(index, t).T for t in targets}
-    t0 = time.perf_counter()
-    if spec.model == MIXTURE:
-        estimates = {t: mixture.T.copy() for t in targets}
-    else:
-        separator = _separator(spec, tuple(targets))
-        with torch.inference_mode():
-            out = separator(torch.from_numpy(mixture)[None])[0].cpu().numpy()
-        estimates = {t: out[k].T for k, t in enumerate(targets)}
-    separated = time.perf_counter() - t0
-    scores = score_track(entry.name, references, estimates, cache.sample_rate)
-    scores.separation_seconds = separated
-    scores.scoring_seconds = time.perf_counter() - t0 - separated
-    return scores
+    scorer = Scorer({t: cache.read_float(index, t).T for t in targets}, cache.sample_rate, engine)
+    out = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        if spec.model == MIXTURE:
+            estimates = {t: mixture.T.copy() for t in targets}
+        else:
+            separator = _separator(spec, tuple(targets))
+            with torch.inference_mode():
+                separated = separator(torch.from_numpy(mixture)[None])[0].cpu().numpy()
+            estimates = {t: separated[k].T for k, t in enumerate(targets)}
+        t1 = time.perf_counter()
+        scores = scorer.score(entry.name, estimates)
+        scores.separation_seconds, scores.scoring_seconds = t1 - t0, time.perf_counter() - t1
+        out.append(scores)
+    return out
 
 
 def _safe(name: str) -> str:
@@ -184,42 +228,46 @@ def _safe(name: str) -> str:
 
 # -- many tracks, serially or as Ray tasks ---------------------------------------------------------
 def run_tracks(
-    spec: ModelSpec,
+    specs: Sequence[ModelSpec],
     cache: AudioCache,
     targets: Sequence[str],
     json_dir: str | None,
     parallel: bool = True,
-    on_done: Callable[[TrackScores], None] | None = None,
-) -> list[TrackScores]:
-    """Evaluate every track of ``cache``; with ``parallel`` one Ray task (1 CPU) per track. The
-    per-track museval JSON goes to ``json_dir`` from here (the driver), wherever the task ran."""
+    on_done: Callable[[list[TrackScores]], None] | None = None,
+    engine: str = "fast",
+) -> dict[str, list[TrackScores]]:
+    """Evaluate every track of ``cache`` with every spec: ``{label: [TrackScores per track]}``. With
+    ``parallel``, one Ray task (1 CPU) per track scores all the models on it. Each track's museval
+    JSON goes to ``json_dir/<label>/`` from here (the driver), wherever the task ran."""
+    labels = [s.label for s in specs]
 
-    def done(scores: TrackScores) -> None:
+    def done(scores: list[TrackScores]) -> None:
         if json_dir is not None:
-            atomic_write_text(Path(json_dir) / f"{_safe(scores.track)}.json", museval_json(scores))
+            for label, s in zip(labels, scores, strict=True):
+                atomic_write_text(Path(json_dir) / label / f"{_safe(s.track)}.json", museval_json(s))
         if on_done:
             on_done(scores)
 
     indices = range(len(cache))
+    results: dict[int, list[TrackScores]] = {}
     if not parallel:
-        results = []
         for i in indices:
-            results.append(evaluate_track(spec, cache, i, targets))
-            done(results[-1])
-        return results
-    import ray  # the Ray edge: only for parallel runs
-
-    task = ray.remote(num_cpus=1, num_gpus=0.25 if spec.device.startswith("cuda") else 0)(evaluate_track)
-    cache_ref = ray.put(cache)
-    pending = {task.remote(spec, cache_ref, i, list(targets)): i for i in indices}
-    results: dict[int, TrackScores] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            i = pending.pop(ref)
-            results[i] = ray.get(ref)
+            results[i] = evaluate_track(specs, cache, i, targets, engine)
             done(results[i])
-    return [results[i] for i in indices]
+    else:
+        import ray  # the Ray edge: only for parallel runs
+
+        gpu = any(s.device.startswith("cuda") for s in specs)
+        task = ray.remote(num_cpus=1, num_gpus=0.25 if gpu else 0)(evaluate_track)
+        cache_ref = ray.put(cache)
+        pending = {task.remote(list(specs), cache_ref, i, list(targets), engine): i for i in indices}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                i = pending.pop(ref)
+                results[i] = ray.get(ref)
+                done(results[i])
+    return {label: [results[i][k] for i in indices] for k, label in enumerate(labels)}
 
 
 def aggregate(tracks: Sequence[TrackScores], targets: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -238,7 +286,20 @@ def aggregate(tracks: Sequence[TrackScores], targets: Sequence[str]) -> dict[str
 
 
 # -- reports ---------------------------------------------------------------------------------------
-def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Sequence[str]) -> dict[str, Path]:
+def engine_description(engine: str) -> str:
+    """Which code computed the BSSEval v4 numbers, with museval's version (the oracle either way)."""
+    try:
+        version = importlib.metadata.version("museval")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    if engine == "fast":
+        return f"fast: distunmix.bsseval, museval's BSSEval v4 computed with shared references (museval {version})"
+    return f"museval {version}: museval.evaluate"
+
+
+def write_reports(
+    out_dir: Path, results: dict[str, dict[str, Any]], targets: Sequence[str], engine: str = "fast"
+) -> dict[str, Path]:
     """``scores.csv``, ``scores.md`` and ``scores.png`` for one or more models' results.
 
     ``results[label] = {"scores": aggregate(...), "tracks": [TrackScores], ...}``.
@@ -246,6 +307,7 @@ def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Se
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "aggregation": AGGREGATION,
+        "engine": engine_description(engine),
         "models": {
             label: {
                 "model": r.get("model"),
@@ -277,7 +339,7 @@ def write_reports(out_dir: Path, results: dict[str, dict[str, Any]], targets: Se
     md = [
         "# Evaluation",
         "",
-        f"{AGGREGATION}. dB, higher is better.",
+        f"{AGGREGATION}. dB, higher is better. BSSEval v4 by {engine_description(engine)}.",
         "",
         "| model | target | SDR | SIR | ISR | SAR | global SDR |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -334,6 +396,7 @@ def evaluate_models(
     parallel: bool = True,
     address: str | None = None,
     verbose: bool = False,
+    engine: str = "fast",
 ) -> dict[str, dict[str, Any]]:
     """``distunmix evaluate``: every model folder (or ``mixture``) on a split, reports in ``out``.
 
@@ -342,6 +405,8 @@ def evaluate_models(
     """
     if not models:
         raise ConfigError("-m/--model: expected a model folder or 'mixture'")
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
     if is_uri(out):
         storage.filesystem(str(out), "--out")  # the bucket answers, before any work
     first = next((m for m in models if m != MIXTURE), None)
@@ -360,10 +425,11 @@ def evaluate_models(
     if is_uri(out):  # written here first, then copied there
         with tempfile.TemporaryDirectory(prefix="distunmix-eval-") as staging:
             results = _evaluate(models, cache, targets, niter, device, Path(staging), parallel, address, verbose,
-                                data.progress)  # fmt: skip
+                                data.progress, engine)  # fmt: skip
             storage.publish(Path(staging), str(out), "--out")
         return results
-    return _evaluate(models, cache, targets, niter, device, Path(out), parallel, address, verbose, data.progress)
+    return _evaluate(models, cache, targets, niter, device, Path(out), parallel, address, verbose, data.progress,
+                     engine)  # fmt: skip
 
 
 def _evaluate(
@@ -377,16 +443,20 @@ def _evaluate(
     address: str | None,
     verbose: bool,
     progress: bool,
+    engine: str,
 ) -> dict[str, dict[str, Any]]:
-    """Score every model on ``cache`` and write the reports into the local folder ``out``."""
-    results = {}
+    """Score every model on ``cache`` (one pass over the tracks) and write the reports into ``out``."""
+    specs = [
+        ModelSpec(model if model == MIXTURE or is_uri(model) else str(Path(model).resolve()), label, niter=niter,
+                  device=device)  # tasks run elsewhere: absolute paths
+        for model, label in zip(models, model_labels(models), strict=True)
+    ]  # fmt: skip
     scope = ray_session(address, verbose=verbose) if parallel else contextlib.nullcontext()
-    with scope:
-        for model, label in zip(models, model_labels(models), strict=True):
-            path = model if model == MIXTURE or is_uri(model) else str(Path(model).resolve())  # tasks run elsewhere
-            spec = ModelSpec(path, label, niter=niter, device=device)
-            with tqdm(total=len(cache), desc=f"evaluate {label}", unit="track", disable=not progress) as bar:
-                tracks = run_tracks(spec, cache, targets, str(out / label), parallel, on_done=lambda _: bar.update())
-            results[label] = {"model": model, "scores": aggregate(tracks, targets), "tracks": tracks}
-    write_reports(out, results, targets)
+    with scope, tqdm(total=len(cache), desc="evaluate", unit="track", disable=not progress) as bar:
+        tracks = run_tracks(specs, cache, targets, str(out), parallel, lambda _: bar.update(), engine)
+    results = {
+        s.label: {"model": model, "scores": aggregate(tracks[s.label], targets), "tracks": tracks[s.label]}
+        for model, s in zip(models, specs, strict=True)
+    }
+    write_reports(out, results, targets, engine)
     return results

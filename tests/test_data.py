@@ -23,7 +23,7 @@ from distunmix.data.config import DataConfig, load_split, split_entries
 from distunmix.data.datasets import EpochSampler, TrainExcerpts, ValidTracks, collate_batch, mix_batch
 from distunmix.data.loader import ExcerptLoader
 from distunmix.data.stats import input_statistics
-from distunmix.data.synth import split_counts, synth_track, write_dataset
+from distunmix.data.synth import split_counts, synth_track, write_dataset, write_stem_files
 from distunmix.data.tracks import SOURCES, DataError, musdb_tracks, sourcefolder, trackfolder
 
 RATE = 44100
@@ -132,16 +132,7 @@ def test_stem_mp4_is_decoded_once_and_gives_the_same_samples(tmp_path, monkeypat
         pytest.fail("ffmpeg is part of the set-up (run.sh installs it)")
     write_dataset(tmp_path / "hq", tracks=3, duration=2.0, seed=2)
     stems_root = tmp_path / "stems"
-    for subset in ("train", "test"):
-        (stems_root / subset).mkdir(parents=True)
-        for track in (tmp_path / "hq" / subset).iterdir():
-            inputs = []
-            for name in ("mixture", "drums", "bass", "other", "vocals"):  # MUSDB18's stream order
-                inputs += ["-i", str(track / f"{name}.wav")]
-            maps = [a for k in range(5) for a in ("-map", str(k))]
-            out = stems_root / subset / f"{track.name}.stem.mp4"
-            subprocess.run(["ffmpeg", "-v", "error", *inputs, *maps, "-c:a", "alac", str(out)], check=True)
-    shutil.copy(tmp_path / "hq" / "setup.yaml", stems_root / "setup.yaml")
+    write_stem_files(tmp_path / "hq", stems_root, codec="alac")
     config = DataConfig(root=str(stems_root), cache_dir=str(tmp_path / "cache"), progress=False)
     cache = load_split(config, "train")
     assert len(cache) == 1

@@ -8,12 +8,22 @@ import math
 import numpy as np
 import pytest
 import ray
+import torch
 
 from distunmix.checkpoint import load_separator
 from distunmix.cli import main
 from distunmix.data.config import DataConfig, load_split
-from distunmix.data.synth import write_dataset
-from distunmix.evaluate import ModelSpec, aggregate, global_sdr, museval_json, run_tracks, score_track
+from distunmix.data.synth import write_dataset, write_stem_files
+from distunmix.evaluate import (
+    ENGINES,
+    ModelSpec,
+    Scorer,
+    aggregate,
+    global_sdr,
+    museval_json,
+    run_tracks,
+    score_track,
+)
 
 RATE = 8000  # museval's cost grows with the rate; its windows are 1 s whatever the rate
 TARGETS = ("vocals", "drums", "bass")
@@ -34,17 +44,18 @@ def test_global_sdr_values_and_edge_cases():
     assert global_sdr(s, s) == math.inf
 
 
-def test_frames_equal_museval_evaluate_on_the_same_arrays():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_frames_equal_museval_evaluate_on_the_same_arrays(engine):
     import museval
 
     refs, ests = _track(0)
-    scores = score_track("t", refs, ests, RATE)
+    scores = score_track("t", refs, ests, RATE, engine=engine)
     sdr, isr, sir, sar = museval.evaluate(
         np.stack([refs[t] for t in TARGETS]), np.stack([ests[t] for t in TARGETS]), win=RATE, hop=RATE
     )
     for k, t in enumerate(TARGETS):
         for metric, values in (("SDR", sdr), ("SIR", sir), ("ISR", isr), ("SAR", sar)):
-            np.testing.assert_allclose(scores.frames[t][metric], values[k])
+            np.testing.assert_allclose(scores.frames[t][metric], values[k], rtol=1e-9)
     assert scores.notes == [] and scores.duration == 4.0
 
 
@@ -71,12 +82,13 @@ def test_aggregation_matches_museval_evalstore():
     assert any("frames silent" in n for s in tracks for n in s.notes)
 
 
-def test_silent_and_perfect_signals_are_explained_not_fatal():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_silent_and_perfect_signals_are_explained_not_fatal(engine):
     refs, ests = _track(1)
     refs["bass"][:] = 0  # a silent target: museval would raise
     ests["drums"][:] = 0  # a silent estimate: museval would raise
     ests["vocals"] = refs["vocals"].copy()  # perfect: +inf
-    s = score_track("odd", refs, ests, RATE)
+    s = score_track("odd", refs, ests, RATE, engine=engine)
     assert s.frames["bass"]["SDR"] == [] and s.frames["drums"]["SDR"] == []
     assert all(math.isinf(v) for v in s.frames["vocals"]["SDR"])
     text = " | ".join(s.notes)
@@ -109,11 +121,12 @@ def test_ray_tasks_give_the_serial_numbers(test_split, ray_cluster):
     config, tmp = test_split
     assert main(["init-model", str(tmp / "m"), "--hidden-size", "8", "--targets", ",".join(TARGETS)]) == 0
     cache = load_split(config, "valid")  # 1 track; with the test track below, 2 tracks in all
-    spec = ModelSpec(str(tmp / "m"), "m")
+    specs = [ModelSpec(str(tmp / "m"), "m"), ModelSpec("mixture", "mixture")]
     for c in (cache, load_split(config, "test")):
-        serial = run_tracks(spec, c, TARGETS, None, parallel=False)
-        parallel = run_tracks(spec, c, TARGETS, None, parallel=True)
-        for a, b in zip(serial, parallel, strict=True):
+        serial = run_tracks(specs, c, TARGETS, None, parallel=False)
+        parallel = run_tracks(specs, c, TARGETS, None, parallel=True)
+        assert list(serial) == list(parallel) == ["m", "mixture"]
+        for a, b in zip(serial["m"] + serial["mixture"], parallel["m"] + parallel["mixture"], strict=True):
             # tasks run torch on one thread: the separations differ by float rounding only
             assert a.track == b.track
             for t in TARGETS:
@@ -133,13 +146,13 @@ def test_a_run_loads_its_model_once_and_a_new_run_reads_the_folder_again(test_sp
     loads = []
     monkeypatch.setattr(ev, "load_separator", lambda *a, **k: loads.append(a) or load_separator(*a, **k))
     cache = load_split(config, "valid")
-    first = run_tracks(ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
-    again = run_tracks(spec := ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
+    first = run_tracks([ModelSpec(str(model), "m")], cache, TARGETS, None, parallel=False)["m"]
+    again = run_tracks([spec := ModelSpec(str(model), "m")], cache, TARGETS, None, parallel=False)["m"]
     assert len(loads) == 2 and first[0].global_sdr == again[0].global_sdr
-    run_tracks(spec, load_split(config, "test"), TARGETS, None, parallel=False)
+    run_tracks([spec], load_split(config, "test"), TARGETS, None, parallel=False)
     assert len(loads) == 2  # the same run's spec: not loaded again
     assert main(["init-model", str(model), "--hidden-size", "8", "--targets", ",".join(TARGETS), "--seed", "2"]) == 0
-    changed = run_tracks(ModelSpec(str(model), "m"), cache, TARGETS, None, parallel=False)
+    changed = run_tracks([ModelSpec(str(model), "m")], cache, TARGETS, None, parallel=False)["m"]
     assert len(loads) == 3 and changed[0].global_sdr != first[0].global_sdr
 
 
@@ -164,3 +177,36 @@ def test_evaluate_command_writes_tables_chart_and_museval_json(test_split, capsy
     assert len(track_json) == 1 and json.loads(track_json[0].read_text().replace("NaN", "null"))["targets"]
     assert main(["evaluate", "-m", str(tmp / "nope"), *flags]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["wav", "stem.mp4"])
+def test_fast_engine_gives_museval_numbers_on_every_frame_of_generated_tracks(kind, tmp_path):
+    """The generated dataset as it is stored (16-bit WAV, MUSDB18-HQ) and as MUSDB18 ships it (AAC in
+    .stem.mp4), scored by both engines: a model's estimates and the mixture, with silent frames in
+    a reference and an estimate and a target whose estimate is silent throughout."""
+    write_dataset(tmp_path / "hq", tracks=3, duration=2.5, seed=11)
+    root = tmp_path / "hq"
+    if kind == "stem.mp4":
+        write_stem_files(root, tmp_path / "stems", codec="aac")
+        root = tmp_path / "stems"
+    cache = load_split(DataConfig(root=str(root), cache_dir=str(tmp_path / "cache"), progress=False), "test")
+    assert main(["init-model", str(tmp_path / "m"), "--hidden-size", "8", "--seed", "3"]) == 0
+    targets = ["vocals", "drums", "bass", "other"]
+    references = {t: cache.read_float(0, t).T for t in targets}
+    references["other"][: cache.sample_rate] = 0  # a silent second: NaN frames
+    scorers = {e: Scorer(references, cache.sample_rate, e) for e in ENGINES}
+    model = load_separator(str(tmp_path / "m"))(torch.from_numpy(cache.mixture(0))[None])[0].detach().numpy()
+    estimates = [{t: model[k].T.astype(np.float64) for k, t in enumerate(targets)},
+                 {t: cache.mixture(0).T.astype(np.float64) for t in targets}]  # fmt: skip
+    estimates[0]["bass"][-cache.sample_rate :] = 0  # a silent estimate second
+    estimates[1]["drums"][:] = 0  # left out of the joint evaluation
+    for est in estimates:
+        fast, oracle = scorers["fast"].score("t", est), scorers["museval"].score("t", est)
+        assert fast.notes == oracle.notes
+        for t in targets:
+            for m in ("SDR", "SIR", "ISR", "SAR"):
+                a, b = np.array(fast.frames[t][m]), np.array(oracle.frames[t][m])
+                assert a.shape == b.shape and np.array_equal(np.isnan(a), np.isnan(b)), (t, m)
+                assert np.all(np.abs(a - b)[~np.isnan(a)] <= 0.01), (kind, t, m, np.nanmax(np.abs(a - b)))
+    assert any("frames silent" in n for n in fast.notes + scorers["fast"].score("t", estimates[0]).notes)
+    assert len(scorers["fast"]._shared) == 2  # the references' statistics: one per set of scorable targets

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..data.config import DataConfig
-from ..evaluate import AGGREGATION, MIXTURE, evaluate_models
+from ..evaluate import AGGREGATION, ENGINES, MIXTURE, evaluate_models
 from ..flags import add_flags, from_args
 from ..separator import SeparatorOptions
 from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
@@ -14,10 +14,10 @@ from .common import command, device_flag, flag, model_flag, out_flag, run_flags,
 
 def register(sub: Any) -> None:
     """Add ``evaluate``."""
-    p = command(sub, "evaluate", "separate a split with model folders and score it with museval (parallel)",
-                "BSSEval v4 (museval) SDR/SIR/ISR/SAR per track and target, aggregated as the median over 1 s "
+    p = command(sub, "evaluate", "separate a split with model folders and score it with BSSEval v4 (parallel)",
+                "BSSEval v4 (museval's) SDR/SIR/ISR/SAR per track and target, aggregated as the median over 1 s "
                 "frames and then the median over tracks, plus the global SDR (mean over tracks). Tracks run as "
-                "parallel Ray tasks (--serial: in this process).")  # fmt: skip
+                "parallel Ray tasks (--serial: in this process), each scoring every model on its track.")  # fmt: skip
     model_flag(p, help=f"model folder (or '{MIXTURE}': the mixture as every estimate)")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR", help=f"more model folders (or '{MIXTURE}')")
     add_flags(p, DataConfig)
@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     add_flags(p, SeparatorOptions, only=("niter",))
     device_flag(p)
     out_flag(p, "evaluation", "output folder", uri=True)
+    flag(p, "--engine", choices=ENGINES, default="fast",
+         help="BSSEval v4 by distunmix (fast: museval's numbers, the references' statistics shared by the "
+              "models) or by museval itself")  # fmt: skip
     flag(p, "--serial", action="store_true", help="no Ray: one track after another in this process")
     run_flags(p, "address", "progress")
     p.set_defaults(func=run_evaluate)
@@ -38,7 +41,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     models = [args.model, *args.compare]
     results = evaluate_models(
         models, data, args.out, subset=args.subset, targets=args.targets, niter=options.niter, device=args.device,
-        parallel=not args.serial, address=args.address, verbose=getattr(args, "verbose", False),
+        parallel=not args.serial, address=args.address, verbose=getattr(args, "verbose", False), engine=args.engine,
     )  # fmt: skip
     targets = list(next(iter(results.values()))["scores"])
     tracks = len(next(iter(results.values()))["tracks"])

@@ -364,3 +364,27 @@ def write_dataset(root: str | Path, tracks: int = 12, duration: float = 20.0, se
     }
     (root / "synth.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def write_stem_files(root: str | Path, out: str | Path, codec: str = "aac") -> list[Path]:
+    """MUSDB18's ``.stem.mp4`` release of a dataset written by :func:`write_dataset`: one file per
+    track under ``out/{train,test}/`` with MUSDB18's five streams (mixture, drums, bass, other,
+    vocals), encoded by ffmpeg with ``codec`` (``aac`` as MUSDB18, lossy; ``alac``: lossless),
+    and the same ``setup.yaml``."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        raise ConfigError("writing .stem.mp4 files needs ffmpeg on PATH (apt-get install ffmpeg)")
+    root, out = Path(root), Path(out)
+    written = []
+    for subset in ("train", "test"):
+        (out / subset).mkdir(parents=True, exist_ok=True)
+        for track in sorted((root / subset).iterdir()):
+            inputs = [a for name in ("mixture", "drums", "bass", "other", "vocals") for a in ("-i", str(track / f"{name}.wav"))]
+            maps = [a for k in range(5) for a in ("-map", str(k))]
+            path = out / subset / f"{track.name}.stem.mp4"
+            subprocess.run(["ffmpeg", "-v", "error", "-y", *inputs, *maps, "-c:a", codec, str(path)], check=True)
+            written.append(path)
+    shutil.copy(root / "setup.yaml", out / "setup.yaml")
+    return written

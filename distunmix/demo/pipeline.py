@@ -8,7 +8,7 @@ data -> tune -> train -> evaluate -> speed -> export -> serve -> report, all und
   replicated over seeds) with ASHA (``tune/``: results.csv/.md/.json, plots, ``best/``);
 - ``train``: the best trial's configuration, started from its weights, trained on longer and more
   excerpts for more epochs with DDP workers under Ray Train (``train/``);
-- ``evaluate``: museval on the test split for the trained model, the tuned one, the untrained
+- ``evaluate``: BSSEval v4 (fast engine) on the test split for the trained model, the tuned one, the untrained
   model and the mixture baseline (``evaluation/``);
 - ``speed``: training throughput and separation and streaming speed, measured alone, repeated
   (``speed.json``; see :mod:`distunmix.demo.speed`);
@@ -36,7 +36,6 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -373,13 +372,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     cache = _test_split(ctx)
     targets = available_targets(paths["trained"])
     specs = [ModelSpec(str(paths[label]) if label in paths else MIXTURE, label) for label in MODELS]
-    bar = tqdm(total=len(cache) * len(specs), desc="evaluate", unit="track", disable=not ctx.settings.progress)
-    # every model's tracks at once: Ray runs them as the CPUs allow
-    with ThreadPoolExecutor(len(specs)) as pool:
-        runs = [pool.submit(run_tracks, s, cache, targets, str(folder / s.label), True, lambda _: bar.update())
-                for s in specs]  # fmt: skip
-        tracks = {s.label: run.result() for s, run in zip(specs, runs, strict=True)}
-    bar.close()
+    with tqdm(total=len(cache), desc="evaluate", unit="track", disable=not ctx.settings.progress) as bar:
+        # one Ray task per track scores every model on it (the references' statistics built once)
+        tracks = run_tracks(specs, cache, targets, str(folder), True, lambda _: bar.update())
     results = {s.label: {"model": s.model, "scores": aggregate(tracks[s.label], targets), "tracks": tracks[s.label]}
                for s in specs}  # fmt: skip
     write_reports(folder, results, targets)
@@ -515,7 +510,7 @@ STAGES = (
     Stage("data", stage_data, "generated MUSDB18-HQ-format dataset, caches and input statistics"),
     Stage("tune", stage_tune, "the study's factorial design with ASHA early stopping (Ray Tune)", uses_ray=True),
     Stage("train", stage_train, "the best configuration, on more data with DDP workers (Ray Train)", True),
-    Stage("evaluate", stage_evaluate, "museval on the test split: trained, tuned, untrained, mixture", True),
+    Stage("evaluate", stage_evaluate, "BSSEval v4 on the test split: trained, tuned, untrained, mixture", True),
     Stage("speed", stage_speed, "training, separation and streaming speed, each measured alone", True),
     Stage("export", stage_export, "the trained model as a model folder"),
     Stage("serve", stage_serve, "one separation request to the Serve app on 127.0.0.1", uses_ray=True),
