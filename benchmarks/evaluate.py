@@ -197,7 +197,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}")
     figures: dict = {"device": name}
     if not args.skip_eval:
-        print("evaluation of the generated test split (museval, untrained hidden-512 model):")
+        print("evaluation of the generated test split (BSSEval v4: museval and the fast engine, 4 models):")
         figures["eval"] = eval_section(args)
     if not args.skip_speed:
         print(f"separation speed, {args.speed_seconds:g} s stereo, 4 targets, Wiener window 300:")

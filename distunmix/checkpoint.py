@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import card as card_mod
 from .errors import CheckpointError
 from .fileio import PLAIN_NAME, atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, OpenUnmix
@@ -83,11 +84,14 @@ def save_model_dir(
     bandwidth: float | None = None,
     info: Mapping[str, Mapping[str, Any]] | None = None,
     extra_args: Mapping[str, Any] | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write target models as an open-unmix model folder and return its path.
 
     ``info[target]`` adds fields to that target's JSON (e.g. training history, best epoch);
-    ``extra_args`` adds flags to every JSON's ``args`` (e.g. the training configuration).
+    ``extra_args`` adds flags to every JSON's ``args`` (e.g. the training configuration). The
+    folder's model card (:mod:`distunmix.card`) holds its architecture, the versions, and
+    ``card``'s sections (e.g. data, training).
     """
     if not models:
         raise ValueError("save_model_dir needs at least one target model")
@@ -108,16 +112,18 @@ def save_model_dir(
         body = {"args": args, "target": target}
         body.update((info or {}).get(target, {}))
         atomic_write_json(model_dir / f"{target}.json", body)
-    atomic_write_json(
-        model_dir / "separator.json",
-        {
-            "targets": list(models),
-            "sample_rate": sample_rate,
-            "nfft": first.n_fft,
-            "nhop": n_hop,
-            "nb_channels": first.nb_channels,
-        },
-    )
+    model = {
+        "architecture": "umx",
+        "targets": list(models),
+        **{k: v for k, v in model_args(first, sample_rate, n_hop, bandwidth).items() if k != "nb_channels"},
+        "nb_channels": first.nb_channels,
+        "parameters": sum(p.numel() for m in models.values() for p in m.parameters()),
+    }
+    sections = {"model": model, **(card or {}), "versions": card_mod.versions()}
+    body = {"targets": list(models), "sample_rate": sample_rate, "nfft": first.n_fft, "nhop": n_hop,
+            "nb_channels": first.nb_channels}  # fmt: skip
+    atomic_write_json(model_dir / "separator.json", body)
+    card_mod.update_card(model_dir, **sections)  # the card block and model_card.md
     return model_dir
 
 

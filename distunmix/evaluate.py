@@ -34,10 +34,11 @@ import torch
 from tqdm import tqdm
 
 from . import plots, storage
+from .card import update_card
 from .checkpoint import available_targets, load_separator, model_label
 from .cluster import ray_session
 from .data.cache import AudioCache
-from .data.config import DataConfig, load_split
+from .data.config import DataConfig, describe, load_split
 from .devices import resolve_device
 from .errors import ConfigError, DataError
 from .fileio import atomic_write_text
@@ -397,8 +398,10 @@ def evaluate_models(
     address: str | None = None,
     verbose: bool = False,
     engine: str = "fast",
+    card: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``distunmix evaluate``: every model folder (or ``mixture``) on a split, reports in ``out``.
+    """``distunmix evaluate``: every model folder (or ``mixture``) on a split, reports in ``out``;
+    with ``card``, each local model folder's model card gets the scores.
 
     Model folders and targets are checked before any data is generated or decoded; tracks run as
     Ray tasks with ``parallel`` (Ray started for the call, or the cluster at ``address``).
@@ -427,9 +430,31 @@ def evaluate_models(
             results = _evaluate(models, cache, targets, niter, device, Path(staging), parallel, address, verbose,
                                 data.progress, engine)  # fmt: skip
             storage.publish(Path(staging), str(out), "--out")
-        return results
-    return _evaluate(models, cache, targets, niter, device, Path(out), parallel, address, verbose, data.progress,
-                     engine)  # fmt: skip
+    else:
+        results = _evaluate(models, cache, targets, niter, device, Path(out), parallel, address, verbose,
+                            data.progress, engine)  # fmt: skip
+    if card:
+        record_in_cards(results, describe(data.resolved(), {subset: cache}), subset, engine, niter)
+    return results
+
+
+def record_in_cards(
+    results: dict[str, dict[str, Any]], data: dict[str, Any], subset: str, engine: str, niter: int
+) -> list[str]:
+    """Add each local model folder's scores to its model card (the ``evaluation`` section);
+    returns the folders written. ``data``: the scored split (:func:`~distunmix.data.config.describe`)."""
+    written = []
+    for r in results.values():
+        model = r["model"]
+        if model == MIXTURE or is_uri(model):
+            continue
+        update_card(model, evaluation={
+            "data": data, "subset": subset, "sdr": AGGREGATION, "engine": engine_description(engine),
+            "niter": niter, "residual": False, "date": time.strftime("%Y-%m-%d"),
+            "scores": {t: {k: (v if math.isfinite(v) else None) for k, v in s.items()} for t, s in r["scores"].items()},
+        })  # fmt: skip
+        written.append(str(model))
+    return written
 
 
 def _evaluate(

@@ -8,6 +8,8 @@ holds a whole node, so nothing else runs meanwhile.
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from typing import Any
 
@@ -19,6 +21,8 @@ from .data.synth import synth_track
 from .model import ModelConfig, OpenUnmix
 from .separator import Separator
 from .stream import StreamingSeparator, block_figures
+
+CARD_SPEED_SECONDS = 5.0  # seconds of audio a finished run's model card times separation on
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -50,6 +54,17 @@ def separation_speed(separator: Separator, audio: torch.Tensor, repeats: int) ->
             separator(audio)
             out.append(audio.shape[-1] / rate / (time.perf_counter() - t0))
     return out
+
+
+def folder_speed(model_dir: Any, seconds: float = CARD_SPEED_SECONDS, repeats: int = 1) -> dict[str, Any]:
+    """The model card's speed section: x real time of ``distunmix separate``'s separator (niter 1)
+    of a model folder on ``seconds`` of generated audio, here (CPU, this process's threads)."""
+    from .checkpoint import load_separator
+
+    separator = load_separator(model_dir)
+    runs = separation_speed(separator, test_audio(seconds, separator.sample_rate), repeats)
+    return {"x_real_time": float(np.median(runs)), "audio_seconds": seconds, "niter": 1, "device": "cpu",
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine()}  # fmt: skip
 
 
 def streaming_speed(separator: Separator, audio: torch.Tensor, block: int, repeats: int) -> dict[str, Any]:

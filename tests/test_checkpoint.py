@@ -32,8 +32,13 @@ def folder(tmp_path):
 def test_round_trip(folder):
     path, models = folder
     assert sorted(os.listdir(path)) == sorted(
-        ["separator.json"] + [f"{t}.{e}" for t in models for e in ("pth", "json")]
+        ["separator.json", "model_card.md"] + [f"{t}.{e}" for t in models for e in ("pth", "json")]
     )
+    card = json.loads((path / "separator.json").read_text())["card"]
+    assert card["model"]["hidden_size"] == 24 and card["model"]["unidirectional"] is True
+    assert card["model"]["parameters"] == sum(p.numel() for m in models.values() for p in m.parameters())
+    assert card["versions"]["torch"] == torch.__version__
+    assert "| hidden_size | 24 |" in (path / "model_card.md").read_text()
     vocals = json.loads((path / "vocals.json").read_text())
     assert vocals["best_loss"] == 0.5
     assert vocals["args"]["unidirectional"] is True and vocals["args"]["hidden_size"] == 24

@@ -175,6 +175,13 @@ def test_evaluate_command_writes_tables_chart_and_museval_json(test_split, capsy
     assert (out / "scores.png").read_bytes()[:4] == b"\x89PNG"
     track_json = list((out / "cmd-model").glob("*.json"))
     assert len(track_json) == 1 and json.loads(track_json[0].read_text().replace("NaN", "null"))["targets"]
+    card = json.loads((model / "separator.json").read_text())["card"]["evaluation"]
+    assert card["scores"]["vocals"]["SDR"] == pytest.approx(summary["models"]["cmd-model"]["scores"]["vocals"]["SDR"])
+    assert card["subset"] == "test" and card["data"]["tracks"] == {"test": 1} and card["engine"].startswith("fast")
+    assert "added the scores to the model card" in printed and "## Evaluation" in (model / "model_card.md").read_text()
+    before = (model / "separator.json").read_text()
+    assert main(["evaluate", "-m", str(model), "--engine", "museval", "--no-card", *flags]) == 0
+    assert (model / "separator.json").read_text() == before and "museval" in (out / "scores.md").read_text()
     assert main(["evaluate", "-m", str(tmp / "nope"), *flags]) == 2
     assert "nope" in capsys.readouterr().err
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distunmix.data.synth import split_counts
 from distunmix.demo.pipeline import SIZES, STAGES
 from distunmix.demo.report import FIGURES
 from distunmix.serve.client import free_port
@@ -469,6 +470,22 @@ def test_demo_wrote_every_stage_and_report_file(demo):
     assert train["num_workers"] == 2 and train["init_from"].endswith("tune/best")
     size = SIZES["tiny"]  # the final run spends its budget on its own excerpts and epochs
     assert (train["samples_per_track"], train["seq_dur"]) == (size.train_samples_per_track, size.train_seq_dur)
+
+
+@pytest.mark.integration
+def test_the_demos_model_card_holds_its_data_training_speed_and_scores(demo):
+    card = json.loads((demo / "model" / "separator.json").read_text())["card"]
+    scores = json.loads((demo / "evaluation" / "scores.json").read_text())["models"]["trained"]["scores"]
+    for t, row in scores.items():
+        assert card["evaluation"]["scores"][t]["SDR"] == pytest.approx(row["SDR"]), t
+    assert card["evaluation"]["engine"].startswith("fast") and card["evaluation"]["niter"] == 1
+    assert card["evaluation"]["data"]["tracks"] == {"test": split_counts(SIZES["tiny"].synth_tracks)[2]}
+    history = json.loads((demo / "train" / "history.json").read_text())
+    assert card["training"]["epochs"] == len(history) and card["training"]["workers"] == 2
+    assert card["data"]["generated"]["tracks"] == SIZES["tiny"].synth_tracks and card["speed"]["x_real_time"] > 0
+    tuned = json.loads((demo / "tune" / "best" / "separator.json").read_text())["card"]
+    assert tuned["tuning"]["trial"] == json.loads((demo / "tune" / "results.json").read_text())["best"]["trial"]
+    assert "evaluation" in tuned and "## Evaluation" in (demo / "model" / "model_card.md").read_text()
 
 
 @pytest.mark.integration

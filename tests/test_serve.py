@@ -747,6 +747,7 @@ def multi(server):
             main(["init-model", str(root / name), "--hidden-size", "8", "--targets", targets, "--seed", str(seed)]) == 0
         )
     (root / "b" / "model_card.md").write_text("# b\ntrained on nothing at all\n")
+    (root / "a" / "model_card.md").unlink()  # a folder without the rendered card
     config = ServiceConfig(models_root=str(root), model="a", max_models=1, device="cpu", refusal_delay_s=0.0,
                            job_dir=str(tmp / "multi-jobs"))  # fmt: skip
     serve.run(deployment(config, num_replicas=1, ray_actor_options={"num_cpus": 0.1}), name="multi",
@@ -762,6 +763,7 @@ def test_requests_pick_their_model_and_a_replica_keeps_the_most_recent_ones(mult
     assert sorted(models) == ["a", "b", "c"] and info["model"] == "a" and models["a"]["default"]
     assert models["b"]["targets"] == ["vocals", "bass"] and models["c"]["hidden_size"] == 8
     assert models["b"]["card"].startswith("# b") and "card" not in models["a"] and not models["b"]["loaded"]
+    assert models["c"]["model_card"]["model"]["targets"] == ["drums", "other"]  # separator.json's block
     clip = _clip(1.0, seed=11)
     evicted = info["evicted"]
     for name, how in (("b", "query"), ("c", "header"), ("b", "query"), ("a", "header"), ("c", "query")):

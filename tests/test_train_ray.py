@@ -25,7 +25,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from distunmix.checkpoint import load_separator
-from distunmix.data.config import DataConfig
+from distunmix.data.config import DataConfig, load_split
 from distunmix.data.synth import synth_track, write_dataset
 from distunmix.errors import ConfigError
 from distunmix.train.config import TrainConfig
@@ -132,6 +132,30 @@ def test_two_workers_train_and_write_the_run_folder(straight, base_config):
     assert len(checkpoints) == 2 and all((c / "state.pt").is_file() for c in checkpoints)
     # every rank saw its own half of each epoch: 3 tracks x 4 samples over 2 ranks of batch 3
     assert history[0]["samples_per_s"] > 0
+
+
+def test_the_best_folder_carries_its_model_card(straight, base_config):
+    """Data (counts and the track list's hash), settings, best epochs, speed and versions."""
+    import hashlib
+
+    best = Path(straight.run_dir) / "best"
+    card = json.loads((best / "separator.json").read_text())["card"]
+    history = straight.history
+    data = base_config.data.resolved()
+    names = {s: sorted(e.name for e in load_split(data, s).entries) for s in ("train", "valid")}
+    assert card["data"]["tracks"] == {s: len(n) for s, n in names.items()}
+    assert card["data"]["track_list_sha256"]["train"] == hashlib.sha256("\n".join(names["train"]).encode()).hexdigest()
+    assert card["data"]["generated"]["tracks"] == json.loads((Path(data.root) / "synth.json").read_text())["tracks"]
+    training = card["training"]
+    assert training["epochs"] == 2 and training["workers"] == 2 and training["settings"]["num_workers"] == 2
+    for t in base_config.targets:
+        best_epoch = history[-1][f"best_epoch/{t}"]
+        assert training["targets"][t]["best_epoch"] == best_epoch
+        assert training["targets"][t]["best_valid_loss"] == pytest.approx(history[best_epoch - 1][f"valid_loss/{t}"])
+    assert card["speed"]["x_real_time"] > 0 and card["speed"]["audio_seconds"] == 5.0
+    assert card["versions"]["ray"] == ray.__version__ and card["model"]["targets"] == list(base_config.targets)
+    text = (best / "model_card.md").read_text()
+    assert "## Training" in text and "## Separation speed" in text and names["train"][0] not in text
 
 
 def test_exported_model_separates_here_and_in_openunmix(straight, openunmix):

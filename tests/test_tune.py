@@ -48,6 +48,10 @@ def test_builtin_spaces_load_with_the_seed_grid():
         "samples_per_track": (16, 32, 64),
         "unidirectional": (False, True),
     }
+    plus = load_space("seed-plus", TrainConfig())
+    assert plus.grid_size == 48 * 4 * 2 and {p.name: p.values for p in plus.params}["bandwidth"][-1] == 22050.0
+    config = plus.apply(TrainConfig(), {"bandwidth": 8000.0, "nfft": 2048})
+    assert (config.model_config().max_bin, config.nhop) == (int(8000 / 22050 * 1024) + 1, 1024)
     quick = load_space("quick", TrainConfig())
     assert quick.grid_size == 4 and quick.fixed["nfft"] == 1024
     config = quick.apply(TrainConfig(), {"hidden_size": 32, "lr": 0.002})
@@ -114,7 +118,7 @@ def test_a_bad_space_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
     assert main(["tune", "--space", str(path), "--storage-path", str(tmp_path), "--name", "x"]) == 2
     assert f"{path}: the trial hidden_size=0 would fail" in capsys.readouterr().err
     assert main(["tune", "--space", "nonexistent", "--storage-path", str(tmp_path)]) == 2
-    assert "not a built-in space (quick, seed, study)" in capsys.readouterr().err
+    assert "not a built-in space (quick, seed, seed-plus, study)" in capsys.readouterr().err
 
 
 def test_python_m_tune_runs_from_the_repo_root():
@@ -166,9 +170,11 @@ def test_asha_stops_trials_and_the_results_hold_one_row_per_trial(asha_experimen
     assert summary["trial_epochs"] == sum(epochs) < 8 * 4
     best = min(rows, key=lambda r: float(r["best_valid_loss"]))
     assert summary["best"]["trial"] == best["trial"]
-    md = (asha_experiment / "results.md").read_text()
-    assert md.count("\n| ") == 2 + 8 and f"{best['trial']} **best**" in md
-    for png in ("loss_curves.png", "sdr_vs_speed.png"):
+    trials, by_bandwidth = (asha_experiment / "results.md").read_text().split("## Validation SDR by bandwidth")
+    assert trials.count("\n| ") == 2 + 8 and f"{best['trial']} **best**" in trials
+    mean = np.mean([float(r["valid_sdr"]) for r in rows])
+    assert f"| 16000 | 1024 | 512 | 8 | {mean:.2f} |" in by_bandwidth  # the space fixes bandwidth and FFT
+    for png in ("loss_curves.png", "sdr_vs_speed.png", "sdr_vs_bandwidth.png"):
         assert (asha_experiment / png).read_bytes()[:4] == b"\x89PNG"
     assert list(asha_experiment.glob("trainable_*/events.out.tfevents.*"))  # TensorBoard
 
@@ -182,6 +188,12 @@ def test_the_best_trials_model_is_exported_and_separates(asha_experiment):
     with torch.inference_mode():
         out = separator(torch.randn(1, 2, 44100) * 0.1)
     assert out.shape == (1, 4, 2, 44100) and torch.isfinite(out).all()
+    card = json.loads((asha_experiment / "best" / "separator.json").read_text())["card"]
+    results = json.loads((asha_experiment / "results.json").read_text())
+    assert card["tuning"]["trial"] == results["best"]["trial"] and card["tuning"]["values"] == results["best"]["values"]
+    assert card["tuning"]["trials"] == len(results["rows"]) and card["tuning"]["scheduler"] == "asha"
+    assert card["speed"]["x_real_time"] == pytest.approx(results["best"]["speed_x_rt"])
+    assert card["training"]["epochs"] >= 1 and "## Search" in (asha_experiment / "best" / "model_card.md").read_text()
 
 
 def _read_s3(uri: str) -> dict[str, bytes]:
@@ -295,3 +307,22 @@ def test_interrupted_and_silently_failed_trials_are_told_apart(tmp_path):
     assert write_results(tmp_path, rows, settings)["best"] is None
     md = (tmp_path / "results.md").read_text()
     assert "| abc_00001 | ? | 1 | ? | ? | ? | ? | error: failed before a result" in md
+
+
+def test_trials_are_grouped_by_bandwidth_and_fft_size_for_the_open_question():
+    from distunmix.tuning.report import bandwidth_table, by_bandwidth
+
+    def row(bandwidth, nfft, sdr, speed, status="ok"):
+        return {"status": status, "bandwidth": bandwidth, "nfft": nfft, "nhop": 512, "valid_sdr": sdr,
+                "speed_x_rt": speed}  # fmt: skip
+
+    rows = [row(16000.0, 1024, 3.0, 10.0), row(8000.0, 1024, 1.0, 20.0), row(16000.0, 1024, 5.0, 12.0),
+            row(8000.0, 2048, float("nan"), 18.0), row(16000.0, 1024, 9.0, 1.0, status="error: x")]  # fmt: skip
+    groups = by_bandwidth(rows)
+    assert [(g["bandwidth"], g["nfft"], g["trials"]) for g in groups] == [(8000.0, 1024, 1), (8000.0, 2048, 1),
+                                                                          (16000.0, 1024, 2)]  # fmt: skip
+    assert groups[2]["mean_sdr"] == 4.0 and groups[2]["best_sdr"] == 5.0 and groups[2]["mean_speed"] == 11.0
+    assert np.isnan(groups[1]["mean_sdr"])
+    assert bandwidth_table(rows)[2:] == ["| 8000 | 1024 | 512 | 1 | 1.00 | 1.00 | 20.0 |",
+                                         "| 8000 | 2048 | 512 | 1 | n/a | n/a | 18.0 |",
+                                         "| 16000 | 1024 | 512 | 2 | 4.00 | 5.00 | 11.0 |"]  # fmt: skip

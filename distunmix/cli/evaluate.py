@@ -9,6 +9,7 @@ from ..data.config import DataConfig
 from ..evaluate import AGGREGATION, ENGINES, MIXTURE, evaluate_models
 from ..flags import add_flags, from_args
 from ..separator import SeparatorOptions
+from ..storage import is_uri
 from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
 
@@ -30,6 +31,8 @@ def register(sub: Any) -> None:
          help="BSSEval v4 by distunmix (fast: museval's numbers, the references' statistics shared by the "
               "models) or by museval itself")  # fmt: skip
     flag(p, "--serial", action="store_true", help="no Ray: one track after another in this process")
+    flag(p, "--no-card", action="store_true", help="leave the model folders' model cards as they are "
+         "(by default the scores are added to each local folder's card)")  # fmt: skip
     run_flags(p, "address", "progress")
     p.set_defaults(func=run_evaluate)
 
@@ -41,7 +44,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     models = [args.model, *args.compare]
     results = evaluate_models(
         models, data, args.out, subset=args.subset, targets=args.targets, niter=options.niter, device=args.device,
-        parallel=not args.serial, address=args.address, verbose=getattr(args, "verbose", False), engine=args.engine,
+        parallel=not args.serial, address=args.address, verbose=getattr(args, "verbose", False),
+        engine=args.engine, card=not args.no_card,
     )  # fmt: skip
     targets = list(next(iter(results.values()))["scores"])
     tracks = len(next(iter(results.values()))["tracks"])
@@ -57,4 +61,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"{notes} note(s) on silent or perfect signals: see {args.out}/scores.md")
     files = ", ".join(f"{args.out}/scores.{k}" for k in ("json", "csv", "md", "png"))
     print(f"wrote {files} and per-track museval JSON in {args.out}/<model>/")
+    if not args.no_card:
+        folders = [r["model"] for r in results.values() if r["model"] != MIXTURE and not is_uri(r["model"])]
+        if folders:
+            print(f"added the scores to the model card of {', '.join(folders)} (model_card.md, separator.json)")
     return 0

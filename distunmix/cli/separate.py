@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..audio import find_audio_files
+from ..card import read_card, summary
 from ..checkpoint import load_separator, model_label
 from ..devices import resolve_device
 from ..errors import AudioError, CheckpointError, ConfigError
 from ..flags import add_flags, from_args
 from ..separator import Separator, SeparatorOptions
 from ..stemfiles import output_names, separate_file
+from ..storage import local_folder
 from ..stream import stream_file, verdict_text
 from .common import backend_flag, command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
@@ -86,6 +89,17 @@ def load_for_targets(args: argparse.Namespace, options: SeparatorOptions) -> tup
     return separator, _wanted(args, separator.targets)
 
 
+def _card(model: str, separator: Any) -> dict[str, Any]:
+    """The model card of a model folder, or the one an exported ONNX file carries."""
+    metadata = getattr(separator, "metadata", None)
+    if metadata is not None:  # the ONNX backend: separator.json travels in the file's metadata
+        try:
+            return dict(json.loads(metadata.get("separator_json", "{}")).get("card") or {})
+        except (ValueError, AttributeError):
+            return {}
+    return read_card(local_folder(model))
+
+
 def _wanted(args: argparse.Namespace, targets: list[str]) -> list[str]:
     """The stems ``--targets`` picks of the separator's ``targets``."""
     wanted = list(args.targets or targets)
@@ -101,6 +115,9 @@ def run_separate(args: argparse.Namespace) -> int:
     """``distunmix separate``."""
     options = from_args(SeparatorOptions, args)
     separator, targets = load_for_targets(args, options)
+    if getattr(args, "verbose", False):
+        for line in summary(_card(args.model, separator)):
+            print(line)
     files = find_audio_files(args.inputs)
     if not files:
         raise ConfigError(f"no audio files found in {', '.join(args.inputs)}")

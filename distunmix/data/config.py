@@ -7,11 +7,14 @@ the generated MUSDB-format dataset (:mod:`distunmix.data.synth`) is written once
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from ..card import data_section
 from ..errors import ConfigError, DataError
 from ..flags import setting
 from . import tracks as T
@@ -92,6 +95,18 @@ class DataConfig:
             write_dataset(tmp, self.synth_tracks, self.synth_duration, self.synth_seed, self.sample_rate)
             tmp.rename(folder)
         return replace(self, root=str(folder.resolve()), dataset="musdb", is_wav=True, **paths)
+
+
+def describe(data: DataConfig, splits: dict[str, AudioCache]) -> dict[str, Any]:
+    """The model card's data section (:func:`distunmix.card.data_section`) of resolved data and
+    the split caches a model saw or was scored on; a generated dataset says how it was made."""
+    described: dict[str, Any] = {"dataset": data.dataset, "root": data.root}
+    synth = None if data.root is None or is_uri(data.root) else Path(data.root) / "synth.json"
+    if synth is not None and synth.is_file():
+        made = json.loads(synth.read_text())
+        described["generated"] = {k: made.get(k) for k in ("tracks", "duration", "seed", "sample_rate")}
+    described.update(sample_rate=data.sample_rate, nb_channels=data.nb_channels)
+    return data_section(described, {name: [e.name for e in cache.entries] for name, cache in splits.items()})
 
 
 def split_entries(config: DataConfig, split: str) -> list[TrackFiles]:

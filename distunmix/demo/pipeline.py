@@ -49,9 +49,9 @@ from .. import storage
 from ..checkpoint import available_targets, load_separator, save_model_dir
 from ..cluster import ray_session
 from ..data.cache import AudioCache
-from ..data.config import DataConfig, load_split
+from ..data.config import DataConfig, describe, load_split
 from ..errors import DemoError
-from ..evaluate import MIXTURE, ModelSpec, aggregate, run_tracks, write_reports
+from ..evaluate import MIXTURE, ModelSpec, aggregate, record_in_cards, run_tracks, write_reports
 from ..fileio import atomic_write_json
 from ..flags import setting
 from ..model import OpenUnmix
@@ -378,6 +378,8 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
     results = {s.label: {"model": s.model, "scores": aggregate(tracks[s.label], targets), "tracks": tracks[s.label]}
                for s in specs}  # fmt: skip
     write_reports(folder, results, targets)
+    data = replace(base_config(ctx).data, progress=False).resolved()
+    record_in_cards({k: results[k] for k in ("trained", "tuned")}, describe(data, {"test": cache}), "test", "fast", 1)
     for t in targets:
         ctx.say(f"  {t} SDR: " + ", ".join(f"{k} {results[k]['scores'][t]['SDR']:.2f}" for k in MODELS) + " dB")
     return {"tracks": len(cache), "models": list(MODELS), "outputs": ["evaluation/scores.json"]}

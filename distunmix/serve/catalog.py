@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..card import CARD_FILE, MAX_CARD_BYTES
 from ..checkpoint import model_label
 from ..errors import ConfigError, ServiceError
 from ..fileio import PLAIN_NAME
 from ..storage import is_uri
 
-MAX_CARD_BYTES = 64 * 1024  # a model card shown by /models
 MAX_JSON_BYTES = 1 << 20  # a model folder's JSON files read to describe it
 
 
@@ -79,7 +79,9 @@ class ModelCatalog:
             nb_channels=sep.get("nb_channels"), hidden_size=args.get("hidden_size"),
             unidirectional=bool(args.get("unidirectional", False)),
         )  # fmt: skip
-        card = folder / "model_card.md"
+        if isinstance(sep.get("card"), dict):
+            info["model_card"] = sep["card"]  # the machine-readable block
+        card = folder / CARD_FILE
         if card.is_file():
             with open(card, "rb") as f:
                 info["card"] = f.read(MAX_CARD_BYTES).decode(errors="replace")

@@ -32,8 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import spectral
+from ..card import training_section
 from ..checkpoint import atomic_torch_save, load_target_model, read_state_dict, save_model_dir
-from ..data.config import load_split
+from ..data.config import describe, load_split
 from ..data.datasets import EpochSampler, TrainExcerpts, ValidTracks, mix_batch
 from ..data.loader import ExcerptLoader
 from ..data.stats import input_statistics
@@ -342,10 +343,13 @@ def gather_strings(text: str) -> list[str]:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, targets: list[Target], config: TrainConfig, epoch: int, history: list[dict]) -> Path:
-    """Write a checkpoint folder: ``last/`` and ``best/`` model folders (open-unmix format) and
-    ``state.pt`` (optimisers, schedulers, early stopping, history), written last with the sizes of
-    every other file, so a folder missing any part is recognised and refused."""
+def save_checkpoint(
+    folder: Path, targets: list[Target], config: TrainConfig, epoch: int, history: list[dict], data: dict | None = None
+) -> Path:
+    """Write a checkpoint folder: ``last/`` and ``best/`` model folders (open-unmix format, with
+    model cards: ``data`` (:func:`data_card`), settings, the history's summary) and ``state.pt``
+    (optimisers, schedulers, early stopping, history), written last with the sizes of every other
+    file, so a folder missing any part is recognised and refused."""
     folder = Path(folder)
     sr, hop, bw = float(config.data.sample_rate), config.nhop, config.bandwidth
     info = {
@@ -360,13 +364,16 @@ def save_checkpoint(folder: Path, targets: list[Target], config: TrainConfig, ep
         for t in targets
     }
     extra = {"training": config.to_dict()}
-    save_model_dir(folder / "last", {t.name: t.model for t in targets}, sr, hop, bw, info, extra)
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("data", "progress", "address")}
+    card = {"data": data or data_card(config),
+            "training": {**training_section(history, [t.name for t in targets]), "settings": settings}}  # fmt: skip
+    save_model_dir(folder / "last", {t.name: t.model for t in targets}, sr, hop, bw, info, extra, card)
     best = {}
     for t in targets:
         model = OpenUnmix.from_config(t.model.config)
         model.load_state_dict(t.best_state if t.best_state is not None else t.model.state_dict())
         best[t.name] = model
-    save_model_dir(folder / "best", best, sr, hop, bw, info, extra)
+    save_model_dir(folder / "best", best, sr, hop, bw, info, extra, card)
     state = {
         "epoch": epoch,
         "config": config.to_dict(),
@@ -499,6 +506,12 @@ def maybe_fault(fault: dict | None, epoch: int, batch: int, rank: int, node: str
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def data_card(config: TrainConfig) -> dict[str, Any]:
+    """The model card's data section of a run: the dataset, and its train and valid track lists."""
+    data = config.data.resolved()
+    return describe(data, {s: load_split(data, s) for s in ("train", "valid")})
+
+
 def training_data(config: TrainConfig) -> tuple[TrainExcerpts, ValidTracks]:
     """The training excerpts and the validation tracks of ``config``'s data."""
     data = config.data.resolved()
@@ -554,6 +567,7 @@ def run_worker(
     targets = build_targets(config, stats[0], stats[1], device)
     sampler = EpochSampler(len(dataset), rank, world, shuffle=True, seed=config.seed)
     start, history = restore(session, targets, progress if rank == 0 else None)
+    data = data_card(config) if rank == 0 else None
     logger = _wandb_run(config) if rank == 0 and config.logger == "wandb" else None
     with ExcerptLoader(dataset, config.batch_size, sampler, num_workers=config.loader_workers) as loader:
         for epoch in range(start + 1, config.epochs + 1):
@@ -595,7 +609,7 @@ def run_worker(
             if progress is not None and rank == 0:
                 progress({"event": "epoch", **metrics})
             with session.new_checkpoint_dir() as tmp:
-                ckpt = save_checkpoint(tmp, targets, config, epoch, history) if rank == 0 else None
+                ckpt = save_checkpoint(tmp, targets, config, epoch, history, data) if rank == 0 else None
                 session.report(metrics, ckpt)
     if logger is not None:
         logger.finish()

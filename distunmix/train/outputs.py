@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import plots
+from ..card import update_card
 from ..fileio import atomic_write_bytes
+from ..speed import folder_speed
 
 
 def history_columns(history: Sequence[dict[str, Any]]) -> list[str]:
@@ -65,6 +67,7 @@ def stage_outputs(staging: Path, checkpoint_dir: Path, history: Sequence[dict[st
     """Fill ``staging`` with a run's outputs from its final checkpoint folder."""
     staging.mkdir(parents=True, exist_ok=True)
     shutil.copytree(checkpoint_dir / "best", staging / "best", dirs_exist_ok=True)
+    update_card(staging / "best", speed=folder_speed(staging / "best"))
     write_history(staging, history)
     plot_losses(history, staging / "loss.png", title=f"{name}: loss per target (circles: best epoch)")
     return staging

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import plots, speed
-from ..checkpoint import STANDARD_TARGETS, load_separator
+from ..card import update_card
+from ..checkpoint import STANDARD_TARGETS
 from ..fileio import atomic_write_text
 from ..model import OpenUnmix
 from ..storage import cache_root
@@ -36,6 +37,9 @@ COLUMNS = [
     "hidden_size",
     "samples_per_track",
     "lstm",
+    "bandwidth",
+    "nfft",
+    "nhop",
     "seed",
     "lr",
     "epochs",
@@ -71,6 +75,9 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
             "hidden_size": config.hidden_size,
             "samples_per_track": config.samples_per_track,
             "lstm": "uni" if config.unidirectional else "bi",
+            "bandwidth": config.bandwidth,
+            "nfft": config.nfft,
+            "nhop": config.nhop,
             "seed": config.seed,
             "lr": config.lr,
             "params_m": _params(config) / 1e6,
@@ -98,7 +105,8 @@ def trial_rows(grid: Any, space: Any, base: TrainConfig, settings: Any) -> list[
             row[f"valid_sdr_{t}"] = best.get(f"valid_sdr/{t}", math.nan)
         ckpt = best_checkpoint_dir(result)
         row["checkpoint"] = str(ckpt) if ckpt else None
-        row["speed_x_rt"] = separation_speed(ckpt / "best", settings.speed_seconds) if ckpt else math.nan
+        row["speed"] = speed.folder_speed(ckpt / "best", settings.speed_seconds) if ckpt else None
+        row["speed_x_rt"] = row["speed"]["x_real_time"] if ckpt else math.nan
         rows.append(row)
     return rows
 
@@ -147,12 +155,6 @@ def _params(config: TrainConfig) -> int:
     return sum(p.numel() for p in model.parameters()) * len(config.targets)
 
 
-def separation_speed(model_dir: Path, seconds: float) -> float:
-    """x real time of ``distunmix separate``'s separator (niter 1) on generated audio, here."""
-    separator = load_separator(model_dir)
-    return speed.separation_speed(separator, speed.test_audio(seconds, separator.sample_rate), 1)[0]
-
-
 def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The best finished trial by ``metric`` (None when none finished)."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("checkpoint")]
@@ -168,6 +170,11 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> di
     best = best_row(rows, settings.metric)
     if best is not None:
         export_best(Path(best["checkpoint"]), folder / "best")
+        ok = [r for r in rows if r["status"] == "ok"]
+        search = {"trial": best["trial"], "values": best.get("values"), "metric": settings.metric,
+                  "trials": len(rows), "finished": len(ok), "scheduler": settings.scheduler,
+                  "max_epochs": settings.max_epochs}  # fmt: skip
+        update_card(folder / "best", tuning=search, speed=best["speed"])
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -200,9 +207,11 @@ def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> di
                  *[f"{r[f'valid_sdr_{t}']:.2f}" for t in STANDARD_TARGETS],
                  f"{r['train_time_s']:.1f}", f"{r['params_m']:.2f}", f"{r['speed_x_rt']:.1f}"]  # fmt: skip
         md.append("| " + " | ".join(str(c) for c in cells) + " |")
+    md += ["", "## Validation SDR by bandwidth and FFT size", "", *bandwidth_table(rows)]
     atomic_write_text(folder / "results.md", "\n".join(md) + "\n")
     plot_curves(rows, folder / "loss_curves.png", settings.max_epochs)
     plot_sdr_speed(rows, folder / "sdr_vs_speed.png")
+    plot_sdr_bandwidth(rows, folder / "sdr_vs_bandwidth.png")
     summary = {
         "trials": len(rows),
         "trial_epochs": epochs,
@@ -231,6 +240,54 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, max_epochs: int) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("validation loss per trial (x: stopped early)")
+    plots.save(fig, path)
+
+
+def by_bandwidth(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished trials grouped by (bandwidth, nfft, nhop): count, mean and best validation SDR,
+    mean separation speed; sorted by bandwidth then FFT size."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault((r["bandwidth"], r["nfft"], r["nhop"]), []).append(r)
+    out = []
+    for (bandwidth, nfft, nhop), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] or math.inf, kv[0][1])):
+        sdr = [r["valid_sdr"] for r in rs if math.isfinite(r["valid_sdr"])]
+        speed = [r["speed_x_rt"] for r in rs if math.isfinite(r["speed_x_rt"])]
+        out.append({"bandwidth": bandwidth, "nfft": nfft, "nhop": nhop, "trials": len(rs),
+                    "mean_sdr": float(np.mean(sdr)) if sdr else math.nan, "best_sdr": max(sdr, default=math.nan),
+                    "mean_speed": float(np.mean(speed)) if speed else math.nan})  # fmt: skip
+    return out
+
+
+def bandwidth_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: validation SDR and speed per (bandwidth, FFT size) over the finished trials."""
+    lines = ["| bandwidth (Hz) | nfft | nhop | trials | mean valid SDR (dB) | best valid SDR (dB) "
+             "| mean speed (x RT) |", "| --- " * 7 + "|"]  # fmt: skip
+    for g in by_bandwidth(rows):
+        lines.append(f"| {fmt(g['bandwidth'], 0, missing='full')} | {g['nfft']} | {g['nhop']} | {g['trials']} | "
+                     f"{fmt(g['mean_sdr'])} | {fmt(g['best_sdr'])} | {fmt(g['mean_speed'], 1)} |")  # fmt: skip
+    return lines
+
+
+def plot_sdr_bandwidth(rows: list[dict[str, Any]], path: Path) -> None:
+    """Validation SDR of every finished trial against its bandwidth (the models' input is cropped
+    to it), one colour per FFT size, the mean per bandwidth joined."""
+    fig, ax = plots.figure(6, 4.2)
+    ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r["valid_sdr"]) and r["bandwidth"]]
+    for k, nfft in enumerate(sorted({r["nfft"] for r in ok})):
+        pts = [(r["bandwidth"] / 1000, r["valid_sdr"]) for r in ok if r["nfft"] == nfft]
+        ax.scatter(*zip(*pts, strict=True), color=f"C{k}", alpha=0.5, s=14)
+        means = sorted(
+            (b / 1000, g["mean_sdr"]) for g in by_bandwidth(ok) if g["nfft"] == nfft for b in [g["bandwidth"]]
+        )
+        ax.plot(*zip(*means, strict=True), marker="o", color=f"C{k}", label=f"nfft {nfft}: mean")
+    ax.set_xlabel("bandwidth (kHz): the models see the spectrum up to it")
+    ax.set_ylabel("validation SDR (dB)")
+    ax.grid(alpha=0.3)
+    if ok:
+        ax.legend(fontsize=8)
+    ax.set_title("quality vs bandwidth")
     plots.save(fig, path)
 
 

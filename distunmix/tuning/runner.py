@@ -59,7 +59,7 @@ _G = "search"
 class TuneSettings:
     """The experiment's settings; field ``x_y`` is flag ``--x-y`` of ``distunmix tune``."""
 
-    space: str = setting("quick", "quick | seed | study | a YAML file (see distunmix/tuning/spaces/)", group=_G)
+    space: str = setting("quick", "quick | seed | seed-plus | study | a YAML file (distunmix/tuning/spaces/)", group=_G)
     metric: str = setting("valid_loss", "what ranks trials and drives ASHA", group=_G, choices=tuple(METRICS))
     num_samples: int = setting(1, "samples of the space (each sample is every grid point)", group=_G)
     max_epochs: int = setting(4, "epochs per trial at most", group=_G)
