@@ -68,7 +68,7 @@ def model_args(config: ModelConfig, sample_rate: float, n_hop: int, bandwidth: f
         "nb_channels": config.nb_channels,
         "nb_layers": config.nb_layers,
         "unidirectional": config.unidirectional,
-        "max_bin": config.max_bin or config.nb_bins,
+        "max_bin": int(config.max_bin or config.nb_bins),  # a numpy integer from a caller is no JSON
         "sample_rate": sample_rate,
     }
     if bandwidth is not None:

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.metadata
 import json
+import logging
 import math
 import tempfile
 import time
@@ -46,6 +47,7 @@ from .separator import Separator
 from .storage import is_uri
 from .tables import fmt
 
+log = logging.getLogger(__name__)
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 ENGINES = ("fast", "museval")  # BSSEval v4 by distunmix.bsseval, or by museval itself
 MIXTURE = "mixture"  # the baseline that returns the mixture for every target
@@ -441,18 +443,25 @@ def evaluate_models(
 def record_in_cards(
     results: dict[str, dict[str, Any]], data: dict[str, Any], subset: str, engine: str, niter: int
 ) -> list[str]:
-    """Add each local model folder's scores to its model card (the ``evaluation`` section);
-    returns the folders written. ``data``: the scored split (:func:`~distunmix.data.config.describe`)."""
+    """Add each local model folder's scores to its model card (the ``evaluation`` section; its
+    result gets ``card: True``); returns the folders written. ``data``: the scored split
+    (:func:`~distunmix.data.config.describe`). A folder that cannot be written is left as it is."""
     written = []
     for r in results.values():
         model = r["model"]
         if model == MIXTURE or is_uri(model):
             continue
-        update_card(model, evaluation={
-            "data": data, "subset": subset, "sdr": AGGREGATION, "engine": engine_description(engine),
-            "niter": niter, "residual": False, "date": time.strftime("%Y-%m-%d"),
-            "scores": {t: {k: (v if math.isfinite(v) else None) for k, v in s.items()} for t, s in r["scores"].items()},
-        })  # fmt: skip
+        try:
+            update_card(model, evaluation={
+                "data": data, "subset": subset, "sdr": AGGREGATION, "engine": engine_description(engine),
+                "niter": niter, "residual": False, "date": time.strftime("%Y-%m-%d"),
+                "scores": {t: {k: (v if math.isfinite(v) else None) for k, v in s.items()}
+                           for t, s in r["scores"].items()},
+            })  # fmt: skip
+        except OSError as e:  # a read-only folder: the scores are in the reports all the same
+            log.warning("%s: the model card was not updated (%s)", model, e)
+            continue
+        r["card"] = True
         written.append(str(model))
     return written
 

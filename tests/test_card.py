@@ -52,3 +52,21 @@ def test_separate_verbose_prints_the_card(folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "training: 3 epoch(s), best epoch per target: bass 3, vocals 2" in out and "written by distunmix" in out
     assert json.loads((folder / "separator.json").read_text())["targets"] == ["vocals", "bass"]
+
+
+def test_scores_go_into_each_local_folder_and_a_read_only_one_is_left_as_it_is(folder, monkeypatch, caplog):
+    import distunmix.evaluate as ev
+
+    results = {"m": {"model": str(folder), "scores": {"vocals": {"SDR": 3.5, "SIR": float("inf")}}},
+               "mixture": {"model": "mixture", "scores": {}}, "s3": {"model": "s3://b/m", "scores": {}}}  # fmt: skip
+    assert ev.record_in_cards(results, {"tracks": {"test": 2}}, "test", "fast", 1) == [str(folder)]
+    card = read_card(folder)["evaluation"]
+    assert card["scores"]["vocals"] == {"SDR": 3.5, "SIR": None} and card["engine"].startswith("fast: distunmix")
+    assert results["m"]["card"] and "card" not in results["mixture"]
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(ev, "update_card", refuse)
+    assert ev.record_in_cards(results, {}, "test", "fast", 1) == []
+    assert "the model card was not updated (read-only file system)" in caplog.text

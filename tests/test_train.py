@@ -111,6 +111,8 @@ def test_early_stopping_counts_epochs_without_improvement():
     t = EarlyStopping(2)
     t.load_state_dict(s.state_dict())
     assert t.stopped and t.best_epoch == 3
+    d = EarlyStopping(patience=140)  # open-unmix's rule: a NaN stops at once, the best epoch is kept
+    assert d.step(0.5, 1) and not d.step(float("nan"), 2) and d.stopped and (d.best, d.best_epoch) == (0.5, 1)
 
 
 class _Batches:

@@ -9,7 +9,6 @@ from ..data.config import DataConfig
 from ..evaluate import AGGREGATION, ENGINES, MIXTURE, evaluate_models
 from ..flags import add_flags, from_args
 from ..separator import SeparatorOptions
-from ..storage import is_uri
 from .common import command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
 
@@ -61,8 +60,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"{notes} note(s) on silent or perfect signals: see {args.out}/scores.md")
     files = ", ".join(f"{args.out}/scores.{k}" for k in ("json", "csv", "md", "png"))
     print(f"wrote {files} and per-track museval JSON in {args.out}/<model>/")
-    if not args.no_card:
-        folders = [r["model"] for r in results.values() if r["model"] != MIXTURE and not is_uri(r["model"])]
-        if folders:
-            print(f"added the scores to the model card of {', '.join(folders)} (model_card.md, separator.json)")
+    carded = [r["model"] for r in results.values() if r.get("card")]
+    if carded:
+        print(f"added the scores to the model card of {', '.join(carded)} (model_card.md, separator.json)")
     return 0

@@ -93,7 +93,7 @@ def run_tune(args: argparse.Namespace) -> int:
     else:
         print(f"no trial finished an epoch: see the status column of {folder}/results.md, and the errors above "
               "(each trial's error.txt)", file=sys.stderr)  # fmt: skip
-    print(f"results: {folder}/results.md, results.csv, loss_curves.png, sdr_vs_speed.png")
+    print(f"results: {folder}/results.md, results.csv, loss_curves.png, sdr_vs_speed.png, sdr_vs_bandwidth.png")
     return 0 if best else 1
 
 

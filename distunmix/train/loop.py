@@ -124,7 +124,8 @@ class LocalSession:
 
 # -- per-target state ----------------------------------------------------------------------------
 class EarlyStopping:
-    """open-unmix's early stopping: stop after ``patience`` epochs without a lower value."""
+    """open-unmix's early stopping: stop after ``patience`` epochs without a lower value, and at
+    once on a NaN (a diverged model does not come back)."""
 
     def __init__(self, patience: int) -> None:
         self.patience = patience
@@ -134,6 +135,9 @@ class EarlyStopping:
 
     def step(self, value: float, epoch: int) -> bool:
         """Record an epoch's validation loss; True when it is the best so far."""
+        if math.isnan(value):
+            self.bad_epochs = max(self.patience, 1)
+            return False
         if value < self.best:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
@@ -596,6 +600,9 @@ def run_worker(
                     t.scheduler.step(loss)
                     if t.stopper.step(loss, epoch):
                         t.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+                    elif math.isnan(loss) and rank == 0:
+                        log.warning("%s: validation loss is NaN at epoch %d: the target stops (its best epoch, %d, "
+                                    "is kept)", t.name, epoch, t.stopper.best_epoch)  # fmt: skip
                 metrics[f"best_epoch/{t.name}"] = t.stopper.best_epoch
             metrics["active_targets"] = sum(t.active for t in targets)
             metrics["nodes"] = ",".join(gather_strings(session.node))  # rank by rank

@@ -166,7 +166,7 @@ def best_row(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
 
 
 def write_results(folder: Path, rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
-    """results.csv / .md / .json, loss_curves.png, sdr_vs_speed.png and ``best/``."""
+    """results.csv / .md / .json, loss_curves.png, sdr_vs_speed.png, sdr_vs_bandwidth.png and ``best/``."""
     best = best_row(rows, settings.metric)
     if best is not None:
         export_best(Path(best["checkpoint"]), folder / "best")
