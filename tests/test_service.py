@@ -7,6 +7,7 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -374,3 +375,18 @@ def test_the_client_retries_connection_errors_and_5xx_with_bounded_backoff(monke
     assert len(told) == 2 and time.monotonic() - t0 < 5
     assert client.backoff(1) <= 0.01 * 1.25 and client.backoff(30) == client.MAX_BACKOFF_S
     assert client.backoff(1, "3") >= 3 and client.backoff(1, "999") == client.MAX_BACKOFF_S
+
+
+def test_free_ports_are_drawn_outside_the_range_the_system_hands_out():
+    """Ray's servers bind "any port": a port from the ephemeral range could be theirs by the time a
+    test's server starts on it; one from PORT_RANGE cannot."""
+    import socket
+
+    from distunmix.serve.client import PORT_RANGE, free_port
+
+    ports = [free_port() for _ in range(20)]
+    assert all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports) and len(set(ports)) > 1
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert PORT_RANGE[1] <= low
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # free when handed out

@@ -18,10 +18,24 @@ from pathlib import Path
 from ..errors import ClientError
 from ..fileio import PLAIN_NAME, atomic_write_bytes, plain_name
 
+PORT_RANGE = (20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's ephemeral ones
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (for local servers and tests)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for local servers and tests). It is
+    drawn outside the ephemeral range: a port the system hands out for "any port" (Ray's own
+    servers ask for those) could be taken between this call and the server's start (seen: a Ray
+    gRPC server answering on a port picked for Serve)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the whole range busy: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
