@@ -70,3 +70,12 @@ def test_scores_go_into_each_local_folder_and_a_read_only_one_is_left_as_it_is(f
     monkeypatch.setattr(ev, "update_card", refuse)
     assert ev.record_in_cards(results, {}, "test", "fast", 1) == []
     assert "the model card was not updated (read-only file system)" in caplog.text
+
+
+def test_the_speed_section_of_a_one_target_model_separates_it_with_the_residual(tmp_path):
+    """Wiener EM needs two targets: a vocals-only model is timed as separate runs it (vocals + rest)."""
+    from distunmix.speed import folder_speed
+
+    assert main(["init-model", str(tmp_path / "v"), "--hidden-size", "8", "--targets", "vocals"]) == 0
+    speed = folder_speed(tmp_path / "v", seconds=1.0)
+    assert speed["residual"] is True and speed["x_real_time"] > 0 and speed["niter"] == 1
