@@ -235,13 +235,18 @@ def test_a_resumed_experiment_on_s3_does_not_rerun_finished_trials(data, ray_clu
 
 @pytest.mark.integration
 def test_a_killed_driver_is_resumed_from_s3_by_a_new_one(data, ray_cluster, monkeypatch, tmp_path, capsys):
-    """The driver process is killed outright (SIGKILL) once two trials have finished: a new driver
-    resumes the experiment from S3, trains no finished trial again and writes the results there.
-    One of the trials it runs is killed too: an error row of the results, not an interruption."""
+    """The driver process is killed outright (SIGKILL) once two trials have finished (a third held
+    at its first batch): a new driver resumes the experiment from S3, trains no finished trial
+    again and writes the results there. The held trial, run again, is killed too: an error row of
+    the results, not an interruption."""
     config, _ = data
     flags = [*_flags(config, Path("."), "killed", "--max-epochs", "1", "--speed-seconds", "1")]
     flags[flags.index("--storage-path") + 1] = "s3://bucket/exp"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # the first trial to start holds at its first batch, so one trial is sure to be unfinished when
+    # the driver dies (without it, all four could finish between the last look at S3 and the kill)
+    (tmp_path / "first").mkdir()
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, FAULT_ENV: "1,0,0,hold",
+           FAULT_MARKER_ENV: str(tmp_path / "first")}  # fmt: skip
     command = [str(Path(sys.executable).parent / "distunmix"), *flags]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -253,6 +258,7 @@ def test_a_killed_driver_is_resumed_from_s3_by_a_new_one(data, ray_cluster, monk
         driver.kill()
         driver.wait(30)
     assert len(finished) < 4 and "results.csv" not in _read_s3("s3://bucket/exp/killed")
+    assert len(list((tmp_path / "first").glob("fault-*"))) == 1  # the held trial
     monkeypatch.setenv(FAULT_ENV, "1,0,0")  # the first resumed trial to reach epoch 1's first batch is killed
     monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path))
     assert main([*flags, "--resume"]) == 0
