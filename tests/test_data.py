@@ -249,6 +249,19 @@ def test_input_statistics_match_a_direct_computation(config):
     assert np.array_equal(input_statistics(cache, 1024, 256)[0], mean)
 
 
+def test_processes_computing_the_same_statistics_at_once_do_not_collide(config):
+    """Tune's trials compute a split's statistics at the same moment: each writes its own temporary
+    file (one shared name made a trial fail with FileNotFoundError at the rename)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = load_split(config, "train")
+    (cache.folder / "stats_512_128.npz").unlink(missing_ok=True)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: input_statistics(cache, 512, 128, progress=False), range(4)))
+    assert all(np.array_equal(r[0], results[0][0]) for r in results)
+    assert [p.name for p in cache.folder.glob("*stats_512_128*")] == ["stats_512_128.npz"]
+
+
 # -- custom stems --------------------------------------------------------------------------------
 def _write_track(folder, sources=SOURCES, length=RATE, rate=RATE, channels=2, seed=0, silent=()):
     folder.mkdir(parents=True, exist_ok=True)

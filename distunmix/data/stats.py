@@ -8,11 +8,14 @@ to the cache (``stats_<n_fft>_<hop>.npz``).
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .. import spectral
+from ..fileio import atomic_write_bytes
 from .cache import AudioCache
 
 
@@ -44,7 +47,7 @@ def input_statistics(
     std = np.sqrt(np.maximum(total_sq / frames - mean**2, 0.0))
     std = np.maximum(std, 1e-4 * std.max())
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mean=mean, std=std)
-    tmp.replace(path)
+    buf = io.BytesIO()  # through a temporary file of this writer's own: trials compute these at once
+    np.savez(buf, mean=mean, std=std)
+    atomic_write_bytes(path, buf.getvalue())
     return mean, std
