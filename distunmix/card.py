@@ -99,20 +99,22 @@ def update_card(model_dir: str | os.PathLike, **sections: Any) -> dict[str, Any]
     if unknown:
         raise ValueError(f"card sections {', '.join(unknown)}: expected among {', '.join(SECTIONS)}")
     folder = Path(model_dir)
-    path = folder / "separator.json"
-    with open(path) as f:
+    with open(folder / "separator.json") as f:
         body = json.load(f)
-    card = dict(body.get("card") or {})
-    card.update(sections)
-    card["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    body["card"] = card
-    atomic_write_json(path, body)
+    return write_card(folder, body, {**(body.get("card") or {}), **sections})
+
+
+def write_card(folder: Path, body: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """Write ``separator.json`` (``body`` with ``card``, stamped) and ``model_card.md``."""
+    card = {**card, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(folder / "separator.json", {**body, "card": card})
     atomic_write_text(folder / CARD_FILE, render(card, folder.name))
     return card
 
 
 def summary(card: Mapping[str, Any]) -> list[str]:
     """A few lines on a card for a terminal (``distunmix separate -v``)."""
+    card = {k: v for k, v in card.items() if isinstance(v, dict)}  # a hand-edited file: odd sections left out
     if not card:
         return ["no model card (a folder written before model cards, or by another tool)"]
     model = card.get("model", {})

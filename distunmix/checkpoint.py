@@ -122,8 +122,7 @@ def save_model_dir(
     sections = {"model": model, **(card or {}), "versions": card_mod.versions()}
     body = {"targets": list(models), "sample_rate": sample_rate, "nfft": first.n_fft, "nhop": n_hop,
             "nb_channels": first.nb_channels}  # fmt: skip
-    atomic_write_json(model_dir / "separator.json", body)
-    card_mod.update_card(model_dir, **sections)  # the card block and model_card.md
+    card_mod.write_card(model_dir, body, sections)  # separator.json with its card, and model_card.md
     return model_dir
 
 
