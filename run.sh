@@ -92,6 +92,9 @@ ensure_venv() {
     # The reference implementation is a test oracle only. Its metadata requires torchaudio,
     # whose Linux wheels are CUDA builds that fail to import beside a CPU torch: no deps.
     pip_quiet --no-deps "openunmix==1.3.0"
+    # asteroid's X-UMX is the oracle of distunmix's; asteroid and its filterbanks import with
+    # what is here plus huggingface_hub (their full requirements pull lightning, torchaudio, ...)
+    pip_quiet --no-deps "asteroid==0.7.0" "asteroid-filterbanks==0.4.0" "huggingface_hub==2.4.0"
     echo "$want" >"$stamp"
 }
 

@@ -27,12 +27,14 @@ from .fileio import PLAIN_NAME, atomic_write_bytes, atomic_write_json
 from .model import ModelConfig, OpenUnmix
 from .separator import Separator, SeparatorOptions
 from .storage import is_uri, local_folder
+from .xumx import CrossUnmix, from_asteroid_state, is_asteroid_state
 
 STANDARD_TARGETS = ("vocals", "drums", "bass", "other")
 # keys some official weight files carry that are not model parameters
 LEGACY_KEYS = ("stft.window", "transform.0.window", "sample_rate")
 DEFAULT_SAMPLE_RATE = 44100.0
 DEFAULT_HOP = 1024
+XUMX_FILE = "xumx.pth"  # an X-UMX folder's one weight file: the targets are one joint model
 
 
 # generic folder names: a model folder called so is named after its run folder too
@@ -78,7 +80,7 @@ def model_args(config: ModelConfig, sample_rate: float, n_hop: int, bandwidth: f
 
 def save_model_dir(
     model_dir: str | os.PathLike,
-    models: Mapping[str, OpenUnmix],
+    models: Mapping[str, OpenUnmix] | CrossUnmix,
     sample_rate: float = DEFAULT_SAMPLE_RATE,
     n_hop: int = DEFAULT_HOP,
     bandwidth: float | None = None,
@@ -92,11 +94,16 @@ def save_model_dir(
     ``extra_args`` adds flags to every JSON's ``args`` (e.g. the training configuration). The
     folder's model card (:mod:`distunmix.card`) holds its architecture, the versions, and
     ``card``'s sections (e.g. data, training).
+
+    An X-UMX model (:class:`~distunmix.xumx.CrossUnmix`) is one file, ``xumx.pth``, whose
+    ``args`` and ``info["xumx"]`` go in ``separator.json`` (open-unmix cannot load it, so no
+    ``<target>.pth`` invites it to try).
     """
     if not models:
         raise ValueError("save_model_dir needs at least one target model")
     model_dir = Path(model_dir)
-    configs = {t: m.config for t, m in models.items()}
+    joint = isinstance(models, CrossUnmix)
+    configs = {t: models.config for t in models.targets} if joint else {t: m.config for t, m in models.items()}
     first = next(iter(configs.values()))
     for target, cfg in configs.items():
         if (cfg.n_fft, cfg.nb_channels) != (first.n_fft, first.nb_channels):
@@ -104,26 +111,37 @@ def save_model_dir(
                 f"target {target!r} has n_fft/channels {cfg.n_fft}/{cfg.nb_channels}, others "
                 f"{first.n_fft}/{first.nb_channels}: one folder holds one STFT set-up"
             )
-    for target, model in models.items():
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save(state, model_dir / f"{target}.pth")
-        args = dict(extra_args or {})
-        args.update(model_args(configs[target], sample_rate, n_hop, bandwidth))
-        body = {"args": args, "target": target}
-        body.update((info or {}).get(target, {}))
-        atomic_write_json(model_dir / f"{target}.json", body)
+    args = {**(extra_args or {}), **model_args(first, sample_rate, n_hop, bandwidth)}
+    body = {"targets": list(configs), "sample_rate": sample_rate, "nfft": first.n_fft, "nhop": n_hop,
+            "nb_channels": first.nb_channels}  # fmt: skip
+    if joint:
+        atomic_torch_save(_cpu_state(models), model_dir / XUMX_FILE)
+        body.update({"architecture": "xumx", "args": args, **(info or {}).get("xumx", {})})
+    else:
+        for target, model in models.items():
+            atomic_torch_save(_cpu_state(model), model_dir / f"{target}.pth")
+            entry = {"args": {**(extra_args or {}), **model_args(configs[target], sample_rate, n_hop, bandwidth)},
+                     "target": target, **(info or {}).get(target, {})}  # fmt: skip
+            atomic_write_json(model_dir / f"{target}.json", entry)
+    parameters = (
+        sum(p.numel() for p in models.parameters())
+        if joint
+        else sum(p.numel() for m in models.values() for p in m.parameters())
+    )
     model = {
-        "architecture": "umx",
-        "targets": list(models),
+        "architecture": "xumx" if joint else "umx",
+        "targets": list(configs),
         **{k: v for k, v in model_args(first, sample_rate, n_hop, bandwidth).items() if k != "nb_channels"},
         "nb_channels": first.nb_channels,
-        "parameters": sum(p.numel() for m in models.values() for p in m.parameters()),
+        "parameters": parameters,
     }
     sections = {"model": model, **(card or {}), "versions": card_mod.versions()}
-    body = {"targets": list(models), "sample_rate": sample_rate, "nfft": first.n_fft, "nhop": n_hop,
-            "nb_channels": first.nb_channels}  # fmt: skip
     card_mod.write_card(model_dir, body, sections)  # separator.json with its card, and model_card.md
     return model_dir
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -205,9 +223,13 @@ def find_weights(model_dir: Path, target: str) -> Path:
 
 
 def available_targets(model_dir: str | os.PathLike) -> list[str]:
-    """Targets with a weight file in ``model_dir``: the standard four first, then alphabetical."""
+    """Targets of a model folder: an X-UMX folder's (in its order), else those with a weight
+    file, the standard four first, then alphabetical."""
+    model_dir = local_folder(model_dir)
+    if (model_dir / XUMX_FILE).is_file():
+        return _xumx_targets(model_dir, None)
     names = set()
-    for p in local_folder(model_dir).glob("*.pth"):
+    for p in model_dir.glob("*.pth"):
         m = re.fullmatch(r"(.+?)(-[0-9a-f]{6,})?\.pth", p.name)
         if m:
             names.add(m.group(1))
@@ -216,8 +238,15 @@ def available_targets(model_dir: str | os.PathLike) -> list[str]:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a weight file (a plain state_dict or a training checkpoint holding one)."""
+    return _state_of(_read_weights(path), path)
+
+
+def _read_weights(path: Path) -> Any:
+    """What a weight file holds, read without running code. A ``torch.__version__`` string
+    (asteroid's files record it) is allowed: a plain ``str`` subclass."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file not found") from e
     except Exception as e:  # truncated, corrupt, not a torch file, or unsafe pickle content
@@ -225,6 +254,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: cannot be read as a PyTorch weight file ({type(e).__name__}: {_first_line(e)}); "
             "expected an open-unmix state_dict saved with torch.save"
         ) from e
+
+
+def _state_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -282,6 +314,11 @@ def load_target_model(model_dir: str | os.PathLike, target: str, device: str | t
     model_dir = local_folder(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")
+    if (model_dir / XUMX_FILE).is_file():
+        raise CheckpointError(
+            f"{model_dir}: an X-UMX model ({XUMX_FILE}), whose targets are one joint model: "
+            f"load the whole folder (load_separator, load_xumx), not the {target!r} target alone"
+        )
     return _load_target(model_dir, target)[0].to(device)
 
 
@@ -296,21 +333,83 @@ def _load_target(model_dir: Path, target: str) -> tuple[OpenUnmix, float | None]
     if json_path.is_file():
         _check_args(config, _target_args(json_path), json_path)
     model = OpenUnmix.from_config(config)
+    _load_checked(model, state, path, f"an Open-Unmix model ({config})")
+    return model.freeze(), legacy_rate
+
+
+def _load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``state`` into ``model`` after checking its keys and shapes (errors name the file)."""
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
     if unexpected or missing:
-        raise CheckpointError(
-            f"{path}: keys do not match an Open-Unmix model ({config}); "
-            f"unexpected: {unexpected[:5]}, missing: {missing[:5]}"
-        )
+        raise CheckpointError(f"{path}: keys do not match {what}; unexpected: {unexpected[:5]}, missing: {missing[:5]}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} for {config}"
+                f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} for {what}"
             )
     model.load_state_dict(state, strict=False)
-    return model.freeze(), legacy_rate
+
+
+# -- X-UMX ---------------------------------------------------------------------------------------
+# asteroid's model_args that distunmix's STFT and magnitude must match to load its file
+_ASTEROID_FIXED = {"spec_power": 1}
+
+
+def _xumx_targets(model_dir: Path, raw: Any) -> list[str]:
+    """An X-UMX folder's targets: separator.json's list, else the asteroid file's ``sources``."""
+    sep_json = model_dir / "separator.json"
+    if sep_json.is_file():
+        body = _read_json(sep_json)
+        if body.get("architecture", "xumx") != "xumx":
+            raise CheckpointError(
+                f"{sep_json}: architecture is {body['architecture']!r} but the folder holds {XUMX_FILE}"
+            )
+        return check_target_names(sep_json, body.get("targets"))
+    raw = _read_weights(model_dir / XUMX_FILE) if raw is None else raw
+    args = raw.get("model_args") if isinstance(raw, dict) else None
+    if not isinstance(args, dict):
+        raise CheckpointError(
+            f"{model_dir / XUMX_FILE}: no separator.json beside it and no asteroid model_args in it: "
+            "nothing names the targets"
+        )
+    return check_target_names(model_dir / XUMX_FILE, args.get("sources"))
+
+
+def load_xumx(model_dir: str | os.PathLike) -> tuple[CrossUnmix, dict[str, Any]]:
+    """An X-UMX folder's joint model (frozen) and its STFT settings (sample_rate, nhop, ...).
+
+    ``xumx.pth`` is distunmix's (``branches.<target>.<layer>``, settings in separator.json) or
+    asteroid's (``asteroid.models.XUMX.serialize()``: ``layer_enc.<target>...``, settings in
+    its ``model_args``), told apart by the keys."""
+    model_dir = local_folder(model_dir)
+    path = model_dir / XUMX_FILE
+    raw = _read_weights(path)
+    state = _state_of(raw, path)
+    targets = _xumx_targets(model_dir, raw)
+    legacy: dict[str, Any] = {}
+    args = raw.get("model_args") if isinstance(raw, dict) else None
+    if isinstance(args, dict) and not (model_dir / "separator.json").is_file():
+        for key, want in _ASTEROID_FIXED.items():
+            if args.get(key, want) != want:
+                raise CheckpointError(f"{path}: model_args.{key} is {args[key]!r}; distunmix reads {key} {want}")
+        if args.get("window_length", args.get("in_chan")) != args.get("in_chan"):
+            raise CheckpointError(
+                f"{path}: window_length {args['window_length']} differs from in_chan {args['in_chan']}"
+            )
+        legacy = {"sample_rate": args.get("sample_rate"), "nhop": args.get("n_hop")}
+        legacy = {k: check_json_value(path, k, v) for k, v in legacy.items() if v is not None}
+    if is_asteroid_state(state):
+        state = from_asteroid_state(state, targets)
+    prefix = f"branches.{targets[0]}."
+    config = infer_config({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, path)
+    model = CrossUnmix(targets, config)
+    _load_checked(model, state, path, f"an X-UMX model of {', '.join(targets)} ({config})")
+    conf = read_separator_config(model_dir, [], legacy.get("sample_rate"))
+    if "nhop" in legacy and not (model_dir / "separator.json").is_file():
+        conf["nhop"] = legacy["nhop"]
+    return model.freeze(), conf
 
 
 def read_separator_config(model_dir: Path, targets: Iterable[str], legacy_rate: float | None = None) -> dict[str, Any]:
@@ -365,7 +464,11 @@ def load_separator(
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model folder not found")
     found = available_targets(model_dir)
-    if targets is None:
+    joint = None
+    if (model_dir / XUMX_FILE).is_file():
+        joint, conf = load_xumx(model_dir)
+        targets = found if targets is None else list(targets)
+    elif targets is None:
         listed = None
         sep_json = model_dir / "separator.json"
         if sep_json.is_file():
@@ -381,17 +484,22 @@ def load_separator(
         raise CheckpointError(
             f"{model_dir}: unknown target(s) {', '.join(unknown)}; this folder has: {', '.join(found) or 'none'}"
         )
-    loaded = {t: _load_target(model_dir, t) for t in targets}
-    models = {t: model for t, (model, _) in loaded.items()}
-    legacy_rate = next((rate for _, rate in loaded.values() if rate is not None), None)
-    conf = read_separator_config(model_dir, targets, legacy_rate)
-    n_fft = next(iter(models.values())).config.n_fft
+    if joint is not None:
+        models: Mapping[str, OpenUnmix] | CrossUnmix = joint.select(targets)
+        config = joint.config
+    else:
+        loaded = {t: _load_target(model_dir, t) for t in targets}
+        models = {t: model for t, (model, _) in loaded.items()}
+        legacy_rate = next((rate for _, rate in loaded.values() if rate is not None), None)
+        conf = read_separator_config(model_dir, targets, legacy_rate)
+        config = next(iter(models.values())).config
+    n_fft = config.n_fft
     sep_json = model_dir / "separator.json"
     if "nfft" in conf and conf["nfft"] != n_fft:
         raise CheckpointError(f"{sep_json}: nfft is {conf['nfft']} but the weights have {n_fft}")
     if conf["nhop"] > n_fft:
         raise CheckpointError(f"{sep_json}: nhop is {conf['nhop']}; expected at most the FFT size {n_fft}")
-    channels = next(iter(models.values())).config.nb_channels
+    channels = config.nb_channels
     if conf.get("nb_channels", channels) != channels:
         raise CheckpointError(f"{sep_json}: nb_channels is {conf['nb_channels']} but the weights have {channels}")
     try:

@@ -306,7 +306,12 @@ def export_separator(
     unidirectional models with niter 0 also gets its streaming step, ``<stem>.stream.onnx``,
     written first: a file at ``path`` means both are complete.
 
-    Returns the files written."""
+    Returns the files written. X-UMX models are refused (not exported yet)."""
+    if separator.joint is not None:
+        raise ConfigError(
+            "ONNX export of X-UMX models (--architecture xumx) is not supported yet: serve and separate "
+            "them with the torch backend (--backend torch)"
+        )
     path = Path(path)
     sep = _prepared(separator)
     samples = torch.export.Dim.DYNAMIC

@@ -143,6 +143,11 @@ class OpenUnmix(nn.Module):
     def unidirectional(self) -> bool:
         return self.config.unidirectional
 
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """(layers, hidden) of the streaming state's h and c."""
+        return self.lstm.num_layers, self.lstm.hidden_size
+
     def freeze(self) -> OpenUnmix:
         """Eval mode, no gradients: the inference set-up."""
         for p in self.parameters():
@@ -173,23 +178,29 @@ class OpenUnmix(nn.Module):
 
     def _forward_graph(self, x: Tensor) -> Tensor:
         """open-unmix's computation, layer by layer (training and autograd)."""
-        mix = x.detach()
-        # (nb_frames, nb_samples, nb_channels, nb_bins): time first for the LSTM
-        x = x.permute(3, 0, 1, 2)
-        nb_frames, nb_samples, nb_channels, _ = x.shape
+        xt = x.permute(3, 0, 1, 2)  # (nb_frames, nb_samples, nb_channels, nb_bins): time first
+        h = self.encode(xt)
+        lstm_out, _ = self.lstm(h)
+        # skip connection: (nb_frames, nb_samples, 2 * hidden_size)
+        return self.decode(torch.cat([h, lstm_out], -1), x.detach())
 
-        x = (x[..., : self.nb_bins] + self.input_mean) * self.input_scale
+    def encode(self, xt: Tensor) -> Tensor:
+        """(nb_frames, nb_samples, nb_channels, nb_bins) mixture magnitude -> (nb_frames,
+        nb_samples, hidden_size): input scaling, fc1, bn1, tanh (the layers before the LSTM)."""
+        nb_frames, nb_samples, nb_channels, _ = xt.shape
+        x = (xt[..., : self.nb_bins] + self.input_mean) * self.input_scale
         # (nb_frames * nb_samples, nb_channels * max_bin): channel-major flatten
         x = self.bn1(self.fc1(x.reshape(-1, nb_channels * self.nb_bins)))
-        x = torch.tanh(x.reshape(nb_frames, nb_samples, self.hidden_size))
+        return torch.tanh(x.reshape(nb_frames, nb_samples, self.hidden_size))
 
-        lstm_out, _ = self.lstm(x)
-        # skip connection: (nb_frames, nb_samples, 2 * hidden_size)
-        x = torch.cat([x, lstm_out], -1)
-
-        x = F.relu(self.bn2(self.fc2(x.reshape(-1, x.shape[-1]))))
+    def decode(self, h: Tensor, mix: Tensor) -> Tensor:
+        """(nb_frames, nb_samples, 2 * hidden_size) features -> the target magnitude, (nb_samples,
+        nb_channels, nb_bins, nb_frames): fc2, bn2, relu, fc3, bn3, output scaling, relu, times
+        the mixture magnitude ``mix`` (the layers after the LSTM)."""
+        nb_frames, nb_samples = h.shape[:2]
+        x = F.relu(self.bn2(self.fc2(h.reshape(-1, h.shape[-1]))))
         x = self.bn3(self.fc3(x))
-        x = x.reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins)
+        x = x.reshape(nb_frames, nb_samples, self.nb_channels, self.nb_output_bins)
         x = F.relu(x * self.output_scale + self.output_mean)
         # back to (nb_samples, nb_channels, nb_bins, nb_frames), masking the mixture
         return x.permute(1, 2, 3, 0) * mix
@@ -218,21 +229,31 @@ class OpenUnmix(nn.Module):
         """The same function with eval-mode BatchNorm and the input/output affine maps folded
         into the three linear layers: one matrix product each, results in place. Less memory
         traffic and far fewer full-size temporaries, which bounds a long separation's memory."""
-        # (nb_frames, nb_samples, nb_channels, nb_bins)
-        xt = x.permute(3, 0, 1, 2)
-        nb_frames, nb_samples, nb_channels, _ = xt.shape
-        w1, c1, w2, b2, w3, c3 = self.folded_weights(nb_channels)
-        flat = xt[..., : self.nb_bins].reshape(-1, nb_channels * self.nb_bins)
-        h = torch.addmm(c1, flat, w1.t()).tanh_().reshape(nb_frames, nb_samples, self.hidden_size)
+        h = self.encode_folded(x)
         lstm_out, state = _lstm_steps(self.lstm, h, hx) if stepwise else self.lstm(h, hx)
-        h = torch.cat([h, lstm_out], -1).reshape(nb_frames * nb_samples, -1)
-        h = torch.addmm(b2, h, w2.t()).relu_()
+        return self.decode_folded(torch.cat([h, lstm_out], -1), x, out), state
+
+    def encode_folded(self, x: Tensor) -> Tensor:
+        """:meth:`encode` at inference, folded: (nb_samples, nb_channels, nb_bins, nb_frames)
+        mixture magnitude -> (nb_frames, nb_samples, hidden_size)."""
+        xt = x.permute(3, 0, 1, 2)  # (nb_frames, nb_samples, nb_channels, nb_bins)
+        nb_frames, nb_samples, nb_channels, _ = xt.shape
+        w1, c1 = self.folded_weights(nb_channels)[:2]
+        flat = xt[..., : self.nb_bins].reshape(-1, nb_channels * self.nb_bins)
+        return torch.addmm(c1, flat, w1.t()).tanh_().reshape(nb_frames, nb_samples, self.hidden_size)
+
+    def decode_folded(self, h: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """:meth:`decode` at inference, folded: (nb_frames, nb_samples, 2 * hidden_size) features
+        and the mixture magnitude ``x`` -> the target magnitude (into ``out`` if given)."""
+        nb_frames, nb_samples = h.shape[:2]
+        _, _, w2, b2, w3, c3 = self.folded_weights(x.shape[1])
+        h = torch.addmm(b2, h.reshape(nb_frames * nb_samples, -1), w2.t()).relu_()
         y = torch.addmm(c3, h, w3.t()).relu_()
         # (nb_frames, nb_samples, nb_channels, nb_bins) seen as (nb_samples, nb_channels, nb_bins, nb_frames)
-        y = y.reshape(nb_frames, nb_samples, nb_channels, self.nb_output_bins).permute(1, 2, 3, 0)
+        y = y.reshape(nb_frames, nb_samples, x.shape[1], self.nb_output_bins).permute(1, 2, 3, 0)
         if out is None:
-            return y.mul_(x), state
-        return torch.mul(y, x, out=out), state
+            return y.mul_(x)
+        return torch.mul(y, x, out=out)
 
     def folded_weights(self, nb_channels: int) -> tuple[Tensor, ...]:
         """(w1, c1, w2, b2, w3, c3) of the folded layers, cached until a parameter or buffer

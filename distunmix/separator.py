@@ -24,6 +24,7 @@ from .chunking import ChunkPlan, chunk_frames, context_frames, plan_chunks
 from .errors import ConfigError
 from .flags import setting
 from .model import OpenUnmix
+from .xumx import CrossUnmix
 
 _GROUP = "separation"
 
@@ -68,7 +69,9 @@ class Separator(nn.Module):
     model fed mono audio sees the channel twice and returns stereo (as open-unmix does).
 
     Args:
-        target_models: target name -> :class:`OpenUnmix` (all with the same STFT and channels)
+        target_models: target name -> :class:`OpenUnmix` (all with the same STFT and channels),
+            or one X-UMX model (:class:`~distunmix.xumx.CrossUnmix`), which estimates its
+            :attr:`~distunmix.xumx.CrossUnmix.outputs` jointly
         sample_rate: the models' sample rate in Hz
         n_fft, n_hop: STFT size and hop of the models
         niter: Wiener EM iterations (0: mixture phase / soft mask only)
@@ -83,7 +86,7 @@ class Separator(nn.Module):
 
     def __init__(
         self,
-        target_models: Mapping[str, OpenUnmix],
+        target_models: Mapping[str, OpenUnmix] | CrossUnmix,
         sample_rate: float = 44100.0,
         n_fft: int = 4096,
         n_hop: int = 1024,
@@ -96,6 +99,9 @@ class Separator(nn.Module):
         batch_chunks: int = _D.batch_chunks,
     ) -> None:
         super().__init__()
+        self.joint = target_models if isinstance(target_models, CrossUnmix) else None
+        if self.joint is not None:  # its branches, for what they tell (channels, LSTM, ...)
+            target_models = {t: self.joint.branches[t] for t in self.joint.outputs}
         if not target_models:
             raise ValueError("a Separator needs at least one target model")
         channels = {m.nb_channels for m in target_models.values()}
@@ -130,6 +136,16 @@ class Separator(nn.Module):
     def targets(self) -> list[str]:
         """Output order of the targets (``residual`` last when enabled)."""
         return list(self.target_models) + (["residual"] if self.residual else [])
+
+    @property
+    def stages(self) -> list[OpenUnmix | CrossUnmix]:
+        """The modules that estimate the targets, in output order: the joint X-UMX model, or
+        one Open-Unmix model per target."""
+        return [self.joint] if self.joint is not None else list(self.target_models.values())
+
+    @property
+    def architecture(self) -> str:
+        return "umx" if self.joint is None else "xumx"
 
     @property
     def device(self) -> torch.device:
@@ -189,6 +205,8 @@ class Separator(nn.Module):
         Each model writes into its slot of one frame-major buffer, like the STFT's layout:
         (B, S, C', T, F) storage seen as (B, S, C', F, T).
         """
+        if self.joint is not None:
+            return self.joint(mag)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             # autograd cannot write into a shared buffer: stack the outputs instead
             outs = [m(mag).transpose(-1, -2) for m in self.target_models.values()]

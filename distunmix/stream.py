@@ -76,7 +76,7 @@ class StreamingSeparator:
         self._buf: Tensor | None = None  # padded samples from frame self._frame's start on
         self._frame = 0  # next STFT frame to compute
         self._received = 0
-        self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.separator.target_models)
+        self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.separator.stages)
         self._ola = spectral.OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
         self._done = False
 
@@ -187,10 +187,9 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
     batch, so the weights are read once for all (the cost of a streamed block on a CPU). Each
     stream's state moves on as if it had run alone. Returns each step's per-target magnitudes."""
     first = steps[0].streamer
-    models = list(first.separator.target_models.values())
+    models = first.separator.stages
     for s in steps[1:]:
-        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, s.streamer.separator.target_models.values(),
-                                                                   strict=True)):  # fmt: skip
+        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, s.streamer.separator.stages, strict=True)):
             raise ValueError("steps run together need the same models and frame count")
     mag = torch.cat([s.mag for s in steps]) if len(steps) > 1 else steps[0].mag
     sizes = [s.mag.shape[0] for s in steps]
@@ -200,14 +199,15 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
         if len(steps) == 1:
             state = states[0]
         else:
-            layers, hidden = model.lstm.num_layers, model.lstm.hidden_size
+            layers, hidden = model.state_shape
             zeros = [torch.zeros(layers, n, hidden, dtype=mag.dtype, device=mag.device) for n in sizes]
             state = tuple(torch.cat([st[i] if st is not None else z for st, z in zip(states, zeros, strict=True)], 1)
                           for i in (0, 1))  # fmt: skip
         y, (h, c) = model.forward_stream(mag, state)
         for j, (part, hs, cs) in enumerate(zip(y.split(sizes), h.split(sizes, 1), c.split(sizes, 1), strict=True)):
             steps[j].streamer._states[k] = (hs, cs)
-            out[j].append(part)
+            # an X-UMX model estimates every target at once: (B, S, C, F, nb)
+            out[j].extend(part.unbind(1) if part.dim() == 5 else [part])
     return out
 
 

@@ -49,9 +49,10 @@ def test_builtin_spaces_load_with_the_seed_grid():
         "unidirectional": (False, True),
     }
     plus = load_space("seed-plus", TrainConfig())
-    assert plus.grid_size == 48 * 4 * 2 and {p.name: p.values for p in plus.params}["bandwidth"][-1] == 22050.0
-    config = plus.apply(TrainConfig(), {"bandwidth": 8000.0, "nfft": 2048})
+    assert plus.grid_size == 48 * 4 * 2 * 2 and {p.name: p.values for p in plus.params}["bandwidth"][-1] == 22050.0
+    config = plus.apply(TrainConfig(), {"bandwidth": 8000.0, "nfft": 2048, "architecture": "xumx"})
     assert (config.model_config().max_bin, config.nhop) == (int(8000 / 22050 * 1024) + 1, 1024)
+    assert config.architecture == "xumx"
     quick = load_space("quick", TrainConfig())
     assert quick.grid_size == 4 and quick.fixed["nfft"] == 1024
     config = quick.apply(TrainConfig(), {"hidden_size": 32, "lr": 0.002})

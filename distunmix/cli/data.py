@@ -16,10 +16,12 @@ from ..data.synth import synth_track, write_dataset
 from ..flags import add_flags, comma_list, from_args
 from ..model import OpenUnmix
 from ..train.config import TrainConfig
+from ..xumx import CrossUnmix
 from .common import command, flag
 
 # what init-model builds: the model settings of a training run (their defaults are open-unmix's)
-MODEL_SETTINGS = ("targets", "hidden_size", "nb_layers", "unidirectional", "bandwidth", "nfft", "nhop", "seed")
+MODEL_SETTINGS = ("targets", "architecture", "hidden_size", "nb_layers", "unidirectional", "bandwidth", "nfft", "nhop",
+                  "seed")  # fmt: skip
 
 
 def register(sub: Any) -> None:
@@ -58,10 +60,14 @@ def run_init_model(args: argparse.Namespace) -> int:
     """``distunmix init-model``."""
     config = TrainConfig.from_args(args)
     torch.manual_seed(config.seed)
-    models = {t: OpenUnmix.from_config(config.model_config()) for t in config.targets}
+    if config.architecture == "xumx":
+        models: dict[str, OpenUnmix] | CrossUnmix = CrossUnmix(config.targets, config.model_config())
+    else:
+        models = {t: OpenUnmix.from_config(config.model_config()) for t in config.targets}
     rate = config.data.sample_rate
     save_model_dir(args.out, models, sample_rate=rate, n_hop=config.nhop, bandwidth=config.bandwidth)
-    print(f"wrote untrained model ({', '.join(config.targets)}; {config.model_config()}) to {args.out}")
+    print(f"wrote untrained {config.architecture} model ({', '.join(config.targets)}; {config.model_config()}) "
+          f"to {args.out}")  # fmt: skip
     return 0
 
 

@@ -360,7 +360,7 @@ class SeparationService:
         if self.config.backend == "onnx":
             return self._onnx_for(0).streamer()
         sep = self.separator
-        live = Separator(dict(sep.target_models), sep.sample_rate, sep.n_fft, sep.n_hop, niter=0,
+        live = Separator(sep.joint or dict(sep.target_models), sep.sample_rate, sep.n_fft, sep.n_hop, niter=0,
                          softmask=sep.softmask, residual=sep.residual, chunk_seconds=None)  # fmt: skip
         return StreamingSeparator(live)
 
@@ -374,13 +374,14 @@ class SeparationService:
         else:
             first = next(iter(sep.target_models.values()))
             hidden, uni = first.hidden_size, first.unidirectional
-            params = sum(p.numel() for m in sep.target_models.values() for p in m.parameters())
+            params = sum(p.numel() for p in sep.parameters())
         return {
             "model": self.name,
             "backend": self.config.backend,
             "targets": self.targets,
             "sample_rate": self.rate,
             "nb_channels": sep.nb_channels,
+            "architecture": getattr(sep, "architecture", "umx"),
             "hidden_size": hidden,
             "unidirectional": uni,
             "parameters": params,

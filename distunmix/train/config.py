@@ -20,6 +20,7 @@ from ..data.config import DataConfig
 from ..errors import ConfigError
 from ..flags import from_args, setting
 from ..model import ModelConfig
+from ..xumx import ARCHITECTURES
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 LOGGERS = ("none", "wandb")
@@ -97,6 +98,9 @@ class TrainConfig:
     data: DataConfig = setting(help="the dataset", factory=DataConfig)
     # model
     targets: tuple[str, ...] = setting(STANDARD_TARGETS, "comma-separated target names", group="model")
+    architecture: str = setting("umx", "umx: one Open-Unmix network per target; xumx: X-UMX, the targets' networks "
+                                "bridged and trained jointly (multi-domain and combination losses)", group="model",
+                                choices=ARCHITECTURES)  # fmt: skip
     hidden_size: int = setting(512, "LSTM and linear layers' width", group="model")
     nb_layers: int = setting(3, "LSTM layers", group="model")
     unidirectional: bool = setting(False, "causal LSTM: a model that can stream in real time", group="model")
@@ -161,6 +165,9 @@ class TrainConfig:
         unknown = [t for t in self.targets if t not in self.data.sources]
         _check(not unknown, "--targets", ",".join(unknown), f"targets among the sources {','.join(self.data.sources)}")
         _check(len(set(self.targets)) == len(self.targets), "--targets", ",".join(self.targets), "distinct names")
+        _check(self.architecture in ARCHITECTURES, "--architecture", self.architecture, " | ".join(ARCHITECTURES))
+        _check(self.architecture != "xumx" or len(self.targets) >= 2, "--targets", ",".join(self.targets),
+               "two or more targets for --architecture xumx (its bridges average the targets' networks)")  # fmt: skip
         _check(self.nhop >= 1 and self.nhop <= self.nfft, "--nhop", self.nhop, f"a hop in [1, --nfft {self.nfft}]")
         _check(
             self.seq_dur * self.data.sample_rate >= self.nfft,

@@ -6,6 +6,12 @@ Adam, ReduceLROnPlateau and early stopping (open-unmix's settings); a target tha
 skipped while the others go on. The loss is open-unmix's: MSE between the estimated and the true
 target magnitude (training STFT, ``center=False``).
 
+With ``--architecture xumx`` the targets are one X-UMX model (:mod:`distunmix.xumx`), a single
+"target" named ``xumx`` here with one optimiser, scheduler and early stopping, trained with the
+multi-domain and combination losses (:mod:`.losses`) on the centred STFT, as asteroid's recipe
+does; its early stopping and learning-rate schedule follow that loss on the validation tracks
+(``valid_objective``). The per-target validation loss and SDR are reported as for Open-Unmix.
+
 Where the loop runs is a :class:`Session`: rank, world size, device, the checkpoint to resume
 from, and where reports go. :mod:`distunmix.train.ray_trainer` provides the Ray Train one.
 """
@@ -13,6 +19,7 @@ from, and where reports go. :mod:`distunmix.train.ray_trainer` provides the Ray 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -33,7 +40,7 @@ import torch.nn.functional as F
 
 from .. import spectral
 from ..card import training_section
-from ..checkpoint import atomic_torch_save, load_target_model, read_state_dict, save_model_dir
+from ..checkpoint import XUMX_FILE, atomic_torch_save, load_target_model, load_xumx, read_state_dict, save_model_dir
 from ..data.config import describe, load_split
 from ..data.datasets import EpochSampler, TrainExcerpts, ValidTracks, mix_batch
 from ..data.loader import ExcerptLoader
@@ -41,11 +48,14 @@ from ..data.stats import input_statistics
 from ..errors import CheckpointError, ConfigError
 from ..model import OpenUnmix
 from ..storage import is_uri
+from ..xumx import CrossUnmix
 from .config import TrainConfig
+from .losses import xumx_loss
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+JOINT = XUMX_FILE.removesuffix(".pth")  # the X-UMX model's name as a training "target" (its file's)
 
 
 class Session(Protocol):
@@ -157,19 +167,34 @@ class EarlyStopping:
 
 @dataclass
 class Target:
-    """One target's model (and its DDP wrapper), optimiser, scheduler and early stopping."""
+    """One target's model (and its DDP wrapper), optimiser, scheduler and early stopping; or the
+    X-UMX model's, which estimates every target (``outputs``) at once."""
 
     name: str
-    model: OpenUnmix
+    model: OpenUnmix | CrossUnmix
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     stopper: EarlyStopping
     best_state: dict[str, torch.Tensor] | None = None
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.outputs = tuple(self.outputs) or (self.name,)
 
     @property
     def active(self) -> bool:
         return not self.stopper.stopped
+
+    @property
+    def joint(self) -> bool:
+        """Whether this is an X-UMX model (several outputs, the joint loss)."""
+        return isinstance(self.model, CrossUnmix)
+
+    @property
+    def criterion(self) -> str:
+        """The metric its early stopping and learning-rate schedule follow."""
+        return "valid_objective" if self.joint else f"valid_loss/{self.name}"
 
 
 def build_targets(config: TrainConfig, mean: np.ndarray, std: np.ndarray, device: torch.device) -> list[Target]:
@@ -177,10 +202,14 @@ def build_targets(config: TrainConfig, mean: np.ndarray, std: np.ndarray, device
     schedulers."""
     torch.manual_seed(config.seed)
     out = []
-    for name in config.targets:
-        model = OpenUnmix.from_config(config.model_config(), input_mean=mean, input_scale=std)
+    joint = config.architecture == "xumx"
+    for name, outputs in [(JOINT, config.targets)] if joint else [(t, (t,)) for t in config.targets]:
+        if joint:
+            model = CrossUnmix(config.targets, config.model_config(), input_mean=mean, input_scale=std)
+        else:
+            model = OpenUnmix.from_config(config.model_config(), input_mean=mean, input_scale=std)
         if config.init_from:
-            model.load_state_dict(load_target_model(config.init_from, name).state_dict())
+            model.load_state_dict(_init_model(config.init_from, name).state_dict())
         model = model.to(device)
         module = model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -192,8 +221,13 @@ def build_targets(config: TrainConfig, mean: np.ndarray, std: np.ndarray, device
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=config.lr_decay_gamma, patience=config.lr_decay_patience, cooldown=10
         )
-        out.append(Target(name, model, module, optimizer, scheduler, EarlyStopping(config.patience)))
+        out.append(Target(name, model, module, optimizer, scheduler, EarlyStopping(config.patience), outputs=outputs))
     return out
+
+
+def _init_model(folder: str, name: str) -> OpenUnmix | CrossUnmix:
+    """``--init-from``'s model of a target (``xumx``: the folder's X-UMX model)."""
+    return load_xumx(folder)[0] if name == JOINT else load_target_model(folder, name)
 
 
 def _fused(device: torch.device) -> dict[str, bool]:
@@ -262,18 +296,21 @@ def train_epoch(
 ) -> tuple[dict[str, float], int]:
     """One pass over this rank's share of the epoch; (mean loss per active target, samples)."""
     active = [t for t in targets if t.active]
-    rows = [target_rows[targets.index(t)] for t in active]
+    rows = [target_rows[config.targets.index(name)] for t in active for name in t.outputs]
     for t in active:
         t.module.train()
     sums = torch.zeros(len(active), device=device, dtype=torch.float64)
     batches = samples = 0
     for number, batch in enumerate(loader):
         mixture, sources = mix_batch(batch, rows, device)
-        X, Y = spectrograms(mixture, sources, config.nfft, config.nhop)
-        losses = []
-        with precision.autocast():
-            for k, t in enumerate(active):
-                losses.append(F.mse_loss(t.module(X).float(), Y[:, k]))
+        if active[0].joint:  # X-UMX: the only target, on the centred STFT
+            losses = [joint_loss(active[0].module, mixture, sources, config, precision)[0]]
+        else:
+            X, Y = spectrograms(mixture, sources, config.nfft, config.nhop)
+            losses = []
+            with precision.autocast():
+                for k, t in enumerate(active):
+                    losses.append(F.mse_loss(t.module(X).float(), Y[:, k]))
         for t in active:
             t.optimizer.zero_grad(set_to_none=True)
         stacked = torch.stack(losses)
@@ -288,6 +325,23 @@ def train_epoch(
     return {t.name: m for t, m in zip(active, means, strict=True)}, samples
 
 
+def joint_loss(
+    module: torch.nn.Module,
+    mixture: torch.Tensor,
+    sources: torch.Tensor,
+    config: TrainConfig,
+    precision: Precision | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """X-UMX's loss of a batch (:func:`~.losses.xumx_loss`, centred STFT) and its estimated
+    magnitudes (B, S, C, F, T); mixture (B, C, N), sources (B, S, C, N)."""
+    mix_stft = spectral.stft(mixture, config.nfft, config.nhop, center=True)
+    X = spectral.magnitude(mix_stft)
+    Y = spectral.magnitude(spectral.stft(sources, config.nfft, config.nhop, center=True))
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        est = module(X).float()
+    return xumx_loss(est, Y, mix_stft, sources, mixture, config.nfft, config.nhop)[0], est
+
+
 @torch.no_grad()
 def validate(
     targets: list[Target], valid: ValidTracks, config: TrainConfig, device: torch.device, rank: int, world_size: int
@@ -298,20 +352,32 @@ def validate(
     ``10 log10(sum s^2 / sum (s - s_hat)^2)`` over the whole track, with ``s_hat`` the model's
     magnitude under the mixture's phase (no Wiener filter); tracks where the target is silent
     are left out of the SDR mean. Both use the inference STFT (``center=True``), so the estimate
-    can be inverted. Returns sums to be all-reduced: ``{target: {loss, tracks, sdr, sdr_tracks}}``.
+    can be inverted. An X-UMX model also sums its training loss over the tracks (``objective``,
+    under its own name). Returns sums to be all-reduced: ``{target: {loss, tracks, sdr,
+    sdr_tracks}}``.
     """
     for t in targets:
         t.module.eval()
-    out = {t.name: {"loss": 0.0, "tracks": 0.0, "sdr": 0.0, "sdr_tracks": 0.0} for t in targets}
+    out = {name: {"loss": 0.0, "tracks": 0.0, "sdr": 0.0, "sdr_tracks": 0.0} for t in targets for name in t.outputs}
+    out.update({t.name: {"objective": 0.0, "tracks": 0.0} for t in targets if t.joint})
     for i in range(rank, len(valid), world_size):
         mixture, truth = (x.to(device)[None] for x in valid[i])  # (1, C, N), (1, T, C, N)
         stft_mix = spectral.stft(mixture, config.nfft, config.nhop, center=True)
         X = spectral.magnitude(stft_mix)
         Y = spectral.magnitude(spectral.stft(truth, config.nfft, config.nhop, center=True))
         phase = stft_mix / X.clamp_min(1e-8)
-        for k, t in enumerate(targets):
-            Y_hat = t.model(X)
-            acc = out[t.name]
+        estimates = {}
+        for t in targets:
+            if t.joint:
+                objective, est = joint_loss(t.model, mixture, truth, config)
+                out[t.name]["objective"] += objective.item()
+                out[t.name]["tracks"] += 1
+                estimates.update(zip(t.outputs, est.unbind(1), strict=True))
+            else:
+                estimates[t.name] = t.model(X)
+        for k, name in enumerate(config.targets):
+            Y_hat = estimates[name]
+            acc = out[name]
             acc["loss"] += F.mse_loss(Y_hat, Y[:, k]).item()
             acc["tracks"] += 1
             energy = truth[:, k].double().square().sum().item()
@@ -363,21 +429,22 @@ def save_checkpoint(
             "best_loss": t.stopper.best,
             "num_bad_epochs": t.stopper.bad_epochs,
             "train_loss_history": [h.get(f"train_loss/{t.name}") for h in history],
-            "valid_loss_history": [h.get(f"valid_loss/{t.name}") for h in history],
+            "valid_loss_history": [h.get(t.criterion) for h in history],
         }
         for t in targets
     }
     extra = {"training": config.to_dict()}
     settings = {k: v for k, v in config.to_dict().items() if k not in ("data", "progress", "address")}
     card = {"data": data or data_card(config),
-            "training": {**training_section(history, [t.name for t in targets]), "settings": settings}}  # fmt: skip
-    save_model_dir(folder / "last", {t.name: t.model for t in targets}, sr, hop, bw, info, extra, card)
+            "training": {**training_section(history, config.targets), "settings": settings}}  # fmt: skip
+    joint = targets[0].model if targets[0].joint else None
+    save_model_dir(folder / "last", joint or {t.name: t.model for t in targets}, sr, hop, bw, info, extra, card)
     best = {}
     for t in targets:
-        model = OpenUnmix.from_config(t.model.config)
+        model = copy.deepcopy(t.model).cpu()
         model.load_state_dict(t.best_state if t.best_state is not None else t.model.state_dict())
         best[t.name] = model
-    save_model_dir(folder / "best", best, sr, hop, bw, info, extra, card)
+    save_model_dir(folder / "best", best[JOINT] if joint else best, sr, hop, bw, info, extra, card)
     state = {
         "epoch": epoch,
         "config": config.to_dict(),
@@ -419,7 +486,8 @@ def load_checkpoint(folder: Path, targets: list[Target]) -> tuple[int, list[dict
         t.scheduler.load_state_dict(s["scheduler"])
         t.stopper.load_state_dict(s["stopper"])
         best = read_state_dict(folder / "best" / f"{t.name}.pth")
-        t.best_state = {k: v.to(t.model.input_mean.device) for k, v in best.items()}
+        device = next(t.model.parameters()).device
+        t.best_state = {k: v.to(device) for k, v in best.items()}
     return int(state["epoch"]), list(state["history"])
 
 
@@ -443,6 +511,20 @@ def check_init_from(config: TrainConfig) -> str:
     with this run's architecture (a ConfigError naming the flag otherwise)."""
     folder = config.init_from if is_uri(config.init_from) else Path(config.init_from).expanduser().resolve()
     want = config.model_config()
+    if config.architecture == "xumx":
+        try:
+            got = load_xumx(folder)[0]
+        except CheckpointError as e:
+            raise ConfigError(
+                f"--init-from {config.init_from}: {e} (--architecture xumx starts from an X-UMX folder)"
+            ) from None
+        if (got.config, got.targets) != (want, list(config.targets)):
+            raise ConfigError(
+                f"--init-from {config.init_from}: the X-UMX model is {got.config} of {got.targets}, but this run "
+                f"builds {want} of {list(config.targets)} (set --targets, --hidden-size, --nb-layers, "
+                "--unidirectional, --nfft, --bandwidth to match)"
+            )
+        return str(folder)
     for name in config.targets:
         try:
             got = load_target_model(folder, name).config
@@ -472,15 +554,18 @@ def epoch_metrics(
     m: dict[str, Any] = {"epoch": epoch}
     vl, sdr = [], []
     for t in targets:
-        v = valid[t.name]
         if t.name in train_losses:
             m[f"train_loss/{t.name}"] = train_losses[t.name]
-        m[f"valid_loss/{t.name}"] = v["loss"] / max(v["tracks"], 1)
-        vl.append(m[f"valid_loss/{t.name}"])
-        if v["sdr_tracks"]:
-            m[f"valid_sdr/{t.name}"] = v["sdr"] / v["sdr_tracks"]
-            sdr.append(m[f"valid_sdr/{t.name}"])
-        m[f"lr/{t.name}"] = t.optimizer.param_groups[0]["lr"]
+        if t.joint:
+            m["valid_objective"] = valid[t.name]["objective"] / max(valid[t.name]["tracks"], 1)
+        for name in t.outputs:
+            v = valid[name]
+            m[f"valid_loss/{name}"] = v["loss"] / max(v["tracks"], 1)
+            vl.append(m[f"valid_loss/{name}"])
+            if v["sdr_tracks"]:
+                m[f"valid_sdr/{name}"] = v["sdr"] / v["sdr_tracks"]
+                sdr.append(m[f"valid_sdr/{name}"])
+            m[f"lr/{name}"] = t.optimizer.param_groups[0]["lr"]
     if train_losses:
         m["train_loss"] = float(np.mean(list(train_losses.values())))
     m["valid_loss"] = float(np.mean(vl))
@@ -596,14 +681,14 @@ def run_worker(
             metrics = epoch_metrics(epoch, train_losses, sums, targets)
             for t in targets:
                 if t.active:
-                    loss = metrics[f"valid_loss/{t.name}"]
+                    loss = metrics[t.criterion]
                     t.scheduler.step(loss)
                     if t.stopper.step(loss, epoch):
                         t.best_state = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
                     elif math.isnan(loss) and rank == 0:
                         log.warning("%s: validation loss is NaN at epoch %d: the target stops (its best epoch, %d, "
                                     "is kept)", t.name, epoch, t.stopper.best_epoch)  # fmt: skip
-                metrics[f"best_epoch/{t.name}"] = t.stopper.best_epoch
+                metrics.update({f"best_epoch/{name}": t.stopper.best_epoch for name in t.outputs})
             metrics["active_targets"] = sum(t.active for t in targets)
             metrics["nodes"] = ",".join(gather_strings(session.node))  # rank by rank
             metrics["samples_per_s"] = samples * world / train_time

@@ -35,6 +35,7 @@ from ..train.config import TrainConfig
 SPACES = resources.files(__package__) / "spaces"
 # settings a trial may vary, with their types
 TUNABLE: dict[str, type] = {
+    "architecture": str,
     "batch_size": int,
     "hidden_size": int,
     "nb_layers": int,

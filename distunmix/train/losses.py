@@ -1,0 +1,92 @@
+"""X-UMX's training objective: the multi-domain loss with the combination scheme.
+
+Sawata et al. (ICASSP 2021), as asteroid's MUSDB18 X-UMX recipe computes it:
+
+* **combinations**: every target alone and every sum of 2 .. n-1 targets (for four targets,
+  4 + 6 + 4 = 14 groups); an estimated group is the sum of its estimates;
+* **frequency domain**: the magnitude MSE of each group, averaged over the groups;
+* **time domain**: the weighted SDR (Choi et al., 2019) of each group's waveform (the estimated
+  magnitude under the mixture's phase, through the inverse STFT) against the true waveform, with
+  the rest of the mixture as the noise; ``1 +`` its mean over groups, samples and channels;
+* **total**: frequency loss + ``TIME_WEIGHT`` x time loss (the paper's weighting, 10).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import spectral
+
+TIME_WEIGHT = 10.0
+EPS = 1e-10
+
+
+def groups(nb_targets: int) -> list[tuple[int, ...]]:
+    """Index groups the combination loss scores: each target, then every combination of
+    2 .. nb_targets - 1 of them (the sum of all targets is the mixture, so it is left out)."""
+    out = [(k,) for k in range(nb_targets)]
+    for size in range(2, nb_targets):
+        out += list(itertools.combinations(range(nb_targets), size))
+    return out
+
+
+def _group_sum(x: Tensor, group: Sequence[int]) -> Tensor:
+    """Sum of ``x[:, k]`` over the group's targets (dim 1 holds the targets)."""
+    return x[:, list(group)].sum(1) if len(group) > 1 else x[:, group[0]]
+
+
+def frequency_loss(est: Tensor, true: Tensor, combine: bool = True) -> Tensor:
+    """Mean over the groups of the magnitude MSE; est and true (B, S, C, F, T)."""
+    chosen = groups(est.shape[1]) if combine else [(k,) for k in range(est.shape[1])]
+    return torch.stack([F.mse_loss(_group_sum(est, g), _group_sum(true, g)) for g in chosen]).mean()
+
+
+def weighted_sdr(est: Tensor, true: Tensor, mix: Tensor) -> Tensor:
+    """Negative weighted SDR of each row, (..., N) -> (...): ``-(a cos(est, true) + (1 - a)
+    cos(mix - est, mix - true))`` with ``a`` the target's share of the energy; in [-1, 1]."""
+    noise, noise_est = mix - true, mix - est
+    t_energy, n_energy = true.square().sum(-1), noise.square().sum(-1)
+    alpha = t_energy / (t_energy + n_energy + EPS)
+
+    def cosine(a: Tensor, b: Tensor) -> Tensor:
+        norms = torch.sqrt(EPS + a.square().sum(-1)) * torch.sqrt(EPS + b.square().sum(-1))
+        return (a * b).sum(-1) / (norms + EPS)
+
+    return -alpha * cosine(est, true) - (1.0 - alpha) * cosine(noise_est, noise)
+
+
+def time_loss(est: Tensor, true: Tensor, mix: Tensor, combine: bool = True) -> Tensor:
+    """``1 +`` the mean weighted-SDR loss over groups, samples and channels; est and true
+    (B, S, C, N) waveforms, mix (B, C, N)."""
+    chosen = groups(est.shape[1]) if combine else [(k,) for k in range(est.shape[1])]
+    return 1.0 + torch.stack([weighted_sdr(_group_sum(est, g), _group_sum(true, g), mix) for g in chosen]).mean()
+
+
+def xumx_loss(
+    est_mag: Tensor,
+    true_mag: Tensor,
+    mix_stft: Tensor,
+    true_wave: Tensor,
+    mix_wave: Tensor,
+    n_fft: int,
+    n_hop: int,
+    combine: bool = True,
+    time_weight: float = TIME_WEIGHT,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, frequency, time) losses of a batch.
+
+    Args:
+        est_mag, true_mag: (B, S, C, F, T) estimated and true magnitudes (centred STFT)
+        mix_stft: (B, C, F, T) the mixture's complex STFT (its phase goes with the estimates)
+        true_wave: (B, S, C, N) the targets' waveforms; mix_wave: (B, C, N) the mixture's
+    """
+    freq = frequency_loss(est_mag, true_mag, combine)
+    phase = mix_stft / mix_stft.abs().clamp_min(1e-8)
+    est_wave = spectral.istft(est_mag * phase[:, None], n_fft, n_hop, center=True, length=true_wave.shape[-1])
+    wave = time_loss(est_wave, true_wave, mix_wave, combine)
+    return freq + time_weight * wave, freq, wave
