@@ -70,6 +70,8 @@ def tiny(root, cache, **kw) -> TrainConfig:
         ({"seq_dur": 0.01}, "--seq-dur"),
         ({"hidden_size": 15}, "hidden_size"),
         ({"num_workers": 0}, "--num-workers"),
+        ({"architecture": "demucs"}, "--architecture"),
+        ({"architecture": "xumx", "targets": ("vocals",)}, "two or more targets for --architecture xumx"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_flag(kw, flag):
@@ -239,6 +241,33 @@ def test_init_from_starts_every_target_from_a_model_folder(synth_root, tmp_path)
         assert not torch.equal(fresh_t.model.fc1.weight, t.model.fc1.weight)
     history = train_local(replace(config, init_from=str(folder)), tmp_path / "second")
     assert history[0]["valid_loss"] < train_local(config, tmp_path / "third")[0]["valid_loss"]
+
+
+def test_x_umx_resumes_to_the_same_weights_and_fine_tunes_from_its_own_folder(synth_root, tmp_path):
+    from distunmix.checkpoint import XUMX_FILE, load_xumx
+
+    config = tiny(synth_root, tmp_path / "cache", architecture="xumx", targets=("vocals", "bass", "other"))
+    straight = train_local(config, tmp_path / "straight")
+    assert straight[-1]["valid_objective"] < straight[0]["valid_objective"]
+    train_local(replace(config, epochs=1), tmp_path / "split")
+    train_local(config, tmp_path / "split")
+    a, b = (torch.load(tmp_path / r / "latest" / "last" / XUMX_FILE, weights_only=True) for r in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folder = tmp_path / "straight" / "latest" / "best"
+    resolved, mean, std = prepare(replace(config, init_from=str(folder)))
+    (target,) = build_targets(resolved, mean, std, torch.device("cpu"))
+    assert target.name == "xumx" and target.outputs == config.targets
+    want = load_xumx(folder)[0].state_dict()
+    assert all(torch.equal(target.model.state_dict()[k], want[k]) for k in want)
+    # an X-UMX run does not start from Open-Unmix models, nor from an X-UMX of other targets
+    umx = tmp_path / "umx"
+    train_local(replace(config, architecture="umx", epochs=1), umx)
+    with pytest.raises(ConfigError, match="--init-from .* starts from an X-UMX folder"):
+        prepare(replace(config, init_from=str(umx / "latest" / "best")))
+    with pytest.raises(
+        ConfigError, match=r"of \['vocals', 'bass', 'other'\], but this run builds .* of \['vocals', 'bass'\]"
+    ):
+        prepare(replace(config, targets=("vocals", "bass"), init_from=str(folder)))
 
 
 @pytest.mark.parametrize(

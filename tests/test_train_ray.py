@@ -24,6 +24,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from distunmix.card import summary
 from distunmix.checkpoint import load_separator
 from distunmix.data.config import DataConfig, load_split
 from distunmix.data.synth import synth_track, write_dataset
@@ -156,6 +157,32 @@ def test_the_best_folder_carries_its_model_card(straight, base_config):
     assert card["versions"]["ray"] == ray.__version__ and card["model"]["targets"] == list(base_config.targets)
     text = (best / "model_card.md").read_text()
     assert "## Training" in text and "## Separation speed" in text and names["train"][0] not in text
+
+
+def test_two_workers_train_x_umx_jointly_and_its_best_folder_separates(ray_cluster, base_config):
+    """X-UMX under DDP on two nodes: one joint model, stopped on its own validation loss."""
+    from distunmix.checkpoint import XUMX_FILE
+
+    result = fit(replace(base_config, architecture="xumx", name="xumx"))
+    history = result.history
+    assert [h["epoch"] for h in history] == [1, 2]
+    objective = [h["valid_objective"] for h in history]
+    assert all(np.isfinite(objective)) and all(np.isfinite(h["train_loss/xumx"]) for h in history)
+    best_epoch = 1 + int(np.argmin(objective))
+    for t in base_config.targets:  # one early stopping for the joint model, reported per target
+        assert history[-1][f"best_epoch/{t}"] == best_epoch and np.isfinite(history[-1][f"valid_sdr/{t}"])
+    assert all(len(set(h["nodes"].split(","))) == 2 for h in history)
+    best = Path(result.run_dir) / "best"
+    assert (best / XUMX_FILE).is_file() and not list(best.glob("vocals*"))
+    card = json.loads((best / "separator.json").read_text())["card"]
+    assert card["model"]["architecture"] == "xumx" and card["training"]["settings"]["architecture"] == "xumx"
+    assert card["training"]["targets"]["bass"]["best_epoch"] == best_epoch
+    separator = load_separator(best)
+    audio = torch.randn(1, 2, 22050)
+    with torch.no_grad():
+        out = separator(audio)
+    assert separator.architecture == "xumx" and out.shape == (1, 4, 2, 22050) and torch.isfinite(out).all()
+    assert "model: xumx" in "\n".join(summary(card))
 
 
 def test_exported_model_separates_here_and_in_openunmix(straight, openunmix):

@@ -221,3 +221,27 @@ def test_asteroid_weights_give_asteroids_output(asteroid_xumx, tmp_path, monkeyp
         mag = spectral.magnitude(spectral.stft(audio, 512, 128, center=True))
         assert snr(want, ours(mag)) >= 60  # the inference fast path
         assert snr(want, ours._forward_graph(mag)) >= 60  # the training graph
+
+
+def test_serving_an_x_umx_folder_and_exporting_it_is_refused(tmp_path, monkeypatch, capsys):
+    from distunmix.cli import main
+    from distunmix.serve.service import Clip, SeparationService, ServiceConfig
+
+    folder = tmp_path / "xumx"
+    save_model_dir(folder, randomised(CrossUnmix(TARGETS, small(unidirectional=True))), 44100.0, 128)
+    monkeypatch.setenv("DISTUNMIX_CACHE", str(tmp_path / "cache"))
+    service = SeparationService(ServiceConfig(model=str(folder)))
+    info = service.model_info()
+    assert (info["architecture"], info["targets"], info["unidirectional"]) == ("xumx", TARGETS, True)
+    assert info["parameters"] == sum(p.numel() for p in CrossUnmix(TARGETS, small(True)).parameters())
+    audio = np.random.default_rng(0).standard_normal((2, 44100)).astype(np.float32) * 0.1
+    (out,) = service.separate_batch([Clip(audio, 44100, 1.0)], [0])
+    with torch.no_grad():
+        want = load_separator(folder, niter=0)(torch.from_numpy(audio)[None])[0].numpy()
+    assert out.shape == (4, 2, 44100) and snr(torch.from_numpy(want), torch.from_numpy(out)) > 100
+    live = service.streamer()  # live streams share the joint model
+    assert live.separator.joint is service.separator.joint
+    assert main(["export", "-m", str(folder), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "ONNX export of X-UMX models (--architecture xumx) is not supported yet" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="X-UMX"):
+        SeparationService(ServiceConfig(model=str(folder), backend="onnx"))
