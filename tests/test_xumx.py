@@ -121,6 +121,19 @@ def test_weighted_sdr_by_hand():
     assert losses.weighted_sdr(est, true, mix).item() == pytest.approx(-0.5 - 0.5 / math.sqrt(2), rel=1e-6)
 
 
+def test_gram_matrix_losses_equal_the_group_by_group_definition():
+    """The losses read every group off Gram matrices; the definition sums each group's waveforms."""
+    torch.manual_seed(6)
+    est, true = torch.randn(3, 4, 2, 3000, dtype=torch.float64), torch.randn(3, 4, 2, 3000, dtype=torch.float64)
+    mix = true.sum(1) + 0.1 * torch.randn(3, 2, 3000, dtype=torch.float64)
+    for combine, chosen in ((True, losses.groups(4)), (False, [(k,) for k in range(4)])):
+        sums = [(est[:, list(g)].sum(1), true[:, list(g)].sum(1)) for g in chosen]
+        wsdr = torch.stack([losses.weighted_sdr(e, t, mix) for e, t in sums]).mean()
+        assert losses.time_loss(est, true, mix, combine).item() == pytest.approx(1 + wsdr.item(), rel=1e-12)
+        mse = torch.stack([((e - t) ** 2).mean() for e, t in sums]).mean()
+        assert losses.frequency_loss(est, true, combine).item() == pytest.approx(mse.item(), rel=1e-12)
+
+
 def test_time_and_total_loss_vanish_for_perfect_estimates():
     torch.manual_seed(3)
     sources = torch.randn(2, 4, 2, 4096)

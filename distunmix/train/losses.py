@@ -14,10 +14,8 @@ Sawata et al. (ICASSP 2021), as asteroid's MUSDB18 X-UMX recipe computes it:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import spectral
@@ -35,15 +33,24 @@ def groups(nb_targets: int) -> list[tuple[int, ...]]:
     return out
 
 
-def _group_sum(x: Tensor, group: Sequence[int]) -> Tensor:
-    """Sum of ``x[:, k]`` over the group's targets (dim 1 holds the targets)."""
-    return x[:, list(group)].sum(1) if len(group) > 1 else x[:, group[0]]
+def _group_matrix(nb_targets: int, combine: bool, like: Tensor) -> Tensor:
+    """(groups, targets) 0/1 matrix: row g selects the targets summed in group g."""
+    chosen = groups(nb_targets) if combine else [(k,) for k in range(nb_targets)]
+    g = torch.zeros(len(chosen), nb_targets, dtype=like.dtype, device=like.device)
+    for row, group in enumerate(chosen):
+        g[row, list(group)] = 1.0
+    return g
 
 
 def frequency_loss(est: Tensor, true: Tensor, combine: bool = True) -> Tensor:
-    """Mean over the groups of the magnitude MSE; est and true (B, S, C, F, T)."""
-    chosen = groups(est.shape[1]) if combine else [(k,) for k in range(est.shape[1])]
-    return torch.stack([F.mse_loss(_group_sum(est, g), _group_sum(true, g)) for g in chosen]).mean()
+    """Mean over the groups of the magnitude MSE; est and true (B, S, C, F, T).
+
+    A group's squared error is a quadratic form of the targets' errors, so it is read off their
+    (S, S) Gram matrix: ten inner products for four targets instead of fourteen group sums."""
+    d = (est - true).flatten(2)  # (B, S, N)
+    gram = torch.einsum("bsn,btn->st", d, d) / (d.shape[0] * d.shape[2])
+    g = _group_matrix(est.shape[1], combine, gram)
+    return torch.einsum("gs,st,gt->g", g, gram, g).mean()
 
 
 def weighted_sdr(est: Tensor, true: Tensor, mix: Tensor) -> Tensor:
@@ -62,9 +69,33 @@ def weighted_sdr(est: Tensor, true: Tensor, mix: Tensor) -> Tensor:
 
 def time_loss(est: Tensor, true: Tensor, mix: Tensor, combine: bool = True) -> Tensor:
     """``1 +`` the mean weighted-SDR loss over groups, samples and channels; est and true
-    (B, S, C, N) waveforms, mix (B, C, N)."""
-    chosen = groups(est.shape[1]) if combine else [(k,) for k in range(est.shape[1])]
-    return 1.0 + torch.stack([weighted_sdr(_group_sum(est, g), _group_sum(true, g), mix) for g in chosen]).mean()
+    (B, S, C, N) waveforms, mix (B, C, N).
+
+    Every energy and inner product :func:`weighted_sdr` needs is a quadratic form of the
+    estimates, the targets and the mixture, so one (2S + 1)-square Gram matrix per sample and
+    channel gives them for all groups (the groups' waveforms are never formed)."""
+    b, s, c, n = est.shape
+    basis = torch.cat([est, true, mix[:, None]], 1).transpose(1, 2).reshape(b * c, 2 * s + 1, n)
+    gram = torch.bmm(basis, basis.transpose(1, 2))  # (B * C, 2S + 1, 2S + 1)
+    g = _group_matrix(s, combine, gram)
+    zeros, one = torch.zeros_like(g), torch.zeros(len(g), 1, dtype=g.dtype, device=g.device)
+    est_g = torch.cat([g, zeros, one], 1)  # coefficients of each group's estimate in the basis
+    true_g = torch.cat([zeros, g, one], 1)
+    mix_v = torch.cat([zeros, zeros, one + 1], 1)
+    noise_g, noise_est_g = mix_v - true_g, mix_v - est_g
+
+    def form(a: Tensor, z: Tensor) -> Tensor:  # a_g^T Gram z_g per row and group: (B * C, G)
+        return torch.einsum("gi,rij,gj->rg", a, gram, z)
+
+    t_energy, n_energy = form(true_g, true_g), form(noise_g, noise_g)
+    alpha = t_energy / (t_energy + n_energy + EPS)
+
+    def cosine(a: Tensor, z: Tensor) -> Tensor:
+        norms = torch.sqrt(EPS + form(a, a)) * torch.sqrt(EPS + form(z, z))
+        return form(a, z) / (norms + EPS)
+
+    wsdr = -alpha * cosine(est_g, true_g) - (1.0 - alpha) * cosine(noise_est_g, noise_g)
+    return 1.0 + wsdr.mean()
 
 
 def xumx_loss(
