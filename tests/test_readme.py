@@ -541,7 +541,7 @@ def test_report_factor_effects_equal_those_computed_from_the_results(demo):
     error, recomputed here from tune/results.json by least squares on the coded levels."""
     text = (demo / "report.md").read_text()
     rows = [r for r in json.loads((demo / "tune" / "results.json").read_text())["rows"] if r["status"] == "ok"]
-    factors = ["batch_size", "hidden_size", "samples_per_track", "unidirectional"]
+    factors = ["batch_size", "hidden_size", "samples_per_track", "unidirectional", "bandwidth"]
     epoch = min(r["epochs"] for r in rows)
     y = np.array([next(h["valid_sdr"] for h in r["history"] if h["epoch"] == epoch) for r in rows])
     levels = {f: sorted({r["values"][f] for r in rows}) for f in factors}
@@ -549,7 +549,7 @@ def test_report_factor_effects_equal_those_computed_from_the_results(demo):
     coef = np.linalg.lstsq(x, y, rcond=None)[0]
     df = len(rows) - x.shape[1]
     table = {r["factor"]: r for r in _md_table(text, "factor")}
-    for j, name in enumerate(("Batch size", "Hidden size", "Samples per track", "LSTM"), 1):
+    for j, name in enumerate(("Batch size", "Hidden size", "Samples per track", "LSTM", "Bandwidth"), 1):
         cell = table[name]["valid SDR (dB)"].strip("*")
         effect, se = (float(v) for v in re.fullmatch(r"([+-][0-9.]+) ± ([0-9.]+|n/a)", cell).groups())
         assert effect == pytest.approx(2 * coef[j], abs=6e-3), (name, cell)
@@ -566,10 +566,29 @@ def test_report_factor_effects_equal_those_computed_from_the_results(demo):
 
 
 @pytest.mark.integration
+def test_the_bandwidth_section_answers_the_open_question_from_the_results(demo):
+    """Mean validation SDR per bandwidth over the finished trials, and the mean separation speed of
+    their architectures measured alone, as the report's bandwidth table states them."""
+    text = (demo / "report.md").read_text()
+    rows = [r for r in json.loads((demo / "tune" / "results.json").read_text())["rows"] if r["status"] == "ok"]
+    separation = json.loads((demo / "speed.json").read_text())["separation"]
+    table = _md_table(text, "bandwidth (Hz)")
+    assert [float(r["bandwidth (Hz)"]) for r in table] == [8000.0, 16000.0]
+    for row in table:
+        chosen = [r for r in rows if r["bandwidth"] == float(row["bandwidth (Hz)"])]
+        assert int(row["trials"]) == len(chosen) > 0
+        assert float(row["mean valid SDR (dB)"]) == pytest.approx(np.mean([r["valid_sdr"] for r in chosen]), abs=6e-3)
+        speeds = [next(s["x_rt"]["median"] for s in separation
+                       if all(r["values"][k] == v for k, v in s["point"].items())) for r in chosen]  # fmt: skip
+        assert float(row["mean speed (x RT)"]) == pytest.approx(np.mean(speeds), abs=0.06)
+    assert "![validation SDR against bandwidth](sdr_vs_bandwidth.png)" in text
+
+
+@pytest.mark.integration
 def test_every_column_the_design_varied_has_two_values_in_the_table(demo):
     text = (demo / "report.md").read_text()
     varied = re.search(r"Columns the design varied: ([^.]+)\.", text).group(1).split(", ")
-    assert {"batch size", "hidden size", "samples/track", "LSTM"} <= set(varied)
+    assert {"batch size", "hidden size", "samples/track", "LSTM", "bandwidth"} <= set(varied)
     trials = [r for r in _md_table(text, "run") if r["run"].startswith("trial ")]
     for column in varied:
         assert len({r[column] for r in trials}) >= 2, column

@@ -61,23 +61,31 @@ def test_builtin_spaces_load_with_the_seed_grid():
 
 def test_the_study_space_is_a_replicated_factorial_and_its_half_fraction_is_balanced():
     study = load_space("study", TrainConfig())
-    assert [p.name for p in study.factors] == ["batch_size", "hidden_size", "samples_per_track", "unidirectional"]
-    assert study.grid_size == 32 and study.fixed["lr"] == 0.01  # 16 combinations x 2 seeds, lr not searched
-    half = with_fraction(study, 2)
+    factors = ["batch_size", "hidden_size", "samples_per_track", "unidirectional", "bandwidth"]
+    assert [p.name for p in study.factors] == factors
+    assert study.grid_size == 64 and study.fixed["lr"] == 0.01  # 32 combinations x 2 seeds, lr not searched
+    half = with_fraction(study, 2)  # the demo's design
     points = half.design_points()
-    assert half.grid_size == 16 and len(points) == 8 and len({tuple(p.values()) for p in points}) == 8
+    assert half.grid_size == 32 and len(points) == 16 and len({tuple(p.values()) for p in points}) == 16
     coded = np.array([[1 if p[f.name] == f.values[1] else -1 for f in half.factors] for p in points])
-    assert (coded.prod(axis=1) == 1).all()  # the defining relation I = ABCD
-    assert (coded.T @ coded == 8 * np.eye(4)).all()  # every factor balanced and orthogonal to every other
-    for i, j in itertools.combinations(range(4), 2):  # resolution IV: no main effect aliased with a two-way one
-        for k in range(4):
-            assert abs(coded[:, k] @ (coded[:, i] * coded[:, j])) == 0
+    assert (coded.prod(axis=1) == 1).all()  # the defining relation I = ABCDE
+    assert (coded.T @ coded == 16 * np.eye(5)).all()  # every factor balanced and orthogonal to every other
+    pairs = [coded[:, i] * coded[:, j] for i, j in itertools.combinations(range(5), 2)]
+    for pair in pairs:  # resolution V: no main effect or two-way interaction aliased with another
+        assert all(abs(coded[:, k] @ pair) == 0 for k in range(5))
+        assert sum(abs(pair @ other) == 16 for other in pairs) == 1  # only itself
     space = half.to_param_space()
     assert set(space) == {"design", "seed"} and space["design"]["grid_search"] == points
     trial = {"design": points[1], "seed": 2, "tune_internal": 0}
     assert half.values(trial) == {**points[1], "seed": 2}
     config = half.apply(TrainConfig(), trial)
-    assert (config.batch_size, config.samples_per_track, config.unidirectional, config.seed) == (4, 8, True, 2)
+    assert (config.batch_size, config.samples_per_track, config.unidirectional, config.bandwidth, config.seed) == (
+        4,
+        4,
+        True,
+        8000.0,
+        2,
+    )
 
 
 @pytest.mark.parametrize(

@@ -121,8 +121,10 @@ def test_weighted_sdr_by_hand():
     assert losses.weighted_sdr(est, true, mix).item() == pytest.approx(-0.5 - 0.5 / math.sqrt(2), rel=1e-6)
 
 
-def test_gram_matrix_losses_equal_the_group_by_group_definition():
+@pytest.mark.parametrize("chunk", [1 << 18, 1000])  # one Gram product, or three summed
+def test_gram_matrix_losses_equal_the_group_by_group_definition(monkeypatch, chunk):
     """The losses read every group off Gram matrices; the definition sums each group's waveforms."""
+    monkeypatch.setattr(losses, "GRAM_CHUNK", chunk)
     torch.manual_seed(6)
     est, true = torch.randn(3, 4, 2, 3000, dtype=torch.float64), torch.randn(3, 4, 2, 3000, dtype=torch.float64)
     mix = true.sum(1) + 0.1 * torch.randn(3, 2, 3000, dtype=torch.float64)

@@ -4,7 +4,7 @@ data -> tune -> train -> evaluate -> speed -> export -> serve -> report, all und
 (``--out``):
 
 - ``data``: a generated MUSDB18-HQ-format dataset (``data/``), decoded caches and input statistics;
-- ``tune``: the ``study`` space (the seed study's four factors at two levels, a factorial design
+- ``tune``: the ``study`` space (the seed study's four factors and the bandwidth at two levels, a factorial design
   replicated over seeds) with ASHA (``tune/``: results.csv/.md/.json, plots, ``best/``);
 - ``train``: the best trial's configuration, started from its weights, trained on longer and more
   excerpts for more epochs with DDP workers under Ray Train (``train/``);
@@ -91,12 +91,12 @@ class DemoSize:
 
 
 SIZES = {
-    # about 11 minutes on a 2-core CPU: 12 tracks of 15 s; 16 combinations x 2 seeds, at most 8 epochs
-    # each; 60 epochs of 16 two-second excerpts per track
-    "full": DemoSize(12, 15.0, fraction=1, seeds=2, max_epochs=8, grace_period=4, train_epochs=60,
+    # about 11 minutes on a 2-core CPU: 12 tracks of 15 s; 16 combinations (a half fraction of five
+    # factors) x 2 seeds, at most 8 epochs each; 60 epochs of 16 two-second excerpts per track
+    "full": DemoSize(12, 15.0, fraction=2, seeds=2, max_epochs=8, grace_period=4, train_epochs=60,
                      train_samples_per_track=16, train_seq_dur=2.0, speed_repeats=5, speed_seconds=10.0,
                      stream_seconds=20.0, full_size_seconds=10.0, clip_seconds=5.0),
-    # the test suite's size: about 1.5 minutes; a half fraction (8 combinations), one seed
+    # the test suite's size: about 1.5 minutes; a half fraction (16 combinations), one seed
     "tiny": DemoSize(5, 3.0, fraction=2, seeds=1, max_epochs=2, grace_period=1, train_epochs=1,
                      train_samples_per_track=4, train_seq_dur=1.0, speed_repeats=2, speed_seconds=1.0,
                      stream_seconds=3.0, full_size_seconds=0.0, clip_seconds=2.0),

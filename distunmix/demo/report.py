@@ -27,18 +27,20 @@ from ..fileio import atomic_write_text
 from ..stream import verdict_text
 from ..tables import fmt, markdown_table
 from ..tuning.effects import Effect, main_effects
+from ..tuning.report import bandwidth_table, plot_sdr_bandwidth
 from ..tuning.report import plot_sdr_speed as tuning_plot
 from .speed import FULL_SIZE
 
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 MODELS = ("trained", "tuned", "untrained", "mixture")
 # the trial table's columns, and the trial-row key behind each column a design may vary
-TRIAL_COLUMNS = ("run", "batch size", "workers", "hidden size", "samples/track", "LSTM", "seed", "lr", "epochs",
+TRIAL_COLUMNS = ("run", "batch size", "workers", "hidden size", "samples/track", "LSTM", "bandwidth", "seed", "lr",
+                 "epochs",
                  "best valid loss", "valid SDR (dB)", "training time (s)")  # fmt: skip
 FACTOR_COLUMNS = {"batch_size": "batch size", "hidden_size": "hidden size", "samples_per_track": "samples/track",
-                  "unidirectional": "LSTM", "seed": "seed"}  # fmt: skip
+                  "unidirectional": "LSTM", "bandwidth": "bandwidth", "seed": "seed"}  # fmt: skip
 FACTOR_NAMES = {"batch_size": "Batch size", "hidden_size": "Hidden size", "samples_per_track": "Samples per track",
-                "unidirectional": "LSTM"}  # fmt: skip
+                "unidirectional": "LSTM", "bandwidth": "Bandwidth"}  # fmt: skip
 SCORE_COLUMNS = ("model", "target", *METRICS, "global SDR")
 MODEL_NOTES = {
     "trained": "the tuned best, trained further with DDP workers (`model/`)",
@@ -76,9 +78,11 @@ def load_inputs(out: Path) -> dict[str, Any]:
 
 
 def level(factor: str, value: Any) -> str:
-    """A factor's level as the report writes it (the LSTM as bi / uni)."""
+    """A factor's level as the report writes it (the LSTM as bi / uni, a bandwidth in kHz)."""
     if factor == "unidirectional":
         return "uni" if value else "bi"
+    if factor == "bandwidth" and isinstance(value, int | float):
+        return f"{value / 1000:g} kHz"
     return fmt(value)
 
 
@@ -197,14 +201,16 @@ def trial_table(inputs: dict[str, Any]) -> list[dict[str, str]]:
     for r in ok_rows(inputs):
         rows.append({"run": f"trial {r['trial']}", "batch size": fmt(r["batch_size"]), "workers": fmt(r["workers"]),
                      "hidden size": fmt(r["hidden_size"]), "samples/track": fmt(r["samples_per_track"]),
-                     "LSTM": r["lstm"], "seed": fmt(r["seed"]), "lr": f"{r['lr']:.3g}", "epochs": fmt(r["epochs"]),
+                     "LSTM": r["lstm"], "bandwidth": level("bandwidth", r["bandwidth"]), "seed": fmt(r["seed"]),
+                     "lr": f"{r['lr']:.3g}", "epochs": fmt(r["epochs"]),
                      "best valid loss": fmt(r["best_valid_loss"], 4), "valid SDR (dB)": fmt(r["valid_sdr"]),
                      "training time (s)": fmt(r["train_time_s"], 1)})  # fmt: skip
     c, history = inputs["train_config"], inputs["history"]
     best = min(history, key=lambda h: h["valid_loss"])
     rows.append({"run": "final (train/)", "batch size": fmt(c["batch_size"]), "workers": fmt(c["num_workers"]),
                  "hidden size": fmt(c["hidden_size"]), "samples/track": fmt(c["samples_per_track"]),
-                 "LSTM": "uni" if c["unidirectional"] else "bi", "seed": fmt(c["seed"]), "lr": f"{c['lr']:.3g}",
+                 "LSTM": "uni" if c["unidirectional"] else "bi", "bandwidth": level("bandwidth", c["bandwidth"]),
+                 "seed": fmt(c["seed"]), "lr": f"{c['lr']:.3g}",
                  "epochs": fmt(len(history)), "best valid loss": fmt(best["valid_loss"], 4),
                  "valid SDR (dB)": fmt(best["valid_sdr"]),
                  "training time (s)": fmt(history[-1]["train_time"], 1)})  # fmt: skip
@@ -445,16 +451,21 @@ def plot_loss_curves(inputs: dict[str, Any], path: Path) -> None:
 def plot_sdr_speed(inputs: dict[str, Any], path: Path) -> None:
     """Validation SDR against separation speed (each architecture's, measured alone): trials by LSTM
     kind, and the final model."""
-    separation = inputs["speed"]["separation"]
-
-    def x_rt(values: dict[str, Any]) -> float:
-        match = [s for s in separation if all(values.get(k) == v for k, v in s["point"].items())]
-        return match[0]["x_rt"]["median"] if match else math.nan
-
-    rows = [{**r, "speed_x_rt": x_rt(r["values"])} for r in ok_rows(inputs)]
     best = min(inputs["history"], key=lambda h: h["valid_loss"])
-    final = (x_rt(inputs["train_config"]), best["valid_sdr"])
-    tuning_plot(rows, path, final, "quality vs speed (speed measured alone)")
+    final = (separation_x_rt(inputs, inputs["train_config"]), best["valid_sdr"])
+    tuning_plot(speed_rows(inputs), path, final, "quality vs speed (speed measured alone)")
+
+
+def separation_x_rt(inputs: dict[str, Any], values: dict[str, Any]) -> float:
+    """The separation speed measured alone of the architecture of ``values`` (NaN: not measured)."""
+    separation = inputs["speed"]["separation"]
+    match = [s for s in separation if all(values.get(k) == v for k, v in s["point"].items())]
+    return match[0]["x_rt"]["median"] if match else math.nan
+
+
+def speed_rows(inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finished trials, each with its architecture's separation speed measured alone."""
+    return [{**r, "speed_x_rt": separation_x_rt(inputs, r["values"])} for r in ok_rows(inputs)]
 
 
 def plot_effects(inputs: dict[str, Any], effects: dict[str, dict[str, Effect]], path: Path) -> None:
@@ -512,7 +523,8 @@ def plot_spectrograms(excerpt: dict[str, Any], model_dir: Path, path: Path) -> N
 
 
 # -- the report --------------------------------------------------------------------------------------
-FIGURES = ("loss_curves.png", "sdr_vs_speed.png", "scores.png", "effects.png", "spectrograms.png")
+FIGURES = ("loss_curves.png", "sdr_vs_speed.png", "sdr_vs_bandwidth.png", "scores.png", "effects.png",
+           "spectrograms.png")  # fmt: skip
 
 
 def write_report(out: Path, stages: Sequence[str], excerpt: dict[str, Any]) -> list[Path]:
@@ -523,6 +535,7 @@ def write_report(out: Path, stages: Sequence[str], excerpt: dict[str, Any]) -> l
     effects = factor_effects(inputs)
     plot_loss_curves(inputs, out / "loss_curves.png")
     plot_sdr_speed(inputs, out / "sdr_vs_speed.png")
+    plot_sdr_bandwidth(speed_rows(inputs), out / "sdr_vs_bandwidth.png")
     shutil.copyfile(out / "evaluation" / "scores.png", out / "scores.png")
     plot_effects(inputs, effects, out / "effects.png")
     plot_spectrograms(excerpt, out / "model", out / "spectrograms.png")
@@ -596,6 +609,17 @@ def write_report(out: Path, stages: Sequence[str], excerpt: dict[str, Any]) -> l
         ),  # fmt: skip
         "",
         "![validation SDR against separation speed](sdr_vs_speed.png)",
+        "",
+        "## Bandwidth: the seed study's open question",
+        "",
+        "The seed study cropped the models' input at 16 kHz and left other bandwidths open. Validation SDR per "
+        "bandwidth (global SDR at each trial's best-loss epoch, every trial) and separation speed (measured alone, "
+        "the mean over the trials' architectures); the factor-effects table above gives the same contrast with its "
+        "interval. From `tune/results.json` and `speed.json`.",
+        "",
+        *bandwidth_table(speed_rows(inputs)),
+        "",
+        "![validation SDR against bandwidth](sdr_vs_bandwidth.png)",
         "",
         "## Separation quality (museval)",
         "",

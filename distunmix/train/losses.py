@@ -22,6 +22,7 @@ from .. import spectral
 
 TIME_WEIGHT = 10.0
 EPS = 1e-10
+GRAM_CHUNK = 1 << 18  # samples per Gram-matrix product
 
 
 def groups(nb_targets: int) -> list[tuple[int, ...]]:
@@ -75,8 +76,13 @@ def time_loss(est: Tensor, true: Tensor, mix: Tensor, combine: bool = True) -> T
     estimates, the targets and the mixture, so one (2S + 1)-square Gram matrix per sample and
     channel gives them for all groups (the groups' waveforms are never formed)."""
     b, s, c, n = est.shape
-    basis = torch.cat([est, true, mix[:, None]], 1).transpose(1, 2).reshape(b * c, 2 * s + 1, n)
-    gram = torch.bmm(basis, basis.transpose(1, 2))  # (B * C, 2S + 1, 2S + 1)
+    gram = est.new_zeros(b * c, 2 * s + 1, 2 * s + 1)
+    for a in range(0, n, GRAM_CHUNK):  # a whole validation track: bounded temporaries
+        piece = torch.cat(
+            [est[..., a : a + GRAM_CHUNK], true[..., a : a + GRAM_CHUNK], mix[:, None, :, a : a + GRAM_CHUNK]], 1
+        )
+        piece = piece.transpose(1, 2).reshape(b * c, 2 * s + 1, -1)
+        gram = gram + torch.bmm(piece, piece.transpose(1, 2))  # (B * C, 2S + 1, 2S + 1)
     g = _group_matrix(s, combine, gram)
     zeros, one = torch.zeros_like(g), torch.zeros(len(g), 1, dtype=g.dtype, device=g.device)
     est_g = torch.cat([g, zeros, one], 1)  # coefficients of each group's estimate in the basis
