@@ -254,6 +254,11 @@ def test_serving_an_x_umx_folder_and_exporting_it_is_refused(tmp_path, monkeypat
     with torch.no_grad():
         want = load_separator(folder, niter=0)(torch.from_numpy(audio)[None])[0].numpy()
     assert out.shape == (4, 2, 44100) and snr(torch.from_numpy(want), torch.from_numpy(out)) > 100
+    from distunmix.serve.catalog import ModelCatalog
+
+    described = ModelCatalog.of(None, str(tmp_path)).describe("xumx")  # /models, without loading it
+    assert (described["architecture"], described["hidden_size"], described["unidirectional"]) == ("xumx", 16, True)
+    assert described["model_card"]["model"]["architecture"] == "xumx" and "error" not in described
     live = service.streamer()  # live streams share the joint model
     assert live.separator.joint is service.separator.joint
     assert main(["export", "-m", str(folder), "-o", str(tmp_path / "x.onnx")]) == 2

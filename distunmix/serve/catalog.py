@@ -71,7 +71,10 @@ class ModelCatalog:
         try:
             sep = _json(folder / "separator.json")
             targets = list(sep.get("targets", []))
-            args = _json(folder / f"{targets[0]}.json").get("args", {}) if targets else {}
+            if sep.get("architecture") == "xumx":  # one joint model: its args are in separator.json
+                args = sep.get("args", {}) if isinstance(sep.get("args"), dict) else {}
+            else:
+                args = _json(folder / f"{targets[0]}.json").get("args", {}) if targets else {}
         except (OSError, ValueError, IndexError) as e:
             return {**info, "error": f"cannot be described ({type(e).__name__})"}
         info.update(
