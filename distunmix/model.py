@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def bandwidth_to_max_bin(sample_rate: float, n_fft: int, bandwidth: float) -> int:
@@ -150,9 +153,7 @@ class OpenUnmix(nn.Module):
 
     def freeze(self) -> OpenUnmix:
         """Eval mode, no gradients: the inference set-up."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
+        return frozen(self)
 
     def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Estimate the target magnitude.
@@ -217,10 +218,7 @@ class OpenUnmix(nn.Module):
             target magnitude of the new frames, and the state after them. Feeding a signal's
             frames in any number of pieces gives what one call on all of them gives.
         """
-        if not self.unidirectional:
-            raise ValueError("a bidirectional LSTM reads future frames and cannot stream")
-        if self.training or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            raise ValueError("forward_stream is for inference: call freeze() (eval mode, no gradients) first")
+        check_streamable(self)
         return self._forward_folded(x, None, state, stepwise=x.shape[-1] <= _STEPWISE_FRAMES)
 
     def _forward_folded(
@@ -282,6 +280,21 @@ class OpenUnmix(nn.Module):
         if key is not None:
             self._folded_cache = (key, weights)
         return weights
+
+
+def frozen(module: _M) -> _M:
+    """``module`` in eval mode with no gradients: the inference set-up."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def check_streamable(model: nn.Module) -> None:
+    """Raise unless ``model`` (unidirectional, frozen) can run frame by frame."""
+    if not model.unidirectional:
+        raise ValueError("a bidirectional LSTM reads future frames and cannot stream")
+    if model.training or torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        raise ValueError("forward_stream is for inference: call freeze() (eval mode, no gradients) first")
 
 
 _STEPWISE_FRAMES = 8  # up to this many frames, a unidirectional LSTM runs as plain matrix products

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import _STEPWISE_FRAMES, ModelConfig, OpenUnmix, _lstm_steps
+from .model import _STEPWISE_FRAMES, ModelConfig, OpenUnmix, _lstm_steps, check_streamable, frozen
 
 ARCHITECTURES = ("umx", "xumx")
 
@@ -85,9 +85,7 @@ class CrossUnmix(nn.Module):
 
     def freeze(self) -> CrossUnmix:
         """Eval mode, no gradients: the inference set-up."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
+        return frozen(self)
 
     def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """Estimate the target magnitudes.
@@ -146,10 +144,7 @@ class CrossUnmix(nn.Module):
         """Inference on the next frames of a stream, carrying every branch's LSTM state
         (unidirectional only); as :meth:`OpenUnmix.forward_stream`, with the state's h and c
         each (:attr:`state_shape`'s layers, nb_samples, hidden)."""
-        if not self.unidirectional:
-            raise ValueError("a bidirectional LSTM reads future frames and cannot stream")
-        if self.training or torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
-            raise ValueError("forward_stream is for inference: call freeze() (eval mode, no gradients) first")
+        check_streamable(self)
         return self._forward_folded(x, None, state, stepwise=x.shape[-1] <= _STEPWISE_FRAMES)
 
 
