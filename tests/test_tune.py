@@ -86,6 +86,12 @@ def test_the_study_space_is_a_replicated_factorial_and_its_half_fraction_is_bala
         8000.0,
         2,
     )
+    quarter = with_fraction(study, 4)  # the tiny demo's design
+    points = quarter.design_points()
+    assert quarter.grid_size == 16 and len(points) == 8 and len({tuple(p.values()) for p in points}) == 8
+    coded = np.array([[1 if p[f.name] == f.values[1] else -1 for f in quarter.factors] for p in points])
+    assert (coded.T @ coded == 8 * np.eye(5)).all()  # resolution III: main effects balanced and orthogonal
+    assert (coded[:, 0] * coded[:, 1] * coded[:, 3] == 1).all() and (coded[:, 0] * coded[:, 2] * coded[:, 4] == 1).all()
 
 
 @pytest.mark.parametrize(
@@ -102,10 +108,15 @@ def test_the_study_space_is_a_replicated_factorial_and_its_half_fraction_is_bala
         ("params: {lr: {grid: [0.1]}}\nfixed: {lr: 0.2}", "lr both searched and fixed"),
         ("params: {}", "'params' must map settings"),
         ("params: [", "not a readable YAML file"),
-        ("params: {lr: {grid: [0.1]}}\nfraction: 3", "fraction must be 1 (all combinations) or 2"),
+        ("params: {lr: {grid: [0.1]}}\nfraction: 3", "fraction must be 1 (all combinations), 2 (half of them) or 4"),
+        (
+            "params: {batch_size: {grid: [4, 8]}, hidden_size: {grid: [16, 32]}, nfft: {grid: [512, 1024]}}\n"
+            "fraction: 4",
+            "fraction 4 needs at least 5 grids of two values (seed aside), got 3",
+        ),
         (
             "params: {batch_size: {grid: [4, 8]}, seed: {grid: [1, 2]}, hidden_size: {grid: [16, 32]}}\nfraction: 2",
-            "fraction 2 needs at least three grids of two values (seed aside), got 2: batch_size, hidden_size",
+            "fraction 2 needs at least 3 grids of two values (seed aside), got 2: batch_size, hidden_size",
         ),
     ],
 )

@@ -76,7 +76,7 @@ class DemoSize:
 
     synth_tracks: int  # generated tracks (train, validation and test splits)
     synth_duration: float  # seconds per generated track
-    fraction: int  # the study space's design: 1 every combination of the factors, 2 half of them
+    fraction: int  # the study space's design: 1 every combination of the factors, 2 half, 4 a quarter
     seeds: int  # replicates of the design (the first seeds of the study space)
     max_epochs: int  # ASHA's epochs per trial at most
     grace_period: int  # ASHA's epochs before it may stop a trial: the epoch the factors are compared at
@@ -96,8 +96,8 @@ SIZES = {
     "full": DemoSize(12, 15.0, fraction=2, seeds=2, max_epochs=8, grace_period=4, train_epochs=60,
                      train_samples_per_track=16, train_seq_dur=2.0, speed_repeats=5, speed_seconds=10.0,
                      stream_seconds=20.0, full_size_seconds=10.0, clip_seconds=5.0),
-    # the test suite's size: about 1.5 minutes; a half fraction (16 combinations), one seed
-    "tiny": DemoSize(5, 3.0, fraction=2, seeds=1, max_epochs=2, grace_period=1, train_epochs=1,
+    # the test suite's size: about 1.5 minutes; a quarter fraction (8 combinations), one seed
+    "tiny": DemoSize(5, 3.0, fraction=4, seeds=1, max_epochs=2, grace_period=1, train_epochs=1,
                      train_samples_per_track=4, train_seq_dur=1.0, speed_repeats=2, speed_seconds=1.0,
                      stream_seconds=3.0, full_size_seconds=0.0, clip_seconds=2.0),
 }  # fmt: skip

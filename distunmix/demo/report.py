@@ -280,7 +280,11 @@ def design_finding(inputs: dict[str, Any]) -> str:
     levels = "; ".join(f"{FACTOR_COLUMNS.get(f, f)} {', '.join(level(f, v) for v in vals)}"
                        for f, vals in d["factors"].items())  # fmt: skip
     combos = 2 ** len(d["factors"]) // d["fraction"]
-    kind = "every combination" if d["fraction"] == 1 else "a half fraction (main effects clear of two-way interactions)"
+    kind = {
+        1: "every combination",
+        2: "a half fraction (main effects clear of two-way interactions)",
+        4: "a quarter fraction (main effects clear of each other, not of two-way interactions)",
+    }[d["fraction"]]
     fixed = ", ".join(f"{k} {fmt(v, 3, significant=True)}" for k, v in d["fixed"].items())
     epoch = common_epoch(rows)
     stopped = sum(1 for r in rows if r["stopped_early"])

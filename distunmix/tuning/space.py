@@ -71,7 +71,7 @@ class SearchSpace:
     description: str
     params: tuple[Param, ...]
     fixed: dict[str, Any]
-    fraction: int = 1  # 1: every combination of the grids; 2: the half fraction of the two-level factors
+    fraction: int = 1  # 1: every combination of the grids; 2 (4): a half (quarter) of the two-level factors'.
 
     @property
     def factors(self) -> tuple[Param, ...]:
@@ -80,17 +80,21 @@ class SearchSpace:
 
     @property
     def grid_size(self) -> int:
-        """Trials per sample: the product of the grids' lengths (halved by a half fraction)."""
+        """Trials per sample: the product of the grids' lengths (divided by the design's fraction)."""
         return math.prod(len(p.values) for p in self.params if p.kind == "grid") // self.fraction
 
     def design_points(self) -> list[dict[str, Any]]:
-        """The factors' level combinations the design runs: all of them, or with ``fraction: 2``
+        """The factors' level combinations the design runs: all of them; with ``fraction: 2``
         those whose coded levels (-1, +1) multiply to +1 (defining relation I = ABC...: for four
-        factors a resolution IV design, whose main effects are free of two-factor interactions)."""
+        factors a resolution IV design, whose main effects are free of two-factor interactions;
+        for five, resolution V); with ``fraction: 4`` (five or more factors) those where
+        I = ABY = ACZ, Y and Z the last two factors (resolution III: main effects free of each
+        other, aliased with two-factor interactions)."""
         names = [p.name for p in self.factors]
+        words = {1: [], 2: [range(len(names))], 4: [(0, 1, len(names) - 2), (0, 2, len(names) - 1)]}[self.fraction]
         points = []
         for codes in itertools.product((-1, 1), repeat=len(names)):
-            if self.fraction == 2 and math.prod(codes) != 1:
+            if any(math.prod(codes[i] for i in word) != 1 for word in words):
                 continue
             points.append({n: p.values[(c + 1) // 2] for n, p, c in zip(names, self.factors, codes, strict=True)})
         return points
@@ -179,13 +183,17 @@ def load_space(space: str, base: TrainConfig) -> SearchSpace:
 
 
 def with_fraction(space: SearchSpace, fraction: Any) -> SearchSpace:
-    """``space`` run as a full factorial (1) or its half fraction (2); a half fraction needs at least
-    three two-level grids (with two, it would confound them with each other)."""
-    if fraction not in (1, 2) or isinstance(fraction, bool):
-        raise SpaceError(f"{space.path}: fraction must be 1 (all combinations) or 2 (half of them), not {fraction!r}")
-    if fraction == 2 and len(space.factors) < 3:
+    """``space`` run as a full factorial (1), its half fraction (2) or a quarter fraction (4); a
+    half fraction needs at least three two-level grids, a quarter five (with fewer, it would
+    confound main effects with each other)."""
+    if fraction not in (1, 2, 4) or isinstance(fraction, bool):
         raise SpaceError(
-            f"{space.path}: fraction 2 needs at least three grids of two values (seed aside), "
+            f"{space.path}: fraction must be 1 (all combinations), 2 (half of them) or 4 (a quarter), not {fraction!r}"
+        )
+    need = {1: 0, 2: 3, 4: 5}[fraction]
+    if len(space.factors) < need:
+        raise SpaceError(
+            f"{space.path}: fraction {fraction} needs at least {need} grids of two values (seed aside), "
             f"got {len(space.factors)}: {', '.join(p.name for p in space.factors) or 'none'}"
         )
     return replace(space, fraction=fraction)
