@@ -21,7 +21,7 @@ from distunmix.train.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "distunmix"
 # the core: usable and testable without Ray
-CORE = ("model", "spectral", "separator", "stream", "stemfiles", "checkpoint", "fileio", "audio", "errors",
+CORE = ("model", "xumx", "spectral", "separator", "stream", "stemfiles", "checkpoint", "fileio", "audio", "errors",
         "flags", "tables", "plots", "devices", "data", "serve.service", "serve.streaming", "serve.client",
         "serve.streamclient", "chunking", "onnxrun", "card", "bsseval", "speed")  # fmt: skip
 
