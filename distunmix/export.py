@@ -44,6 +44,7 @@ from .model import OpenUnmix
 from .onnxrun import FORMAT, OnnxSeparator, stream_file_of
 from .separator import Separator, SeparatorOptions
 from .storage import cache_root, local_folder
+from .xumx import CrossUnmix
 
 OPSET = 18
 
@@ -95,23 +96,68 @@ class _ModelGraph(nn.Module):
             self.register_buffer(name, value.detach().clone())
         self.lstm = model.lstm
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """(B, C', F, T) mixture magnitude -> target magnitude, and the LSTM state after it."""
+    @property
+    def state_layers(self) -> int:
+        """Rows of the LSTM state's h and c (layers x directions)."""
+        return self.lstm.num_layers * (1 + self.lstm.bidirectional)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, C', F, T) mixture magnitude -> (T, B, hidden): the layers before the LSTM."""
         xt = x.permute(3, 0, 1, 2)  # (T, B, C', F)
         t, b, c, _ = xt.shape
         flat = xt[..., : self.nb_bins].reshape(t * b, c * self.nb_bins)
-        h = torch.tanh(flat @ self.w1.t() + self.c1).reshape(t, b, self.hidden_size)
+        return torch.tanh(flat @ self.w1.t() + self.c1).reshape(t, b, self.hidden_size)
+
+    def recur(self, h: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The LSTM over (T, B, hidden), from ``state`` (None: zeros); its output and new state."""
         if state is None:
-            zeros = h.new_zeros(self.lstm.num_layers * (1 + self.lstm.bidirectional), b, self.lstm.hidden_size)
+            zeros = h.new_zeros(self.state_layers, h.shape[1], self.lstm.hidden_size)
             state = (zeros, zeros)
-        lstm_out, h_n, c_n = _lstm(
-            h, *state, list(self.lstm._flat_weights), self.lstm.num_layers, self.lstm.bidirectional
-        )
-        state = (h_n, c_n)
-        h = torch.cat([h, lstm_out], -1).reshape(t * b, -1)
-        h = torch.relu(h @ self.w2.t() + self.b2)
+        out, h_n, c_n = _lstm(h, *state, list(self.lstm._flat_weights), self.lstm.num_layers, self.lstm.bidirectional)
+        return out, (h_n, c_n)
+
+    def decode(self, h: Tensor, x: Tensor) -> Tensor:
+        """(T, B, 2 hidden) features and the mixture magnitude -> the target magnitude."""
+        t, b = h.shape[:2]
+        h = torch.relu(h.reshape(t * b, -1) @ self.w2.t() + self.b2)
         y = torch.relu(h @ self.w3.t() + self.c3)
-        return y.reshape(t, b, c, self.nb_output_bins).permute(1, 2, 3, 0) * x, state
+        return y.reshape(t, b, x.shape[1], self.nb_output_bins).permute(1, 2, 3, 0) * x
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(B, C', F, T) mixture magnitude -> target magnitude, and the LSTM state after it."""
+        h = self.encode(x)
+        lstm_out, state = self.recur(h, state)
+        return self.decode(torch.cat([h, lstm_out], -1), x), state
+
+
+class _JointGraph(nn.Module):
+    """An X-UMX model at inference (:class:`~distunmix.xumx.CrossUnmix`): its branches' graphs and
+    the two averages; one LSTM state, every branch's stacked, as the torch model carries it."""
+
+    def __init__(self, model: CrossUnmix) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(_ModelGraph(model.branches[t]) for t in model.targets)
+        self.outputs = [model.targets.index(t) for t in model.outputs]
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(B, C', F, T) mixture magnitude -> (B, S', C', F, T) target magnitudes, and the state."""
+        n = len(self.branches)
+        cross = sum(b.encode(x) for b in self.branches) / n
+        rows = self.branches[0].state_layers
+        outs, hs, cs = [], [], []
+        for k, b in enumerate(self.branches):
+            part = None if state is None else (state[0][k * rows : (k + 1) * rows], state[1][k * rows : (k + 1) * rows])
+            out, (h, c) = b.recur(cross, part)
+            outs.append(out)
+            hs.append(h)
+            cs.append(c)
+        h = torch.cat([cross, sum(outs) / n], -1)
+        return torch.stack([self.branches[k].decode(h, x) for k in self.outputs], 1), (torch.cat(hs), torch.cat(cs))
+
+
+def _stage_graphs(separator: Separator) -> nn.ModuleList:
+    """One graph per :attr:`~distunmix.separator.Separator.stages` module."""
+    return nn.ModuleList(_JointGraph(m) if isinstance(m, CrossUnmix) else _ModelGraph(m) for m in separator.stages)
 
 
 def _model_magnitudes(models: nn.ModuleList, mag: Tensor, states: list | None = None):
@@ -119,9 +165,9 @@ def _model_magnitudes(models: nn.ModuleList, mag: Tensor, states: list | None = 
     outs, new_states = [], []
     for k, model in enumerate(models):
         y, state = model(mag, None if states is None else states[k])
-        outs.append(y)
+        outs.append(y if y.dim() == 5 else y[:, None])  # an X-UMX graph gives every target at once
         new_states.append(state)
-    return torch.stack(outs, 1), new_states
+    return torch.cat(outs, 1), new_states
 
 
 def _filter(sep: Separator, s: Tensor, xr: Tensor, xi: Tensor, win_len: int | None) -> tuple[Tensor, Tensor]:
@@ -208,7 +254,7 @@ class SeparatorGraph(nn.Module):
     def __init__(self, separator: Separator) -> None:
         super().__init__()
         self.sep = _prepared(separator)
-        self.models = nn.ModuleList(_ModelGraph(m) for m in separator.target_models.values())
+        self.models = _stage_graphs(separator)
         self.register_buffer("window", torch.hann_window(separator.n_fft), persistent=False)
 
     def forward(self, audio: Tensor) -> Tensor:
@@ -234,7 +280,7 @@ class StreamStepGraph(nn.Module):
         self.sep = _prepared(separator)
         if separator.niter != 0:
             raise ConfigError(f"a streaming graph needs niter 0, got {separator.niter}")
-        self.models = nn.ModuleList(_ModelGraph(m) for m in separator.target_models.values())
+        self.models = _stage_graphs(separator)
         self.register_buffer("window", torch.hann_window(separator.n_fft), persistent=False)
 
     def forward(self, segment: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
@@ -306,12 +352,7 @@ def export_separator(
     unidirectional models with niter 0 also gets its streaming step, ``<stem>.stream.onnx``,
     written first: a file at ``path`` means both are complete.
 
-    Returns the files written. X-UMX models are refused (not exported yet)."""
-    if separator.joint is not None:
-        raise ConfigError(
-            "ONNX export of X-UMX models (--architecture xumx) is not supported yet: serve and separate "
-            "them with the torch backend (--backend torch)"
-        )
+    Returns the files written."""
     path = Path(path)
     sep = _prepared(separator)
     samples = torch.export.Dim.DYNAMIC
@@ -321,8 +362,8 @@ def export_separator(
         step = StreamStepGraph(sep)
         segment = _probe(sep)[..., : 7 * sep.n_hop + sep.n_fft]  # 8 frames
         states, names = [], []
-        for k, model in enumerate(step.models):
-            shape = (model.lstm.num_layers, 1, model.lstm.hidden_size)
+        for k, (layers, hidden) in enumerate(m.state_shape for m in sep.stages):
+            shape = (layers, 1, hidden)
             states += [torch.zeros(shape), torch.zeros(shape)]
             names += [f"h{k}", f"c{k}"]
         stream_path = stream_file_of(path)
@@ -355,8 +396,8 @@ def settings(sep: Separator) -> dict[str, Any]:
         "wiener_win_len": sep.wiener_win_len,
         "unidirectional": first.unidirectional,
         "hidden_size": first.hidden_size,
-        "parameters": sum(p.numel() for m in sep.target_models.values() for p in m.parameters()),
-        "lstm_states": [[m.lstm.num_layers, m.lstm.hidden_size] for m in sep.target_models.values()],
+        "parameters": sum(p.numel() for p in sep.parameters()),
+        "lstm_states": [list(m.state_shape) for m in sep.stages],
     }
 
 

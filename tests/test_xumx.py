@@ -238,8 +238,8 @@ def test_asteroid_weights_give_asteroids_output(asteroid_xumx, tmp_path, monkeyp
         assert snr(want, ours._forward_graph(mag)) >= 60  # the training graph
 
 
-def test_serving_an_x_umx_folder_and_exporting_it_is_refused(tmp_path, monkeypatch, capsys):
-    from distunmix.cli import main
+def test_serving_an_x_umx_folder_with_the_torch_and_onnx_backends(tmp_path, monkeypatch):
+    from distunmix.serve.catalog import ModelCatalog
     from distunmix.serve.service import Clip, SeparationService, ServiceConfig
 
     folder = tmp_path / "xumx"
@@ -252,16 +252,31 @@ def test_serving_an_x_umx_folder_and_exporting_it_is_refused(tmp_path, monkeypat
     audio = np.random.default_rng(0).standard_normal((2, 44100)).astype(np.float32) * 0.1
     (out,) = service.separate_batch([Clip(audio, 44100, 1.0)], [0])
     with torch.no_grad():
-        want = load_separator(folder, niter=0)(torch.from_numpy(audio)[None])[0].numpy()
-    assert out.shape == (4, 2, 44100) and snr(torch.from_numpy(want), torch.from_numpy(out)) > 100
-    from distunmix.serve.catalog import ModelCatalog
-
+        want = load_separator(folder, niter=0)(torch.from_numpy(audio)[None])[0]
+    assert out.shape == (4, 2, 44100) and snr(want, torch.from_numpy(out)) > 100
     described = ModelCatalog.of(None, str(tmp_path)).describe("xumx")  # /models, without loading it
     assert (described["architecture"], described["hidden_size"], described["unidirectional"]) == ("xumx", 16, True)
     assert described["model_card"]["model"]["architecture"] == "xumx" and "error" not in described
     live = service.streamer()  # live streams share the joint model
     assert live.separator.joint is service.separator.joint
-    assert main(["export", "-m", str(folder), "-o", str(tmp_path / "x.onnx")]) == 2
-    assert "ONNX export of X-UMX models (--architecture xumx) is not supported yet" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="X-UMX"):
-        SeparationService(ServiceConfig(model=str(folder), backend="onnx"))
+    onnx = SeparationService(ServiceConfig(model=str(folder), backend="onnx"))  # exported once, then cached
+    (out,) = onnx.separate_batch([Clip(audio, 44100, 1.0)], [0])
+    assert snr(want, torch.from_numpy(out)) > 60
+    assert onnx.model_info()["parameters"] == info["parameters"]
+
+
+def test_an_exported_x_umx_separates_and_streams_as_torch_does(tmp_path):
+    from distunmix.export import export_model_dir
+    from distunmix.onnxrun import OnnxSeparator, OnnxStreamer
+    from distunmix.separator import SeparatorOptions
+
+    save_model_dir(tmp_path / "m", randomised(CrossUnmix(TARGETS, small(unidirectional=True))), 44100.0, 128)
+    files = export_model_dir(tmp_path / "m", tmp_path / "x.onnx", SeparatorOptions(niter=0), targets=["bass", "vocals"])
+    assert sorted(f.name for f in files) == ["x.onnx", "x.stream.onnx"]
+    audio = torch.randn(1, 2, 11025) * 0.1
+    with torch.no_grad():
+        want = load_separator(tmp_path / "m", niter=0, targets=["bass", "vocals"])(audio)
+    assert snr(want, torch.from_numpy(OnnxSeparator(tmp_path / "x.onnx")(audio.numpy()))) >= 60
+    streamer = OnnxStreamer(tmp_path / "x.stream.onnx")  # every branch's LSTM state carried block to block
+    pieces = [streamer.process(audio[0, :, i : i + 1024].numpy()) for i in range(0, 11025, 1024)]
+    assert snr(want, torch.from_numpy(np.concatenate([*pieces, streamer.flush()], -1))) >= 60
