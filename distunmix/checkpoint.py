@@ -402,10 +402,26 @@ def load_xumx(model_dir: str | os.PathLike) -> tuple[CrossUnmix, dict[str, Any]]
         legacy = {k: check_json_value(path, k, v) for k, v in legacy.items() if v is not None}
     if is_asteroid_state(state):
         state = from_asteroid_state(state, targets)
-    prefix = f"branches.{targets[0]}."
-    config = infer_config({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, path)
+    branches = [{k.removeprefix(f"branches.{t}."): v for k, v in state.items() if k.startswith(f"branches.{t}.")}
+                for t in targets]  # fmt: skip
+    config = infer_config(branches[0], path)
+    if isinstance(args, dict) and args.get("in_chan", config.n_fft) != config.n_fft:
+        raise CheckpointError(f"{path}: model_args.in_chan is {args['in_chan']!r} but the weights have {config.n_fft}")
+    # every branch has the first one's tensors before any is built: the model is no larger than the file
+    what = f"an X-UMX model of {', '.join(targets)} ({config})"
+    for target, branch in zip(targets[1:], branches[1:], strict=True):
+        missing = sorted(f"branches.{target}.{k}" for k in set(branches[0]) - set(branch))
+        unexpected = sorted(f"branches.{target}.{k}" for k in set(branch) - set(branches[0]))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: keys do not match {what}; unexpected: {unexpected[:5]}, missing: {missing[:5]}"
+            )
+        for key, tensor in branch.items():
+            if tensor.shape != branches[0][key].shape:
+                raise CheckpointError(f"{path}: branches.{target}.{key} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(branches[0][key].shape)} for {what}")  # fmt: skip
     model = CrossUnmix(targets, config)
-    _load_checked(model, state, path, f"an X-UMX model of {', '.join(targets)} ({config})")
+    _load_checked(model, state, path, what)
     conf = read_separator_config(model_dir, [], legacy.get("sample_rate"))
     if "nhop" in legacy and not (model_dir / "separator.json").is_file():
         conf["nhop"] = legacy["nhop"]

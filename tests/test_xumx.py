@@ -1,6 +1,7 @@
 """X-UMX: the joint model, its bridges, its losses, its folders, and asteroid 0.7.0 as the oracle."""
 
 import itertools
+import json
 import math
 import sys
 import types
@@ -280,3 +281,34 @@ def test_an_exported_x_umx_separates_and_streams_as_torch_does(tmp_path):
     streamer = OnnxStreamer(tmp_path / "x.stream.onnx")  # every branch's LSTM state carried block to block
     pieces = [streamer.process(audio[0, :, i : i + 1024].numpy()) for i in range(0, 11025, 1024)]
     assert snr(want, torch.from_numpy(np.concatenate([*pieces, streamer.flush()], -1))) >= 60
+
+
+def test_a_hostile_x_umx_file_is_refused_before_its_branches_are_built(tmp_path, monkeypatch):
+    """Targets listed without weights, or a branch shaped unlike the first, cannot make the loader
+    build more model than the file holds; asteroid's in_chan must be the weights' FFT size."""
+    save_model_dir(tmp_path, CrossUnmix(TARGETS[:2], small()), 44100.0, 128)
+    body = json.loads((tmp_path / "separator.json").read_text())
+    (tmp_path / "separator.json").write_text(
+        json.dumps({**body, "targets": [*TARGETS[:2], *(f"t{i}" for i in range(5000))]})
+    )
+    built = []
+    monkeypatch.setattr(OpenUnmix, "from_config", classmethod(lambda cls, *a, **k: built.append(1)))
+    with pytest.raises(CheckpointError, match="missing: \\['branches.t0.bn1.bias'"):
+        load_separator(tmp_path)
+    monkeypatch.undo()
+    assert not built
+    state = torch.load(tmp_path / XUMX_FILE, weights_only=True)
+    state["branches.drums.fc3.weight"] = torch.zeros(10**3, 16)
+    torch.save(state, tmp_path / XUMX_FILE)
+    (tmp_path / "separator.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"branches.drums.fc3.weight has shape \(1000, 16\)"):
+        load_separator(tmp_path)
+
+
+def test_an_asteroid_file_whose_fft_size_contradicts_its_weights_is_refused(tmp_path, asteroid_xumx, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_lightning", types.SimpleNamespace(__version__="2.0.0"))
+    saved = _asteroid(asteroid_xumx, True).serialize()
+    saved["model_args"] = {**saved["model_args"], "in_chan": 1024, "window_length": 1024}
+    torch.save(saved, tmp_path / XUMX_FILE)
+    with pytest.raises(CheckpointError, match="model_args.in_chan is 1024 but the weights have 512"):
+        load_separator(tmp_path)
