@@ -369,7 +369,8 @@ def validate(
         estimates = {}
         for t in targets:
             if t.joint:
-                objective, est = joint_loss(t.model, mixture, truth, config)
+                est = t.model(X)  # the spectra above are the centred ones its loss takes
+                objective = xumx_loss(est, Y, stft_mix, truth, mixture, config.nfft, config.nhop)[0]
                 out[t.name]["objective"] += objective.item()
                 out[t.name]["tracks"] += 1
                 estimates.update(zip(t.outputs, est.unbind(1), strict=True))
