@@ -29,9 +29,11 @@ from torch import Tensor
 from . import spectral
 from .audio import StemSet, read_at_rate
 from .errors import ConfigError
+from .model import OpenUnmix, OpenUnmixStack
 from .onnxrun import OnnxSeparator
 from .separator import Separator
 from .stemfiles import as_numpy
+from .xumx import CrossUnmix
 
 _UNBOUNDED = 1 << 62  # frames / samples of a stream whose end is not known yet
 
@@ -76,7 +78,7 @@ class StreamingSeparator:
         self._buf: Tensor | None = None  # padded samples from frame self._frame's start on
         self._frame = 0  # next STFT frame to compute
         self._received = 0
-        self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.separator.stages)
+        self._states: list[tuple[Tensor, Tensor] | None] = [None] * len(stream_stages(self.separator))
         self._ola = spectral.OverlapAdd(self.n_fft, self.n_hop, _UNBOUNDED, _UNBOUNDED, self.separator.device)
         self._done = False
 
@@ -180,6 +182,16 @@ class StreamStep:
     final: bool
 
 
+def stream_stages(separator: Separator) -> list[OpenUnmix | OpenUnmixStack | CrossUnmix]:
+    """What a stream runs per step: Open-Unmix targets of one configuration as one
+    :class:`~distunmix.model.OpenUnmixStack` (shared by every stream of those models), else the
+    separator's :attr:`~distunmix.separator.Separator.stages` one by one."""
+    models = list(separator.target_models.values())
+    if separator.joint is not None or len({m.config for m in models}) != 1:
+        return separator.stages
+    return [OpenUnmixStack.of(models, separator.nb_channels)]
+
+
 @torch.inference_mode()
 def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
     """Run the target models once for several streams' next frames (the same models, the same frame
@@ -187,9 +199,10 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
     batch, so the weights are read once for all (the cost of a streamed block on a CPU). Each
     stream's state moves on as if it had run alone. Returns each step's per-target magnitudes."""
     first = steps[0].streamer
-    models = first.separator.stages
+    models = stream_stages(first.separator)
     for s in steps[1:]:
-        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, s.streamer.separator.stages, strict=True)):
+        others = stream_stages(s.streamer.separator)
+        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, others, strict=True)):
             raise ValueError("steps run together need the same models and frame count")
     mag = torch.cat([s.mag for s in steps]) if len(steps) > 1 else steps[0].mag
     sizes = [s.mag.shape[0] for s in steps]

@@ -181,3 +181,38 @@ def test_streams_stepped_together_equal_each_stream_alone():
     for j, expected in enumerate(alone):
         got = torch.cat(outs[j], -1)
         assert got.shape == expected.shape and snr_db(expected, got) > 100, j
+
+
+def test_targets_of_one_configuration_step_as_one_stack_shared_by_every_stream_of_them():
+    """The stacked step equals each model's own forward_stream (state carried across calls, two
+    samples), streams of the same models share one stack (so they can batch), a weight changed in
+    place rebuilds it, and targets of different configurations step one by one."""
+    from distunmix.model import OpenUnmixStack
+    from distunmix.stream import stream_stages
+
+    models = {t: m.freeze() for t, m in make_models(TARGETS, hidden_size=16, unidirectional=True).items()}
+    stack = OpenUnmixStack.of(list(models.values()), 2)
+    x = torch.rand(2, 2, 2049, 12, generator=torch.Generator().manual_seed(4))
+    a, state = stack.forward_stream(x[..., :5])
+    b, _ = stack.forward_stream(x[..., 5:], state)
+    for k, model in enumerate(models.values()):
+        expected, _ = model.forward_stream(x)
+        assert snr_db(expected, torch.cat([a, b], -1)[:, k]) > 100
+    assert stack.state_shape == (3 * len(models), 16) and state[0].shape == (3 * len(models), 2, 16)
+
+    first, second = (Separator(models, niter=0, chunk_seconds=None) for _ in range(2))
+    assert stream_stages(first)[0] is stream_stages(second)[0] is stack
+    other = make_models(("vocals",), hidden_size=16, unidirectional=True, seed=9)["vocals"]
+    models["vocals"].load_state_dict(other.state_dict())  # in place: the stack must follow
+    rebuilt = stream_stages(first)[0]
+    assert rebuilt is not stack
+    assert snr_db(other.freeze().forward_stream(x)[0], rebuilt.forward_stream(x)[0][:, 0]) > 100
+
+    mixed = {**make_models(("vocals",), hidden_size=16, unidirectional=True),
+             **make_models(("drums",), hidden_size=8, unidirectional=True)}  # fmt: skip
+    separator = Separator(mixed, niter=0, residual=True, chunk_seconds=None)
+    assert stream_stages(separator) == separator.stages
+    signal = torch.randn(1, 2, 20000) * 0.2
+    with torch.inference_mode():
+        offline = separator(signal)
+    assert snr_db(offline, _stream(StreamingSeparator(separator), signal, 1024)[0]) > 100
