@@ -19,8 +19,9 @@ import torch
 from .checkpoint import STANDARD_TARGETS
 from .data.synth import synth_track
 from .model import ModelConfig, OpenUnmix
+from .realtime import block_figures
 from .separator import Separator
-from .stream import StreamingSeparator, block_figures
+from .stream import StreamingSeparator
 
 CARD_SPEED_SECONDS = 5.0  # seconds of audio a finished run's model card times separation on
 
@@ -71,7 +72,7 @@ def folder_speed(model_dir: Any, seconds: float = CARD_SPEED_SECONDS, repeats: i
 
 def streaming_speed(separator: Separator, audio: torch.Tensor, block: int, repeats: int) -> dict[str, Any]:
     """``audio`` streamed through ``separator`` (niter 0, unidirectional) in blocks of ``block``
-    samples, ``repeats`` times: the pooled figures of :func:`~distunmix.stream.block_figures` (and
+    samples, ``repeats`` times: the pooled figures of :func:`~distunmix.realtime.block_figures` (and
     its verdict) over every run, and each run's real-time factor."""
     streamer = StreamingSeparator(separator)
     times: list[float] = []

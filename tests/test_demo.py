@@ -14,7 +14,7 @@ import pytest
 
 from distunmix.demo import pipeline, report
 from distunmix.demo.pipeline import STAGES, DemoError, DemoSettings, Stage, run_demo
-from distunmix.stream import verdict
+from distunmix.realtime import verdict
 
 NAMES = [stage.name for stage in STAGES]
 

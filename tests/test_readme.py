@@ -36,8 +36,8 @@ import pytest
 from distunmix.data.synth import split_counts
 from distunmix.demo.pipeline import SIZES, STAGES
 from distunmix.demo.report import FIGURES
+from distunmix.realtime import verdict
 from distunmix.serve.client import free_port
-from distunmix.stream import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -527,6 +528,7 @@ def test_a_stream_in_any_block_size_equals_separate_niter_0(live, tmp_path, caps
     wav = tmp_path / "song.wav"
     sf.write(wav, clip.T, 44100, subtype="FLOAT")
     whole = _offline(model, clip)
+    frozen: list[int] = []  # the client keeps the collector off its old objects while it streams
     for block in (333, 1024, 5000):
         out = tmp_path / f"b{block}"
         if block == 1024:  # the command line, paced at real time
@@ -535,8 +537,10 @@ def test_a_stream_in_any_block_size_equals_separate_niter_0(live, tmp_path, caps
             assert "latency 92.9 ms" in said and "late blocks" in said and "reconnects 0" in said, said
             folder = next(out.glob("*/song"))
         else:
-            folder, _, figures = stream_remote(url, wav, out, block=block, fmt="s16" if block == 333 else "f32")
+            folder, _, figures = stream_remote(url, wav, out, block=block, fmt="s16" if block == 333 else "f32",
+                                               on_ready=lambda _: frozen.append(gc.get_freeze_count()))  # fmt: skip
             assert figures["blocks"] == -(-clip.shape[1] // block) and figures["reconnects"] == 0
+            assert frozen[-1] > 0 and gc.get_freeze_count() == 0
         for k, target in enumerate(("vocals", "drums")):
             stem = sf.read(folder / f"{target}.wav", dtype="float32")[0].T
             # s16 input is the clip rounded to 16 bits: compared with the offline separation of that clip

@@ -9,8 +9,9 @@ import torch
 from conftest import make_models, snr_db
 
 from distunmix.cli import main
+from distunmix.realtime import verdict, verdict_text
 from distunmix.separator import Separator
-from distunmix.stream import StreamingSeparator, verdict, verdict_text
+from distunmix.stream import StreamingSeparator
 
 TARGETS = ("vocals", "drums", "bass")
 

@@ -158,3 +158,13 @@ def test_the_batcher_separates_concurrent_streams_together_as_each_alone():
                 seq_b, wave_b = streaming.decode_output(b, 2, 2)
                 assert seq_a == seq_b and wave_a.shape == wave_b.shape
                 np.testing.assert_allclose(wave_a, wave_b, atol=1e-6)
+
+
+def test_the_stream_client_and_protocol_import_no_torch():
+    """A live client needs no torch: loading it would cost seconds and make every collection slow."""
+    import subprocess
+    import sys
+
+    code = "import sys, distunmix.serve.streamclient; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded

@@ -14,10 +14,11 @@ from ..checkpoint import load_separator, model_label
 from ..devices import resolve_device
 from ..errors import AudioError, CheckpointError, ConfigError
 from ..flags import add_flags, from_args
+from ..realtime import verdict_text
 from ..separator import Separator, SeparatorOptions
 from ..stemfiles import output_names, separate_file
 from ..storage import local_folder
-from ..stream import stream_file, verdict_text
+from ..stream import stream_file
 from .common import backend_flag, command, device_flag, flag, model_flag, out_flag, run_flags, targets_flag
 
 EXTENSIONS = ("wav", "flac")

@@ -24,7 +24,7 @@ import torch
 
 from .. import plots
 from ..fileio import atomic_write_text
-from ..stream import verdict_text
+from ..realtime import verdict_text
 from ..tables import fmt, markdown_table
 from ..tuning.effects import Effect, main_effects
 from ..tuning.report import bandwidth_table, plot_sdr_bandwidth

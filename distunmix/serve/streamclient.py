@@ -8,10 +8,12 @@ the output goes on from the first one missing, so it equals an uninterrupted str
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,28 @@ from websockets.sync.client import ClientConnection, connect
 from ..audio import StemSet, read_at_rate
 from ..errors import ClientError
 from ..fileio import plain_name
-from ..stream import block_figures
+from ..realtime import block_figures
 from .client import backoff, model_info
 from .streaming import MAX_HELLO_BYTES, RETRYABLE, SAMPLE_FORMATS, decode_output
 
 MAX_RECONNECTS = 5
 MAX_ANSWER_FRAME = 64 * 2**20  # bytes of one answer frame (a flush of a few seconds of four stereo stems)
+
+
+@contextlib.contextmanager
+def quiet_collector() -> Iterator[None]:
+    """Python's full collections walk every object the process holds (about 50 ms with numpy and
+    the audio libraries loaded: two late blocks at a time). While a stream runs, the objects that
+    existed before it are frozen out of them (``gc.freeze``), and let go again after."""
+    if gc.get_freeze_count():  # frozen by someone else already: leave it to them
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _Stream:
@@ -151,7 +169,7 @@ def stream_remote(
     channels = max(audio.shape[0], int(info["nb_channels"]))
     url = ("wss" if base.startswith("https") else "ws") + base[base.index(":") :] + "/stream"
     reconnects = 0
-    with StemSet(paths, rate, channels, "wav") as writers:
+    with StemSet(paths, rate, channels, "wav") as writers, quiet_collector():
         pieces = [audio[:, i : i + block] for i in range(0, audio.shape[1], block)]
         stream = _Stream(pieces, rate, realtime, writers, names, channels)
         stream.on_ready = on_ready

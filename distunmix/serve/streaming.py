@@ -27,12 +27,12 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..stemfiles import as_numpy
-from ..stream import StreamStep, step_models
+if TYPE_CHECKING:  # the separating half imports torch; the protocol (and its client) does not
+    from ..stream import StreamStep
 
 NORMAL, GOING_AWAY, UNSUPPORTED, INVALID, POLICY, TOO_BIG, INTERNAL, TRY_LATER = (
     1000, 1001, 1003, 1007, 1008, 1009, 1011, 1013)  # fmt: skip
@@ -225,6 +225,8 @@ class StreamSession:
     def feed(self, block: np.ndarray | None) -> bytes | None:
         """Separate a checked block alone (None: end the stream, the last answer); its answer, or
         None for a block a resuming client has."""
+        from ..stream import step_models
+
         step, answer = self.start(block)
         return answer if step is None else self.complete(step, step_models([step])[0])
 
@@ -235,6 +237,8 @@ class StreamSession:
     def start(self, block: np.ndarray | None) -> tuple[StreamStep | None, bytes | None]:
         """A checked block (None: the end) up to the models: (its step, None) when they must run
         (:func:`~distunmix.stream.step_models`, then :meth:`complete`), else (None, its answer)."""
+        from ..stream import StreamStep
+
         streamer = self.streamer
         try:
             if block is None:
@@ -256,12 +260,15 @@ class StreamSession:
         seq, self.seq = self.seq, self.seq + 1
         if seq < self.hello.resume_from and not final:
             return None  # the resuming client has it
-        return encode_output(seq, as_numpy(out)[0][self.rows])
+        wave = out.cpu().numpy() if hasattr(out, "cpu") else out  # a torch or an onnx streamer's output
+        return encode_output(seq, wave[0][self.rows])
 
 
 def separate_together(items: list[tuple[StreamSession, np.ndarray | None]]) -> list[tuple[bool, Any]]:
     """Blocks of several streams (None: a stream's end), each to (True, its answer) or (False, the
     exception): the streams with the same models and frame count share one model step."""
+    from ..stream import step_models
+
     results: list[tuple[bool, Any]] = [(False, RuntimeError("not run"))] * len(items)
     groups: dict[tuple, list[tuple[int, StreamStep]]] = {}
     for i, (session, block) in enumerate(items):
