@@ -243,17 +243,21 @@ def test_an_overloaded_replica_answers_503_instead_of_hanging(server):
         ray_actor_options={"num_cpus": 0.5},
     )
     serve.run(tight, name="tight", route_prefix="/tight")
-    body = _wav(_clip(3.0))
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: _call(f"{url}/tight/separate", body), range(8)))
-    codes = [code for code, _, _ in answers]
-    assert set(codes) == {200, 503} and codes.count(200) >= 2
-    # the proxy's own 503 (beyond max_queued_requests) is JSON too, and says when to try again
-    refused = [(headers, json.loads(body)["error"]) for code, headers, body in answers if code == 503]
-    assert all("retry-after" in headers for headers, _ in refused)
-    assert any("backpressure" in error for _, error in refused), refused
-    assert _call(f"{url}/tight/healthz")[0] == 200
-    serve.delete("tight")
+    try:
+        body = _wav(_clip(3.0))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _call(f"{url}/tight/separate", body), range(8)))
+        # one running and one queued at most, the rest refused at once (how many of the 8 find a free
+        # slot depends on the timing of 2 busy cores)
+        codes = [code for code, _, _ in answers]
+        assert set(codes) == {200, 503}, codes
+        # the proxy's own 503 (beyond max_queued_requests) is JSON too, and says when to try again
+        refused = [(headers, json.loads(body)["error"]) for code, headers, body in answers if code == 503]
+        assert all("retry-after" in headers for headers, _ in refused)
+        assert any("backpressure" in error for _, error in refused), refused
+        assert _call(f"{url}/tight/healthz")[0] == 200
+    finally:
+        serve.delete("tight")  # its replica's CPUs go back to the module's other apps
 
 
 def test_every_error_is_json_docs_are_off_and_head_works(server):
