@@ -147,6 +147,14 @@ class OpenUnmix(nn.Module):
     def unidirectional(self) -> bool:
         return self.config.unidirectional
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray, deepcopy) without the weights derived for inference: the folded layers
+        and a streaming stack are rebuilt where they are used."""
+        state = self.__dict__.copy()
+        state.pop("_folded_cache", None)
+        state.pop("_stack_cache", None)
+        return state
+
     @property
     def state_shape(self) -> tuple[int, int]:
         """(layers, hidden) of the streaming state's h and c."""
