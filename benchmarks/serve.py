@@ -23,8 +23,9 @@ valid request failed), what the attackers got, and the replica's peak RSS.
 each its own process sending ``--stream-seconds`` of audio in 1024-sample blocks paced at real
 time: per level the
 p50/p99 round trip of a block and the late blocks (answered later than a block's duration after it
-was sent), and the most concurrent streams with no late block (goal on the 2-core CPU: at least 2 at
-hidden 256).
+was sent), the CPU time per block in Serve's proxy and in the replica (read in their processes),
+and the most concurrent streams with no late block (goal on the 2-core CPU: at least 2 at hidden
+256).
 
 ``--multiplex``: one replica serving a root of two models (the same weights), ``--clients``
 requesting them in turn, against the same clients requesting one: the multiplexed vs single-model
@@ -201,6 +202,26 @@ def _peak_rss(app: str) -> float:
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"::{app}#" in a["name"]]
     return max(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(peak)) for n in names) / 1024
+
+
+def _serve_cpu(app: str) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) used so far by Serve's proxies and ``app``'s
+    replicas, each read in its own process: {"proxy": ..., "replica": ...}."""
+    import ray
+
+    def used(_actor) -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    out = {"proxy": 0.0, "replica": 0.0}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        kind = "proxy" if "PROXY_ACTOR" in actor["name"] else "replica" if f"::{app}#" in actor["name"] else None
+        if kind:
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            out[kind] += ray.get(handle.__ray_call__.remote(used))
+    return out
 
 
 def _cpu_seconds() -> float:
@@ -394,16 +415,25 @@ def live_streams(args: argparse.Namespace, url: str, tmp: Path) -> dict:
         stream_remote(url, song, tmp / "warm", block=1024)  # warm-up, as fast as possible
         best = 0
         for n in range(1, args.max_streams + 1):
+            before = _serve_cpu("distunmix")
             runs = _stream_clients(url, song, tmp, n)
+            after = _serve_cpu("distunmix")
             late = sum(r["late_blocks"] for r in runs)
             blocks = sum(r["blocks"] for r in runs)
             p50 = float(np.median([r["p50_ms"] for r in runs]))
             p99 = max(r["p99_ms"] for r in runs)
             first = runs[0]
+            # CPU per block in Serve's proxy (a frame in, a frame out) and in the replica (model and
+            # WebSocket handling): a core's worth of either is block_ms / that many streams at most
+            cpu = {k: 1000 * (after[k] - before[k]) / blocks for k in after}
             results[f"h{hidden} x{n}"] = {"late_blocks": late, "blocks": blocks, "p50_ms": p50, "p99_ms": p99,
-                                          "block_ms": first["block_ms"], "latency_ms": first["latency_ms"]}  # fmt: skip
+                                          "block_ms": first["block_ms"], "latency_ms": first["latency_ms"],
+                                          "proxy_cpu_ms_per_block": cpu["proxy"],
+                                          "replica_cpu_ms_per_block": cpu["replica"]}  # fmt: skip
             print(f"  hidden {hidden}, {n} concurrent real-time stream(s): block round trip p50 {p50:.1f} ms, p99 "
-                  f"{p99:.1f} ms (a block is {runs[0]['block_ms']:.1f} ms); late blocks {late} of {blocks}",
+                  f"{p99:.1f} ms (a block is {runs[0]['block_ms']:.1f} ms); late blocks {late} of {blocks}; CPU per "
+                  f"block: proxy {cpu['proxy']:.2f} ms, replica {cpu['replica']:.2f} ms (one core each: at most "
+                  f"{first['block_ms'] / cpu['proxy']:.0f} and {first['block_ms'] / cpu['replica']:.0f} streams)",
                   flush=True)  # fmt: skip
             if late:
                 break
