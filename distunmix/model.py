@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -297,6 +298,9 @@ def weights_key(modules: Sequence[nn.Module], *extra: Any) -> tuple | None:
     return (*extra, *(id(m) for m in modules), *(t._version for t in tensors), *(t.data_ptr() for t in tensors))
 
 
+_STACK_LOCK = threading.Lock()
+
+
 class OpenUnmixStack:
     """Several unidirectional Open-Unmix models of one configuration as one streaming step.
 
@@ -338,14 +342,15 @@ class OpenUnmixStack:
     def of(cls, models: Sequence[OpenUnmix], nb_channels: int) -> OpenUnmixStack:
         """The stack of ``models``, shared by every caller with the same models (cached on the first
         one until a weight changes), so streams of one set of models can run in one batch."""
-        key = weights_key(models, nb_channels)
-        cached = getattr(models[0], "_stack_cache", None)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
-        stack = cls(models, nb_channels)
-        if key is not None:
-            models[0]._stack_cache = (key, stack)
-        return stack
+        with _STACK_LOCK:  # a new stream's set-up and the replica's step worker may ask at once
+            key = weights_key(models, nb_channels)
+            cached = getattr(models[0], "_stack_cache", None)
+            if key is not None and cached is not None and cached[0] == key:
+                return cached[1]
+            stack = cls(models, nb_channels)
+            if key is not None:
+                models[0]._stack_cache = (key, stack)
+            return stack
 
     @property
     def state_shape(self) -> tuple[int, int]:

@@ -224,3 +224,26 @@ def test_targets_of_one_configuration_step_as_one_stack_shared_by_every_stream_o
     with torch.inference_mode():
         offline = separator(signal)
     assert snr_db(offline, _stream(StreamingSeparator(separator), signal, 1024)[0]) > 100
+
+
+def test_streams_set_up_at_once_get_one_stack():
+    """A replica's step worker and a new stream's set-up may ask for the stack at the same moment:
+    they must get the same one (two would not batch together, and step_models refuses a mix)."""
+    import threading
+
+    from distunmix.model import OpenUnmixStack
+
+    models = [m.freeze() for m in make_models(TARGETS, hidden_size=256, unidirectional=True).values()]
+    start = threading.Barrier(4)
+    got: list[OpenUnmixStack] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(OpenUnmixStack.of(models, 2))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(s is got[0] for s in got)
