@@ -10,7 +10,9 @@ eval:  the generated test split (``--tracks`` songs of ``--seconds`` s; 20% are 
        on this machine's cores against one after another, and that both give the same numbers.
 speed: x real time of offline separation (niter 1 and 0) for BiLSTM and LSTM models at several
        hidden sizes, and of streaming (blocks of 1024 and 4096 samples, niter 0) for the LSTM ones, with
-       the per-block compute time against the block's duration (23.2 ms for 1024 samples).
+       the per-block compute time against the block's duration (23.2 ms for 1024 samples); then
+       ``--stream-batches`` streams stepped together (one model step for all their blocks, as a
+       replica does), the models' capacity without Serve's transport.
 """
 
 from __future__ import annotations
@@ -175,6 +177,44 @@ def speed_section(args, device) -> list[dict]:
                     f"{row['p50_ms']:.2f} ms / p99 {row['p99_ms']:.2f} ms (deadline {deadline:.1f} ms, "
                     f"{row['late']} of {row['blocks']} late), latency {row['latency_ms']:.1f} ms"
                 )
+            if uni and args.stream_batches:
+                rows += batched_streams(models, song[0], hidden, args, device)
+    return rows
+
+
+def batched_streams(models: dict, x: torch.Tensor, hidden: int, args, device) -> list[dict]:
+    """B streams of 1024-sample blocks stepped together (as a replica's stream worker does when
+    their blocks meet), without Serve: ms per step, and whether B streams keep real time on the
+    models alone (a step shorter than a block). Serve's transport comes on top
+    (``benchmarks/serve.py --streams`` measures it)."""
+    from distunmix.stream import StreamingSeparator, step_models
+
+    block, rows = 1024, []
+    deadline = 1000 * block / 44100
+    pieces = [x[:, i : i + block] for i in range(0, min(x.shape[-1], 44100 * args.stream_seconds), block)]
+    for b in args.stream_batches:
+        streamers = [StreamingSeparator(Separator(models, niter=0)) for _ in range(b)]
+        times = []
+        for k, p in enumerate(pieces):
+            t0 = time.perf_counter()
+            steps = [s.begin(p) for s in streamers]
+            if isinstance(steps[0], torch.Tensor):
+                continue  # the first blocks: no frame complete yet
+            outs = [s.end(st, spec) for s, st, spec in zip(streamers, steps, step_models(steps), strict=True)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            else:
+                outs[-1].sum()
+            if k >= 5:  # after warm-up
+                times.append(time.perf_counter() - t0)
+        ms = float(np.median(times)) * 1000
+        p99 = float(np.percentile(times, 99)) * 1000
+        row = {"hidden": hidden, "lstm": "uni", "mode": f"{b} streams stepped together, block {block}",
+               "step_ms": ms, "p99_ms": p99, "keeps_up": p99 < deadline, "streams": b}  # fmt: skip
+        rows.append(row)
+        print(f"  hidden {hidden:4d} LSTM   {b:3d} streams stepped together: {ms:6.2f} ms per step (p99 {p99:.2f}) "
+              f"against a block's {deadline:.1f} ms: {'keeps' if row['keeps_up'] else 'does not keep'} real time "
+              f"on the models alone")  # fmt: skip
     return rows
 
 
@@ -187,6 +227,8 @@ def main() -> None:
     p.add_argument("--speed-seconds", type=float, default=20.0)
     p.add_argument("--stream-seconds", type=int, default=10)
     p.add_argument("--blocks", type=int, nargs="+", default=[1024, 4096], help="streaming block sizes")
+    p.add_argument("--stream-batches", type=int, nargs="*", default=[1, 2, 4],
+                   help="streams stepped together (a GPU: 1 8 32 64 128); none to skip")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
