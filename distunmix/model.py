@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _M = TypeVar("_M", bound=nn.Module)
+_S = TypeVar("_S")
 
 
 def bandwidth_to_max_bin(sample_rate: float, n_fft: int, bandwidth: float) -> int:
@@ -301,6 +302,21 @@ def weights_key(modules: Sequence[nn.Module], *extra: Any) -> tuple | None:
 _STACK_LOCK = threading.Lock()
 
 
+def cached_stack(owner: nn.Module, modules: Sequence[nn.Module], extra: tuple, build: Callable[[], _S]) -> _S:
+    """The stack ``build`` makes of ``modules``, kept on ``owner`` until one of their weights (or
+    ``extra``) changes. Built under a lock: a new stream's set-up and a replica's step worker may
+    ask at once, and two stacks of the same models would not batch together."""
+    with _STACK_LOCK:
+        key = weights_key(modules, *extra)
+        cached = getattr(owner, "_stack_cache", None)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        stack = build()
+        if key is not None:
+            owner._stack_cache = (key, stack)
+        return stack
+
+
 class OpenUnmixStack:
     """Several unidirectional Open-Unmix models of one configuration as one streaming step.
 
@@ -342,15 +358,7 @@ class OpenUnmixStack:
     def of(cls, models: Sequence[OpenUnmix], nb_channels: int) -> OpenUnmixStack:
         """The stack of ``models``, shared by every caller with the same models (cached on the first
         one until a weight changes), so streams of one set of models can run in one batch."""
-        with _STACK_LOCK:  # a new stream's set-up and the replica's step worker may ask at once
-            key = weights_key(models, nb_channels)
-            cached = getattr(models[0], "_stack_cache", None)
-            if key is not None and cached is not None and cached[0] == key:
-                return cached[1]
-            stack = cls(models, nb_channels)
-            if key is not None:
-                models[0]._stack_cache = (key, stack)
-            return stack
+        return cached_stack(models[0], models, (nb_channels,), lambda: cls(models, nb_channels))
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -380,6 +388,7 @@ class OpenUnmixStack:
             h0, c0 = zeros, zeros
         else:
             h0, c0 = (s.reshape(self.nb_layers, models, nb_samples, hidden) for s in state)
+        enc = self._lstm_input(enc)
         feats, hs, cs = enc, [], []
         for layer in range(self.nb_layers):
             pre = torch.baddbmm(self.b[layer], feats, self.w_ih[layer]).reshape(models, nb_frames, nb_samples, -1)
@@ -393,11 +402,19 @@ class OpenUnmixStack:
             feats = torch.stack(outs, 1).reshape(models, rows, hidden)
             hs.append(h)
             cs.append(c)
-        y = torch.baddbmm(self.b2, torch.cat([enc, feats], -1), self.w2).relu_()
+        y = torch.baddbmm(self.b2, self._decoder_input(enc, feats), self.w2).relu_()
         y = torch.baddbmm(self.c3, y, self.w3).relu_()
-        y = y.reshape(models, nb_frames, nb_samples, nb_channels, self.nb_output_bins).permute(2, 0, 3, 4, 1)
+        y = y.reshape(-1, nb_frames, nb_samples, nb_channels, self.nb_output_bins).permute(2, 0, 3, 4, 1)
         new = (torch.stack(hs).reshape(-1, nb_samples, hidden), torch.stack(cs).reshape(-1, nb_samples, hidden))
         return y.mul_(x[:, None]), new
+
+    def _lstm_input(self, enc: Tensor) -> Tensor:
+        """(models, rows, hidden) encodings -> the first LSTM layer's input: each model its own."""
+        return enc
+
+    def _decoder_input(self, enc: Tensor, lstm: Tensor) -> Tensor:
+        """(models, rows, hidden) LSTM input and output -> fc2's (models, rows, 2 x hidden): the skip."""
+        return torch.cat([enc, lstm], -1)
 
 
 def frozen(module: _M) -> _M:

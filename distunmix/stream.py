@@ -33,7 +33,7 @@ from .onnxrun import OnnxSeparator
 from .realtime import block_figures
 from .separator import Separator
 from .stemfiles import as_numpy
-from .xumx import CrossUnmix
+from .xumx import CrossUnmixStack
 
 _UNBOUNDED = 1 << 62  # frames / samples of a stream whose end is not known yet
 
@@ -182,12 +182,15 @@ class StreamStep:
     final: bool
 
 
-def stream_stages(separator: Separator) -> list[OpenUnmix | OpenUnmixStack | CrossUnmix]:
+def stream_stages(separator: Separator) -> list[OpenUnmix | OpenUnmixStack]:
     """What a stream runs per step: Open-Unmix targets of one configuration as one
-    :class:`~distunmix.model.OpenUnmixStack` (shared by every stream of those models), else the
-    separator's :attr:`~distunmix.separator.Separator.stages` one by one."""
+    :class:`~distunmix.model.OpenUnmixStack`, an X-UMX model as one
+    :class:`~distunmix.xumx.CrossUnmixStack` (either shared by every stream of those models), else
+    the separator's :attr:`~distunmix.separator.Separator.stages` one by one."""
+    if separator.joint is not None:
+        return [CrossUnmixStack.of(separator.joint, separator.nb_channels)]
     models = list(separator.target_models.values())
-    if separator.joint is not None or len({m.config for m in models}) != 1:
+    if len({m.config for m in models}) != 1:
         return separator.stages
     return [OpenUnmixStack.of(models, separator.nb_channels)]
 

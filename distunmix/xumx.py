@@ -20,7 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import _STEPWISE_FRAMES, ModelConfig, OpenUnmix, _lstm_steps, check_streamable, frozen
+from .model import (
+    _STEPWISE_FRAMES,
+    ModelConfig,
+    OpenUnmix,
+    OpenUnmixStack,
+    _lstm_steps,
+    cached_stack,
+    check_streamable,
+    frozen,
+)
 
 ARCHITECTURES = ("umx", "xumx")
 
@@ -74,6 +83,12 @@ class CrossUnmix(nn.Module):
         """(layers, hidden) of the streaming state's h and c: every branch's LSTM layers stacked."""
         lstm = next(iter(self.branches.values())).lstm
         return len(self.branches) * lstm.num_layers, lstm.hidden_size
+
+    def __getstate__(self) -> dict:
+        """Pickled without its streaming stack (see :meth:`OpenUnmix.__getstate__`)."""
+        state = self.__dict__.copy()
+        state.pop("_stack_cache", None)
+        return state
 
     def select(self, outputs: Sequence[str]) -> CrossUnmix:
         """Estimate only ``outputs`` (in that order) from now on; returns self."""
@@ -146,6 +161,31 @@ class CrossUnmix(nn.Module):
         each (:attr:`state_shape`'s layers, nb_samples, hidden)."""
         check_streamable(self)
         return self._forward_folded(x, None, state, stepwise=x.shape[-1] <= _STEPWISE_FRAMES)
+
+
+class CrossUnmixStack(OpenUnmixStack):
+    """An X-UMX model as one streaming step (:class:`~distunmix.model.OpenUnmixStack` of its
+    branches): the first bridge averages the stacked encodings into every LSTM's input, the second
+    averages the LSTM outputs, and only :attr:`CrossUnmix.outputs`' decoders run. The function is
+    :meth:`CrossUnmix.forward_stream`, to float rounding; the state is (layers x branches, ...)."""
+
+    def __init__(self, model: CrossUnmix, nb_channels: int) -> None:
+        super().__init__(list(model.branches.values()), nb_channels)
+        keep = torch.tensor([model.targets.index(t) for t in model.outputs])
+        self.w2, self.b2, self.w3, self.c3 = (w[keep] for w in (self.w2, self.b2, self.w3, self.c3))
+        self.nb_outputs = len(keep)
+
+    @classmethod
+    def of(cls, model: CrossUnmix, nb_channels: int) -> CrossUnmixStack:  # type: ignore[override]
+        """The stack of ``model`` (cached on it until a weight or its outputs change)."""
+        return cached_stack(model, [model], (nb_channels, *model.outputs), lambda: cls(model, nb_channels))
+
+    def _lstm_input(self, enc: Tensor) -> Tensor:
+        return enc.mean(0, keepdim=True).expand_as(enc)  # the first bridge
+
+    def _decoder_input(self, enc: Tensor, lstm: Tensor) -> Tensor:
+        cross = torch.cat([enc[:1], lstm.mean(0, keepdim=True)], -1)  # the second bridge
+        return cross.expand(self.nb_outputs, -1, -1)
 
 
 # asteroid's X-UMX (asteroid.models.XUMX, 0.7.0) parameter names -> a branch's open-unmix names
