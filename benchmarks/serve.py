@@ -193,22 +193,28 @@ def _bombs() -> list[bytes]:
     return out
 
 
+def _in_actors(select, fn) -> list[tuple[str, object]]:
+    """(name, ``fn`` run inside the actor) for every named Ray actor whose name ``select`` accepts."""
+    import ray
+
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if select(a["name"])]
+    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors]
+    return list(zip([a["name"] for a in actors], ray.get([h.__ray_call__.remote(fn) for h in handles]), strict=True))
+
+
 def _peak_rss(app: str) -> float:
     """The largest peak RSS (MiB) among ``app``'s replicas, read in each replica."""
-    import ray
 
     def peak(_actor) -> int:
         text = Path("/proc/self/status").read_text()
         return int(next(line.split()[1] for line in text.splitlines() if line.startswith("VmHWM:")))
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"::{app}#" in a["name"]]
-    return max(ray.get(ray.get_actor(n, namespace="serve").__ray_call__.remote(peak)) for n in names) / 1024
+    return max(kib for _, kib in _in_actors(lambda name: f"::{app}#" in name, peak)) / 1024
 
 
 def _serve_cpu(app: str) -> dict[str, float]:
     """CPU seconds (user + system, every thread) used so far by Serve's proxies and ``app``'s
     replicas, each read in its own process: {"proxy": ..., "replica": ...}."""
-    import ray
 
     def used(_actor) -> float:
         import resource
@@ -217,11 +223,8 @@ def _serve_cpu(app: str) -> dict[str, float]:
         return usage.ru_utime + usage.ru_stime
 
     out = {"proxy": 0.0, "replica": 0.0}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        kind = "proxy" if "PROXY_ACTOR" in actor["name"] else "replica" if f"::{app}#" in actor["name"] else None
-        if kind:
-            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-            out[kind] += ray.get(handle.__ray_call__.remote(used))
+    for name, seconds in _in_actors(lambda name: "PROXY_ACTOR" in name or f"::{app}#" in name, used):
+        out["proxy" if "PROXY_ACTOR" in name else "replica"] += seconds
     return out
 
 

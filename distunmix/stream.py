@@ -202,11 +202,11 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
     batch, so the weights are read once for all (the cost of a streamed block on a CPU). Each
     stream's state moves on as if it had run alone. Returns each step's per-target magnitudes."""
     first = steps[0].streamer
-    models = stream_stages(first.separator)
     for s in steps[1:]:
-        others = stream_stages(s.streamer.separator)
-        if s.nb != steps[0].nb or any(a is not b for a, b in zip(models, others, strict=True)):
+        stages = zip(first.separator.stages, s.streamer.separator.stages, strict=True)
+        if s.nb != steps[0].nb or any(a is not b for a, b in stages):
             raise ValueError("steps run together need the same models and frame count")
+    models = stream_stages(first.separator)  # the same models: the same (cached) stack for every step
     mag = torch.cat([s.mag for s in steps]) if len(steps) > 1 else steps[0].mag
     sizes = [s.mag.shape[0] for s in steps]
     out: list[list[Tensor]] = [[] for _ in steps]

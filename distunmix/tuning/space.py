@@ -71,7 +71,7 @@ class SearchSpace:
     description: str
     params: tuple[Param, ...]
     fixed: dict[str, Any]
-    fraction: int = 1  # 1: every combination of the grids; 2 (4): a half (quarter) of the two-level factors'.
+    fraction: int = 1  # 1: every combination of the grids; 2 (4): a half (quarter) of the two-level factors'
 
     @property
     def factors(self) -> tuple[Param, ...]:
