@@ -12,18 +12,19 @@ runs unchunked and exact. See docs in README ("How long files are chunked") for 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import spectral
+from . import accel, spectral
 from .chunking import ChunkPlan, chunk_frames, context_frames, plan_chunks
 from .errors import ConfigError
 from .flags import setting
-from .model import OpenUnmix
+from .model import OpenUnmix, weights_key
 from .xumx import CrossUnmix
 
 _GROUP = "separation"
@@ -39,7 +40,10 @@ class SeparatorOptions:
     wiener_win_len: int | None = setting(300, "frames per Wiener window", group=_GROUP)
     chunk_seconds: float | None = setting(30.0, "separate longer input in chunks of about this length", group=_GROUP)
     context_seconds: float = setting(3.0, "model context on each side of a chunk, in seconds", group=_GROUP)
-    batch_chunks: int = setting(1, "chunks per model batch (raise on GPUs)", group=_GROUP)
+    batch_chunks: int = setting(
+        1, "chunks per model batch (0: as many as fit the free GPU memory; 1 on a CPU)", group=_GROUP
+    )
+    cuda_graphs: bool = setting(False, "replay each model batch from a CUDA graph (GPU only)", group=_GROUP)
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,7 +51,7 @@ class SeparatorOptions:
             (self.wiener_win_len is None or self.wiener_win_len >= 1, "--wiener-win-len", self.wiener_win_len, ">= 1"),
             (self.chunk_seconds is None or self.chunk_seconds > 0, "--chunk-seconds", self.chunk_seconds, "> 0"),
             (self.context_seconds >= 0, "--context-seconds", self.context_seconds, "seconds >= 0"),
-            (self.batch_chunks >= 1, "--batch-chunks", self.batch_chunks, "an integer >= 1"),
+            (self.batch_chunks >= 0, "--batch-chunks", self.batch_chunks, "an integer >= 0"),
         ]
         for ok, flag, value, expected in checks:
             if not ok:
@@ -59,6 +63,16 @@ class SeparatorOptions:
 
 
 _D = SeparatorOptions()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One chunk of one signal: its plan, whether it is the signal's last, its rows (samples)."""
+
+    signal: int
+    plan: ChunkPlan
+    last: bool
+    rows: int
 
 
 class Separator(nn.Module):
@@ -81,7 +95,10 @@ class Separator(nn.Module):
         chunk_seconds: kept length of one chunk (None: never chunk); rounded down to whole
             Wiener windows
         context_seconds: extra model context on each side of a chunk
-        batch_chunks: chunks run through the models in one batch (raise on GPUs)
+        batch_chunks: chunks run through the models in one batch (0: as many as fit the free
+            GPU memory, 1 on a CPU)
+        cuda_graphs: on a GPU, capture the models of each batch shape as a CUDA graph and replay
+            it (shapes that cannot be captured run eagerly, with a warning)
     """
 
     def __init__(
@@ -97,6 +114,7 @@ class Separator(nn.Module):
         chunk_seconds: float | None = _D.chunk_seconds,
         context_seconds: float = _D.context_seconds,
         batch_chunks: int = _D.batch_chunks,
+        cuda_graphs: bool = _D.cuda_graphs,
     ) -> None:
         super().__init__()
         self.joint = target_models if isinstance(target_models, CrossUnmix) else None
@@ -121,8 +139,8 @@ class Separator(nn.Module):
             raise ValueError(f"wiener_win_len must be >= 1 or None, got {wiener_win_len}")
         if chunk_seconds is not None and chunk_seconds <= 0:
             raise ValueError(f"chunk_seconds must be > 0 or None, got {chunk_seconds}")
-        if context_seconds < 0 or batch_chunks < 1:
-            raise ValueError(f"need context_seconds >= 0 and batch_chunks >= 1, got {context_seconds}, {batch_chunks}")
+        if context_seconds < 0 or batch_chunks < 0:
+            raise ValueError(f"need context_seconds >= 0 and batch_chunks >= 0, got {context_seconds}, {batch_chunks}")
         self.target_models = nn.ModuleDict(dict(target_models))
         self.sample_rate = float(sample_rate)
         self.n_fft, self.n_hop = n_fft, n_hop
@@ -130,7 +148,15 @@ class Separator(nn.Module):
         self.niter, self.softmask, self.residual = niter, softmask, residual
         self.wiener_win_len = wiener_win_len
         self.chunk_seconds, self.context_seconds, self.batch_chunks = chunk_seconds, context_seconds, batch_chunks
+        self.cuda_graphs = cuda_graphs
+        self._graphs: accel.GraphCache | None = None
         self.eval()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (Ray, deepcopy) without captured CUDA graphs: they are captured again where used."""
+        state = self.__dict__.copy()
+        state["_graphs"] = None
+        return state
 
     @property
     def targets(self) -> list[str]:
@@ -222,36 +248,127 @@ class Separator(nn.Module):
 
         The pieces tile [0, nb_timesteps) and equal the corresponding slices of :meth:`forward`.
         """
-        audio = self._prepare(audio)
-        length = audio.shape[-1]
-        plans = self.plan(length)
-        ola = spectral.OverlapAdd(self.n_fft, self.n_hop, self.nb_frames(length), length, audio.device)
-        mono = self.nb_channels == 1
-        for g in range(0, len(plans), self.batch_chunks):
-            group = plans[g : g + self.batch_chunks]
-            # (k * B, C, n) model inputs of equal length for the whole group
-            segs = torch.cat([self._padded_slice(audio, p.a, p.b) for p in group], 0)
-            mix = spectral.stft(segs, self.n_fft, self.n_hop, center=False)
-            specs = self._spectrograms(spectral.magnitude(mix, mono=mono))
-            for k, p in enumerate(group):
-                rows = slice(k * audio.shape[0], (k + 1) * audio.shape[0])
-                # Wiener + ISTFT one Wiener window at a time: exact (windows are independent and
-                # chunks start on the window grid) and it bounds memory by a window, not a chunk
-                step = self.wiener_win_len or (p.t1 - p.t0)
-                for s0 in range(p.t0, p.t1, step):
-                    s1 = min(s0 + step, p.t1)
-                    keep = slice(s0 - p.a, s1 - p.a)
-                    est = spectral.wiener(
-                        specs[rows, ..., keep],
-                        mix[rows, ..., keep],
-                        self.niter,
-                        softmask=self.softmask,
-                        residual=self.residual,
-                        wiener_win_len=self.wiener_win_len,
-                    )
-                    start, wave = ola.add(est, s0, final=p is plans[-1] and s1 == p.t1)
-                    if wave.shape[-1]:
-                        yield start, wave
+        for _, start, wave in self.iter_many([audio]):
+            yield start, wave
+
+    def iter_many(
+        self, signals: Sequence[Tensor], batch_frames: int | None = None
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Separate several signals with their chunks batched together: yields (signal index,
+        first sample, estimates (B_i, S', C, n)).
+
+        Each signal's pieces come in order, tile it and equal the slices of :meth:`forward` on it
+        alone. Chunks with model windows of one length (every chunk of a long signal, and short
+        signals of one length) go through the models together: ``batch_chunks`` chunks per batch
+        (0: as many as fit the free GPU memory; 1 on a CPU), or, with ``batch_frames``, as many
+        rows as keep rows x window frames within it. On a GPU the models of one batch run on a
+        side stream while the Wiener filter and the inverse STFT of the batch before run on the
+        caller's stream; ``cuda_graphs`` replays the models as a CUDA graph per batch shape.
+        """
+        audios = [self._prepare(a) for a in signals]
+        groups: dict[tuple[int, int], list[_Job]] = {}
+        for i, audio in enumerate(audios):
+            plans = self.plan(audio.shape[-1])
+            for p in plans:
+                groups.setdefault((p.b - p.a, audio.shape[1]), []).append(_Job(i, p, p is plans[-1], audio.shape[0]))
+        olas = [
+            spectral.OverlapAdd(self.n_fft, self.n_hop, self.nb_frames(a.shape[-1]), a.shape[-1], a.device)
+            for a in audios
+        ]
+        side = accel.SideStream(self.device)
+        in_flight = accel.IN_FLIGHT if side.overlaps else 1
+        pending: deque[tuple[list[_Job], accel.Ticket]] = deque()
+        for (span, _), jobs in groups.items():
+            for batch in self._batches(jobs, span, batch_frames):
+                with side.run():
+                    segs = torch.cat([self._padded_slice(audios[j.signal], j.plan.a, j.plan.b) for j in batch], 0)
+                    mix = spectral.stft(segs, self.n_fft, self.n_hop, center=False)
+                    specs = self._models(spectral.magnitude(mix, mono=self.nb_channels == 1))
+                pending.append((batch, side.done(mix, specs)))
+                if len(pending) >= in_flight:
+                    yield from self._filter(olas, *pending.popleft(), side)
+        while pending:
+            yield from self._filter(olas, *pending.popleft(), side)
+
+    def _batches(self, jobs: list[_Job], span: int, batch_frames: int | None) -> Iterator[list[_Job]]:
+        """Consecutive runs of ``jobs`` (chunks of one model window length) per model batch."""
+        if batch_frames is not None:
+            max_chunks, max_rows = len(jobs), max(1, batch_frames // span)
+        elif self.batch_chunks >= 1:
+            max_chunks, max_rows = self.batch_chunks, sum(j.rows for j in jobs)
+        else:
+            rows = sum(j.rows for j in jobs)
+            max_chunks = len(jobs)
+            max_rows = accel.batch_rows(accel.free_memory(self.device), self.row_bytes(span), rows, 0)
+        batch: list[_Job] = []
+        rows = 0
+        for job in jobs:
+            if batch and (len(batch) == max_chunks or rows + job.rows > max_rows):
+                yield batch
+                batch, rows = [], 0
+            batch.append(job)
+            rows += job.rows
+        if batch:
+            yield batch
+
+    def _filter(
+        self, olas: list[spectral.OverlapAdd], batch: list[_Job], ticket: accel.Ticket, side: accel.SideStream
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Wiener filter and inverse STFT of one model batch, one Wiener window at a time: exact
+        (windows are independent and chunks start on the window grid), and memory is bounded by
+        a window, not a chunk."""
+        mix, specs = side.take(ticket)
+        row = 0
+        for job in batch:
+            p, rows = job.plan, slice(row, row + job.rows)
+            row += job.rows
+            step = self.wiener_win_len or (p.t1 - p.t0)
+            for s0 in range(p.t0, p.t1, step):
+                s1 = min(s0 + step, p.t1)
+                keep = slice(s0 - p.a, s1 - p.a)
+                est = spectral.wiener(
+                    specs[rows, ..., keep],
+                    mix[rows, ..., keep],
+                    self.niter,
+                    softmask=self.softmask,
+                    residual=self.residual,
+                    wiener_win_len=self.wiener_win_len,
+                )
+                start, wave = olas[job.signal].add(est, s0, final=job.last and s1 == p.t1)
+                if wave.shape[-1]:
+                    yield job.signal, start, wave
+
+    def separate_many(
+        self, signals: Sequence[Tensor], batch_frames: int | None = None, device: torch.device | str | None = None
+    ) -> list[Tensor]:
+        """:meth:`iter_many`'s estimates, one (B_i, S', C, N_i) tensor per signal, on ``device``
+        (default: the separator's)."""
+        outs: list[Tensor | None] = [None] * len(signals)
+        for i, start, wave in self.iter_many(signals, batch_frames):
+            if outs[i] is None:
+                outs[i] = wave.new_empty(wave.shape[:-1] + (signals[i].shape[-1],), device=device)
+            outs[i][..., start : start + wave.shape[-1]] = wave
+        return outs  # type: ignore[return-value]
+
+    def row_bytes(self, frames: int) -> int:
+        """Estimated device memory of one row (one chunk of one signal) of a model batch with a
+        model window of ``frames``: its samples, complex STFT, magnitude, every target's estimate
+        (twice with CUDA graphs, whose output is copied) and the models' largest temporaries (the
+        flattened input, fc3's output, the LSTM's activations), with a quarter for slack."""
+        c, f = self.nb_channels, self.n_fft // 2 + 1
+        stages = len(self.target_models)
+        hidden = max(m.hidden_size for m in self.target_models.values())
+        spectra = (2 + 1 + stages * (2 if self.cuda_graphs else 1) + 2) * c * f * frames
+        per_frame = c * self.n_hop + 16 * hidden * stages
+        return int(1.25 * 4 * (spectra + per_frame * frames))
+
+    def _models(self, mag: Tensor) -> Tensor:
+        """:meth:`_spectrograms`, replayed from a CUDA graph when ``cuda_graphs`` is on."""
+        if not self.cuda_graphs or mag.device.type != "cuda":
+            return self._spectrograms(mag)
+        if self._graphs is None:
+            self._graphs = accel.GraphCache(self._spectrograms, lambda: weights_key(self.stages))
+        return self._graphs(mag)
 
     def forward(self, audio: Tensor) -> Tensor:
         """Separate a waveform.
@@ -261,12 +378,7 @@ class Separator(nn.Module):
         Returns:
             (nb_samples, nb_targets, nb_channels, nb_timesteps), targets in :attr:`targets` order
         """
-        out = None
-        for start, wave in self.iter_chunks(audio):
-            if out is None:
-                out = wave.new_empty(wave.shape[:-1] + (audio.shape[-1],))
-            out[..., start : start + wave.shape[-1]] = wave
-        return out
+        return self.separate_many([audio])[0]
 
     def to_dict(self, estimates: Tensor) -> dict[str, Tensor]:
         """(B, S, C, N) estimates -> {target: (B, C, N)}."""

@@ -156,6 +156,105 @@ def test_iter_chunks_tiles_the_output_and_batching_chunks_changes_nothing(audio)
     assert snr_db(full, batched) > 100
 
 
+def _count_model_rows(monkeypatch, sep):
+    """Record the rows of every model batch ``sep`` runs."""
+    rows = []
+    real = sep._spectrograms
+
+    def counted(mag):
+        rows.append(mag.shape[0])
+        return real(mag)
+
+    monkeypatch.setattr(sep, "_spectrograms", counted)
+    return rows
+
+
+def test_signals_of_different_lengths_share_model_batches_and_each_equals_its_own_separation(audio, monkeypatch):
+    models = make_models(TARGETS, hidden_size=16)
+    # two long signals (chunked: equal model windows), one short, one mono and long, one of two samples
+    signals = [audio(16.0, seed=1), audio(3.0, seed=2), audio(11.0, seed=3), audio(12.0, 1, seed=4),
+               audio(9.0, batch=2, seed=5)]  # fmt: skip
+    sep = Separator(models, chunk_seconds=3.5, context_seconds=1.0)
+    with torch.no_grad():
+        alone = [sep(x) for x in signals]
+        windows: dict[int, int] = {}  # model window length -> rows of all chunks with it
+        for x in signals:
+            for p in sep.plan(x.shape[-1]):
+                windows[p.b - p.a] = windows.get(p.b - p.a, 0) + x.shape[0]
+        rows = _count_model_rows(monkeypatch, sep)
+        pos = [0] * len(signals)
+        pieces: list[list[torch.Tensor]] = [[] for _ in signals]
+        for i, start, wave in sep.iter_many(signals, batch_frames=10**6):
+            assert start == pos[i]  # each signal's pieces in order, tiling it
+            pos[i] += wave.shape[-1]
+            pieces[i].append(wave)
+    assert pos == [x.shape[-1] for x in signals]
+    for x, y, parts in zip(signals, alone, pieces, strict=True):
+        assert torch.cat(parts, -1).shape == y.shape == (x.shape[0], 4, 2, x.shape[-1])
+        assert snr_db(y, torch.cat(parts, -1)) > 100
+    # one batch per window length: the long signals' chunks together, the 3 s signal alone
+    assert len(windows) == 2 and sorted(rows) == sorted(windows.values())
+    assert max(rows) > 2 * len(sep.plan(signals[0].shape[-1]))
+
+
+def test_batch_frames_and_batch_chunks_bound_the_model_batches(audio, monkeypatch):
+    models = make_models(TARGETS, hidden_size=16)
+    signals = [audio(16.0, seed=1), audio(11.0, seed=3)]
+    sep = Separator(models, chunk_seconds=3.5, context_seconds=1.0, batch_chunks=3)
+    span = sep.plan(signals[0].shape[-1])[0]
+    span = span.b - span.a
+    n = sum(len(sep.plan(x.shape[-1])) for x in signals)
+    rows = _count_model_rows(monkeypatch, sep)
+    with torch.no_grad():
+        sep.separate_many(signals)
+        assert rows == [3] * (n // 3) + ([n % 3] if n % 3 else [])
+        rows.clear()
+        sep.separate_many(signals, batch_frames=2 * span + span // 2)
+        assert set(rows[:-1]) == {2} and sum(rows) == n
+        rows.clear()
+        sep.batch_chunks = 0  # auto: one chunk per batch without a GPU
+        sep.separate_many(signals)
+        assert rows == [1] * n
+
+
+def test_auto_batch_size_fits_the_free_memory():
+    from distunmix.accel import IN_FLIGHT, MEMORY_SHARE, batch_rows
+
+    row = 100 << 20
+    free = 80 << 30
+    fit = int(free * MEMORY_SHARE) // (IN_FLIGHT * row)
+    assert batch_rows(free, row, 10_000, 0) == fit
+    assert batch_rows(free, row, 7, 0) == 7  # never more rows than there are
+    assert batch_rows(row, row, 7, 0) == 1  # at least one
+    assert batch_rows(None, row, 7, 0) == 1  # no GPU
+    assert batch_rows(free, row, 7, 5) == 5  # asked
+
+
+def test_row_memory_estimate_grows_with_the_window_and_the_graphs_copy():
+    models = make_models(TARGETS, hidden_size=16)
+    sep = Separator(models)
+    one = sep.row_bytes(100)
+    assert sep.row_bytes(200) == pytest.approx(2 * one, rel=0.01)
+    # at least the chunk's complex STFT and the four estimates
+    assert one > 4 * 2 * 2049 * 100 * (2 + 4)
+    sep.cuda_graphs = True
+    assert sep.row_bytes(100) > one
+
+
+def test_cuda_graphs_on_a_cpu_run_the_models_eagerly_and_pickle(audio):
+    import pickle
+
+    models = make_models(TARGETS, hidden_size=16)
+    x = audio(5.0)
+    with torch.no_grad():
+        plain = Separator(models)(x)
+        sep = Separator(models, cuda_graphs=True)
+        assert torch.equal(sep(x), plain)
+    assert sep._graphs is None  # nothing captured without CUDA
+    sep._graphs = object()  # a capture holds CUDA state: pickling leaves it behind
+    assert pickle.loads(pickle.dumps(sep))._graphs is None
+
+
 def test_short_input_runs_unchunked_and_exact(audio):
     models = make_models(TARGETS, hidden_size=16)
     x = audio(seconds=8.0)

@@ -916,3 +916,33 @@ def test_the_page_separates_a_dropped_file_and_streams_one_live_in_a_real_browse
     finally:
         driver.quit()
     assert _call(f"{url}/healthz")[0] == 200
+
+
+def test_concurrent_clips_share_model_batches_and_each_gets_its_own_stems(tmp_path, monkeypatch):
+    """The service's batch (clips @serve.batch gathered): long clips of different lengths go through
+    the models chunk by chunk together, within batch_max_seconds of model window per batch."""
+    from distunmix.serve.service import Clip, SeparationService
+
+    model = tmp_path / "model"
+    assert main(["init-model", str(model), "--hidden-size", "16"]) == 0
+    service = SeparationService(ServiceConfig(str(model), device="cpu", batch_max_seconds=400.0))
+    sep = service.separator
+    clips = [Clip(_clip(s, seed=k), 44100, s) for k, s in enumerate((40.0, 47.0, 2.0))]
+    clips.append(Clip(_clip(41.0, seed=9)[:1].copy(), 44100, 41.0))  # mono, on a stereo model
+    alone = [service.separate_batch([c], [1])[0] for c in clips]
+    rows = []
+    real = sep._spectrograms
+    monkeypatch.setattr(sep, "_spectrograms", lambda mag: rows.append(mag.shape[0]) or real(mag))
+    together = service.separate_batch(clips, [1, 0, 1, 1])
+    assert [len(sep.plan(c.audio.shape[-1])) for c in clips] == [2, 2, 1, 2]
+    # niter 1: the 40 s and 41 s clips' four chunks in one batch, the 2 s clip alone; niter 0: 47 s
+    assert sorted(rows) == [1, 2, 4]
+    for c, a, b, n in zip(clips, alone, together, [1, 0, 1, 1], strict=True):
+        assert b.shape == (4, 2, c.audio.shape[-1])
+        if n == 1:
+            assert snr_db(torch.from_numpy(a), torch.from_numpy(b)) > 100
+    # batch_max_seconds bounds a model batch: a 36 s window each
+    service.config = ServiceConfig(str(model), device="cpu", batch_max_seconds=80.0)
+    rows.clear()
+    service.separate_batch(clips[:2], [1, 1])
+    assert max(rows) == 2 and sum(rows) == sum(len(sep.plan(c.audio.shape[-1])) for c in clips[:2])

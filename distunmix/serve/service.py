@@ -300,28 +300,48 @@ class SeparationService:
 
     # -- separation --------------------------------------------------------------------------
     def separate_batch(self, clips: list[Clip], niter: list[int]) -> list[np.ndarray]:
-        """Separate clips; those of equal length and niter run as one batch of at most
-        ``batch_max_seconds`` of audio (a longer clip alone, chunked by the separator), so a
-        batch's memory is bounded like one clip's. (S, C, N) each."""
+        """Separate clips, those of one niter together: (S, C, N) each. Silence in gives silence out."""
         out: list[np.ndarray | None] = [None] * len(clips)
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(niter):
+            groups.setdefault(n, []).append(i)
+        for n, members in groups.items():
+            for i, y in zip(members, self._separate([clips[i].audio for i in members], n), strict=True):
+                np.nan_to_num(y, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+                out[i] = y
+        return out  # type: ignore[return-value]
+
+    def _separate(self, audios: list[np.ndarray], niter: int) -> list[np.ndarray]:
+        """(C, N) clips -> (S, C, N) estimates with ``niter`` Wiener iterations.
+
+        torch: the clips' chunks go through the models together, at most ``batch_max_seconds`` of
+        model window per batch, so a batch's memory is bounded like one clip's whatever the clips.
+        onnx: clips of one shape run as one batch of at most ``batch_max_seconds`` of audio.
+        """
+        if self.config.backend == "onnx":
+            return self._separate_onnx(audios, niter)
+        sep = self.separator
+        frames = int(self.config.batch_max_seconds * self.rate / sep.n_hop)
+        signals = [torch.from_numpy(a)[None] for a in audios]  # no copy: a 600 s clip is 200 MB
+        with self._lock, torch.inference_mode():
+            sep.niter = niter
+            ys = sep.separate_many(signals, batch_frames=frames, device="cpu")
+        return [y[0].numpy() for y in ys]
+
+    def _separate_onnx(self, audios: list[np.ndarray], niter: int) -> list[np.ndarray]:
+        onnx = self._onnx_for(niter)
+        out: list[np.ndarray | None] = [None] * len(audios)
         groups: dict[tuple, list[int]] = {}
-        for i, clip in enumerate(clips):
-            groups.setdefault((clip.audio.shape, niter[i]), []).append(i)
-        batches = []
-        for (shape, n), members in groups.items():
+        for i, audio in enumerate(audios):
+            groups.setdefault(audio.shape, []).append(i)
+        for shape, members in groups.items():
             size = max(1, int(self.config.batch_max_seconds * self.rate // shape[1]))
-            batches += [((shape, n), members[k : k + size]) for k in range(0, len(members), size)]
-        for (shape, n), members in batches:
-            # one clip: its own array, no copy (a 600 s clip is 200 MB)
-            x = torch.from_numpy(np.stack([clips[i].audio for i in members]) if len(members) > 1
-                                 else clips[members[0]].audio[None])  # fmt: skip
-            if shape[0] == 1 and self.separator.nb_channels == 2:
-                x = x.expand(-1, 2, -1)
-            with self._lock, torch.inference_mode():
-                y = self._separate(x, n)
-            np.nan_to_num(y, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # silence in gives silence out
-            for k, i in enumerate(members):
-                out[i] = y[k]
+            for k in range(0, len(members), size):
+                rows = members[k : k + size]
+                with self._lock:
+                    y = onnx(np.stack([audios[i] for i in rows]))
+                for j, i in enumerate(rows):
+                    out[i] = y[j]
         return out  # type: ignore[return-value]
 
     def encode(self, stem: np.ndarray, fmt: str) -> bytes:
@@ -346,13 +366,6 @@ class SeparationService:
 
             self._onnx[niter] = onnx_separator(self.config.model, SeparatorOptions(niter=niter))
         return self._onnx[niter]
-
-    def _separate(self, x: torch.Tensor, niter: int) -> np.ndarray:
-        """(B, C, N) -> (B, S, C, N) with ``niter`` Wiener iterations, on the configured backend."""
-        if self.config.backend == "onnx":
-            return self._onnx_for(niter)(x.numpy())
-        self.separator.niter = niter
-        return self.separator(x.to(self.separator.device)).cpu().numpy()
 
     def streamer(self) -> Streamer:
         """A new live stream's separator (unidirectional models, no Wiener iterations), sharing the
