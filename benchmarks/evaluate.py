@@ -12,7 +12,8 @@ speed: x real time of offline separation (niter 1 and 0) for BiLSTM and LSTM mod
        hidden sizes, and of streaming (blocks of 1024 and 4096 samples, niter 0) for the LSTM ones, with
        the per-block compute time against the block's duration (23.2 ms for 1024 samples); then
        ``--stream-batches`` streams stepped together (one model step for all their blocks, as a
-       replica does), the models' capacity without Serve's transport.
+       replica does), the models' capacity without Serve's transport; on a GPU also replayed from
+       CUDA graphs (``cuda_graphs``: streams padded to a power of two, one graph per count).
 """
 
 from __future__ import annotations
@@ -192,8 +193,10 @@ def batched_streams(models: dict, x: torch.Tensor, hidden: int, args, device) ->
     block, rows = 1024, []
     deadline = 1000 * block / 44100
     pieces = [x[:, i : i + block] for i in range(0, min(x.shape[-1], 44100 * args.stream_seconds), block)]
-    for b in args.stream_batches:
-        streamers = [StreamingSeparator(Separator(models, niter=0)) for _ in range(b)]
+    variants = [(b, graphs) for b in args.stream_batches for graphs in (False, True)[: 1 + (device.type == "cuda")]]
+    for b, graphs in variants:
+        shared = Separator(models, niter=0, cuda_graphs=graphs)
+        streamers = [StreamingSeparator(shared) for _ in range(b)]
         times = []
         for k, p in enumerate(pieces):
             t0 = time.perf_counter()
@@ -209,10 +212,13 @@ def batched_streams(models: dict, x: torch.Tensor, hidden: int, args, device) ->
                 times.append(time.perf_counter() - t0)
         ms = float(np.median(times)) * 1000
         p99 = float(np.percentile(times, 99)) * 1000
-        row = {"hidden": hidden, "lstm": "uni", "mode": f"{b} streams stepped together, block {block}",
-               "step_ms": ms, "p99_ms": p99, "keeps_up": p99 < deadline, "streams": b}  # fmt: skip
+        how = ", CUDA graphs" if graphs else ""
+        row = {"hidden": hidden, "lstm": "uni", "mode": f"{b} streams stepped together, block {block}{how}",
+               "step_ms": ms, "p99_ms": p99, "keeps_up": p99 < deadline, "streams": b,
+               "cuda_graphs": graphs}  # fmt: skip
         rows.append(row)
-        print(f"  hidden {hidden:4d} LSTM   {b:3d} streams stepped together: {ms:6.2f} ms per step (p99 {p99:.2f}) "
+        print(f"  hidden {hidden:4d} LSTM   {b:3d} streams stepped together{how}: {ms:6.2f} ms per step "
+              f"(p99 {p99:.2f}) "
               f"against a block's {deadline:.1f} ms: {'keeps' if row['keeps_up'] else 'does not keep'} real time "
               f"on the models alone")  # fmt: skip
     return rows

@@ -14,9 +14,12 @@
 3. How chunks are joined: agreement of chunked with unchunked output against the context given to
    each chunk, for random weights, a longer-memory variant (forget-gate bias +2), or the weights
    of ``--model DIR`` (e.g. official umxhq files) on a generated song.
-4. With CUDA: 60 s on the GPU, reference vs distunmix torch eager (unchunked) and with chunks
-   batched, onnxruntime's CUDA provider when present, and the chunked output's agreement with the
-   unchunked one. (CUDA graphs are not implemented: no row.)
+4. With CUDA: 60 s on the GPU, reference vs distunmix torch eager (unchunked), with 6 s chunks
+   batched (``--gpu-batch-chunks``, 0: as many as fit; the models of one batch overlap the Wiener
+   filter of the one before), the same replayed from CUDA graphs, and onnxruntime's CUDA provider
+   when present; the chunked output's agreement with the unchunked one, each torch backend's peak
+   GPU memory against the separator's estimate, and what the graphs did (captures, replays,
+   failures).
 Figures go to stdout and, with ``--out FILE``, to JSON. Nothing here is a test.
 """
 
@@ -37,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distunmix import accel
 from distunmix.model import OpenUnmix
 from distunmix.separator import Separator
 
@@ -86,7 +90,17 @@ def timed(fn, *args):
     return time.perf_counter() - t0, out
 
 
-def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", batch_chunks: int = 1) -> dict:
+def gpu_peak(fn, *args) -> float:
+    """Peak GPU memory (GB) that torch allocates while ``fn`` runs."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1024**3
+
+
+def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", batch_chunks: int = 0) -> dict:
     """Every backend on the same weights and audio, interleaved; medians and ratios to the reference."""
     from distunmix.export import export_separator
     from distunmix.onnxrun import OnnxSeparator
@@ -96,9 +110,11 @@ def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", ba
     ref.freeze()
     backends = {"torch": Separator(ours_models, niter=1, wiener_win_len=300).to(device).freeze()}
     chunk = {}
-    if device != "cpu":  # on a GPU, also cut into short chunks and batch them
+    if device != "cpu":  # on a GPU, also cut into short chunks and batch them, with and without CUDA graphs
         chunk = {"chunk_seconds": 6.0, "context_seconds": 3.0, "batch_chunks": batch_chunks}
         backends["torch batched"] = Separator(ours_models, niter=1, **chunk).to(device).freeze()
+        graphed = Separator(ours_models, niter=1, cuda_graphs=True, **chunk).to(device).freeze()
+        backends["torch batched, CUDA graphs"] = graphed
     tmp = tempfile.TemporaryDirectory()
     onnx_path = Path(tmp.name) / "separator.onnx"
     export_separator(backends["torch"].cpu(), onnx_path)
@@ -129,7 +145,18 @@ def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", ba
         exact = {}
         if chunk:
             full = outs["torch"]
-            exact = {"chunked_vs_unchunked_db": worst_target_snr(full.cpu(), outs["torch batched"].cpu())}
+            batched = backends["torch batched"]
+            plans = batched.plan(x.shape[-1])
+            span = plans[0].b - plans[0].a
+            free = accel.free_memory(batched.device)
+            rows = accel.batch_rows(free, batched.row_bytes(span), len(plans), batch_chunks)
+            exact = {
+                "chunked_vs_unchunked_db": worst_target_snr(full.cpu(), outs["torch batched"].cpu()),
+                "chunks": len(plans),
+                "estimated_batch_gb": min(rows, len(plans)) * batched.row_bytes(span) / 1024**3,
+                "peak_gpu_gb": {name: gpu_peak(sep, x) for name, sep in backends.items() if name.startswith("torch")},
+                "graphs": vars(graphed._graphs.stats) if graphed._graphs is not None else None,
+            }
     rss = bench_backend_rss(seconds, onnx_path) if device == "cpu" else {}
     tmp.cleanup()
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -284,7 +311,7 @@ def main() -> None:
     parser.add_argument("--skip-context", action="store_true")
     parser.add_argument("--model", type=Path, help="measure chunking on this model folder's weights (e.g. umxhq)")
     parser.add_argument("--gpu-seconds", type=float, default=60.0)
-    parser.add_argument("--gpu-batch-chunks", type=int, default=16)
+    parser.add_argument("--gpu-batch-chunks", type=int, default=0, help="chunks per batch on the GPU (0: auto)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -304,11 +331,15 @@ def main() -> None:
     if torch.cuda.is_available():
         gpu = bench_speed(openunmix, args.gpu_seconds, args.repeats, "cuda", args.gpu_batch_chunks)
         report["gpu_speed"] = gpu
+        per_batch = args.gpu_batch_chunks or "as many as fit"
         print(
-            f"GPU ({report['machine']['gpu']}), {args.gpu_seconds:g} s (batched: 6 s chunks, "
-            f"{args.gpu_batch_chunks} per batch; chunked vs unchunked {gpu['chunked_vs_unchunked_db']:.1f} dB):"
+            f"GPU ({report['machine']['gpu']}), {args.gpu_seconds:g} s (batched: {gpu['chunks']} chunks of 6 s, "
+            f"{per_batch} per batch; chunked vs unchunked {gpu['chunked_vs_unchunked_db']:.1f} dB):"
         )
         print_backends(gpu["backends"])
+        peaks = ", ".join(f"{name} {gb:.2f} GB" for name, gb in gpu["peak_gpu_gb"].items())
+        print(f"  peak GPU memory: {peaks}; estimated for one batch: {gpu['estimated_batch_gb']:.2f} GB")
+        print(f"  CUDA graphs: {gpu['graphs']}")
     else:
         print("GPU: no CUDA device here, not measured")
     if not args.skip_context:

@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/serve.py --largest            # the largest allowed request's memory
     .venv/bin/python benchmarks/serve.py --streams            # concurrent live streams per replica
     .venv/bin/python benchmarks/serve.py --multiplex          # two models in one deployment vs one
+    .venv/bin/python benchmarks/serve.py --throughput         # audio-s/s, concurrent clips' chunks batched or not
 
 ``--largest``: one replica with the default limits answers one request as large as they allow
 (``max_seconds`` of stereo at 44.1 kHz, FLAC within ``max_upload_mb``, every target); prints its
@@ -27,6 +28,11 @@ p50/p99 round trip of a block and the late blocks (answered later than a block's
 was sent), the CPU time per block in Serve's proxy and in the replica (read in their processes),
 and the most concurrent streams with no late block (goal on the 2-core CPU: at least 2 at hidden
 256).
+
+``--throughput``: one replica (all CPUs, or ``--num-gpus``) under ``--clients`` sending clips of
+``--clip-lengths`` in turn (long enough to be chunked): audio-seconds separated per second with one
+clip at a time and one chunk per model batch, against the clips' chunks batched across requests
+(and with CUDA graphs on a GPU); the ratio is the gain of batching concurrent requests' chunks.
 
 ``--multiplex``: one replica serving a root of two models (the same weights), ``--clients``
 requesting them in turn, against the same clients requesting one: the multiplexed vs single-model
@@ -89,12 +95,15 @@ def _post_retrying(url: str, body: bytes, timeout: float, seen: dict) -> int:
         return -2
 
 
-def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int, during=None,
+def load(url: str, body: bytes | list[bytes], clients: int, seconds: float, max_requests: int, during=None,
          retry: bool = False, queries: tuple[str, ...] = ("",)) -> dict:  # fmt: skip
     """Closed-loop load: ``clients`` threads, each waiting for its answer before the next request;
     ``retry``: as the client retries (codes then hold -2 for a request lost, ``retried`` what it saw);
-    ``queries`` are added to the requests in turn (``&model=a``, ``&model=b``)."""
+    ``queries`` are added to the requests in turn (``&model=a``, ``&model=b``); several bodies are
+    sent in turn too (``ok_by_body`` counts each one's answers)."""
+    bodies = body if isinstance(body, list) else [body]
     latencies, errors, codes, retried = [], [], {}, {}
+    ok_by_body = [0] * len(bodies)
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
     count = [0]
@@ -106,11 +115,14 @@ def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
                     return
                 count[0] += 1
                 query = queries[count[0] % len(queries)]  # requests take turns over the queries
+                which = count[0] % len(bodies)
             t0 = time.perf_counter()
             target = f"{url}/separate?targets=vocals{query}"
-            code = _post_retrying(target, body, 120, retried) if retry else _post(target, body, timeout=120)
+            data = bodies[which]
+            code = _post_retrying(target, data, 120, retried) if retry else _post(target, data, timeout=120)
             with lock:
                 codes[code] = codes.get(code, 0) + 1
+                ok_by_body[which] += code == 200
                 (latencies if code == 200 else errors).append(time.perf_counter() - t0)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -132,6 +144,8 @@ def load(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
         "p99_ms": float(np.percentile(lat, 99)),
         "extra": extra,
         "retried": retried,
+        "ok_by_body": ok_by_body,
+        "wall_s": wall,
     }
 
 
@@ -389,6 +403,54 @@ def _stream_clients(url: str, song: Path, tmp: Path, n: int) -> list[dict]:
     return out
 
 
+def throughput(args: argparse.Namespace, url: str, tmp: Path) -> dict:
+    """Audio-seconds separated per second by one replica under concurrent clips of several lengths
+    (``--clip-lengths``, chunked): one clip at a time, one chunk per model batch (as before the
+    chunks of concurrent requests were batched), against the clips' chunks batched together
+    (``--batch-size`` clips, ``--batch-max-seconds`` of model window per batch), and the same
+    with CUDA graphs on a GPU."""
+    from ray import serve
+
+    from distunmix.data.synth import synth_track
+    from distunmix.serve.app import deployment
+    from distunmix.serve.service import ServiceConfig
+
+    bodies = []
+    for k, seconds in enumerate(args.clip_lengths):
+        buf = io.BytesIO()
+        sf.write(buf, sum(synth_track(seconds, 44100, seed=10 + k).values()).T, 44100, format="WAV", subtype="PCM_16")
+        bodies.append(buf.getvalue())
+    longest = max(args.clip_lengths)
+    configs = {
+        "one clip at a time": {"batch_size": 1, "batch_max_seconds": 30.0},
+        "chunks batched across requests": {"batch_size": args.batch_size, "batch_max_seconds": args.batch_max_seconds},
+    }
+    if args.device.startswith("cuda"):
+        configs["batched, CUDA graphs"] = {**configs["chunks batched across requests"], "cuda_graphs": True}
+    cpus = os.cpu_count() or 2
+    results: dict = {}
+    for name, settings in configs.items():
+        serve.delete("distunmix")
+        if settings["batch_size"] > 1:  # clips up to batch_max_seconds join a batch; longer ones go alone
+            settings = {**settings, "batch_max_seconds": max(settings["batch_max_seconds"], longest)}
+        config = ServiceConfig(model=str(tmp / "model"), device=args.device, batch_wait_s=args.batch_wait_s, **settings)
+        options = {"num_cpus": cpus, "num_gpus": args.num_gpus}
+        app = deployment(config, num_replicas=1, max_ongoing_requests=args.clients, ray_actor_options=options)
+        serve.run(app, name="distunmix", route_prefix="/")
+        load(url, bodies, 2, 3.0, 4)  # warm-up (and CUDA graph captures)
+        r = load(url, bodies, args.clients, args.seconds, args.max_requests)
+        r["audio_s_per_s"] = sum(n * s for n, s in zip(r["ok_by_body"], args.clip_lengths, strict=True)) / r["wall_s"]
+        results[name] = r
+        print(f"  {name:32s} {r['audio_s_per_s']:7.1f} audio-seconds per second ({r['requests_per_s']:.2f} req/s), "
+              f"p50 {r['p50_ms']:7.0f} ms, p99 {r['p99_ms']:7.0f} ms, errors {r['errors']} {r['codes']}",
+              flush=True)  # fmt: skip
+    base = results["one clip at a time"]["audio_s_per_s"]
+    for name in list(configs)[1:]:
+        results[f"{name} vs one at a time"] = results[name]["audio_s_per_s"] / base
+        print(f"  {name} vs one clip at a time: {results[name]['audio_s_per_s'] / base:.2f}x")
+    return results
+
+
 def live_streams(args: argparse.Namespace, url: str, tmp: Path) -> dict:
     """Concurrent real-time streams on one replica per hidden size: the most with no late block."""
     import torch
@@ -471,6 +533,24 @@ def main() -> None:
     p.add_argument("--largest", action="store_true", help="the largest allowed request's time and memory")
     p.add_argument("--multiplex", action="store_true", help="two models in one deployment vs one model")
     p.add_argument("--streams", action="store_true", help="concurrent real-time /stream clients per replica")
+    p.add_argument(
+        "--throughput",
+        action="store_true",
+        help="audio-seconds per second of one replica: chunks of concurrent clips batched or not",
+    )
+    p.add_argument(
+        "--clip-lengths",
+        type=float,
+        nargs="+",
+        default=[40.0, 47.0, 53.0],
+        help="--throughput: clip lengths sent in turn, in seconds",
+    )
+    p.add_argument(
+        "--batch-max-seconds",
+        type=float,
+        default=600.0,
+        help="--throughput: model window per batch of chunks when batched, in seconds",
+    )
     p.add_argument("--stream-hidden", default="256,512", help="--streams: hidden sizes of the unidirectional models")
     p.add_argument("--max-streams", type=int, default=4, help="--streams: most concurrent streams tried")
     p.add_argument("--stream-seconds", type=float, default=20.0, help="--streams: audio per stream")
@@ -508,10 +588,12 @@ def main() -> None:
             f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"
         )
     results = {}
-    if args.streams or args.multiplex or args.adversarial or args.largest:
+    if args.streams or args.multiplex or args.adversarial or args.largest or args.throughput:
         try:
             model = tmp / "model"
-            if args.streams or args.multiplex:
+            if args.throughput:
+                results = throughput(args, url, tmp)
+            elif args.streams or args.multiplex:
                 results = live_streams(args, url, tmp) if args.streams else multiplexed(args, url, body, tmp)
             else:
                 results = largest(url, model) if args.largest else adversarial(args, url, port, body, model)

@@ -12,6 +12,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,64 +88,68 @@ class GraphStats:
 
 
 class GraphCache:
-    """``fn`` captured as a CUDA graph per input shape, replayed after (CUDA tensors only).
+    """``fn`` captured as a CUDA graph per input shapes, replayed after (CUDA tensors only).
 
-    A replay copies the input into the captured input buffer and returns a copy of the captured
-    output, so results stay valid after the next replay. Up to ``max_graphs`` shapes are kept
-    (least recently used out); ``key`` (e.g. the weights' versions) changing drops them all, since a
-    graph reads the tensors it was captured with by address. A shape that cannot be captured runs
-    eagerly from then on, with one warning. On a CPU it is ``fn``.
+    ``fn`` takes tensors and returns a tensor or a tuple of tensors. A replay copies the inputs
+    into the captured input buffers and returns copies of the captured outputs, so results stay
+    valid after the next replay. Up to ``max_graphs`` shapes are kept (least recently used out).
+    A graph reads the tensors it was captured with by address, so ``key`` (e.g. the weights'
+    versions) changing drops them all, and a None key (weights that cannot be versioned) runs
+    eagerly. A shape that cannot be captured runs eagerly from then on, with one warning. On a CPU
+    it is ``fn``.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], key: Callable[[], object], max_graphs: int = 4) -> None:
+    def __init__(self, fn: Callable[..., Any], key: Callable[[], object], max_graphs: int = 4) -> None:
         self.fn, self.key, self.max_graphs = fn, key, max_graphs
-        self.graphs: OrderedDict[tuple, tuple[Tensor, Tensor, torch.cuda.CUDAGraph]] = OrderedDict()
+        self.graphs: OrderedDict[tuple, tuple[tuple[Tensor, ...], Any, torch.cuda.CUDAGraph]] = OrderedDict()
         self.failed: set[tuple] = set()
         self.stats = GraphStats()
         self._weights_key: object = None
 
-    def clear(self) -> None:
-        self.graphs.clear()
-        self.failed.clear()
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.device.type != "cuda":
+    def __call__(self, *xs: Tensor) -> Any:
+        weights = self.key() if xs[0].device.type == "cuda" else None
+        if weights is None:
             self.stats.eager += 1
-            return self.fn(x)
-        weights = self.key()
-        if weights is None or weights != self._weights_key:
-            self.clear()
+            return self.fn(*xs)
+        if weights != self._weights_key:
+            self.graphs.clear()
+            self.failed.clear()
             self._weights_key = weights
-        shape = (tuple(x.shape), x.dtype, x.device)
+        shape = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
         entry = self.graphs.get(shape)
         if entry is None and shape not in self.failed:
-            entry = self._capture(x, shape)
+            entry = self._capture(xs, shape)
         if entry is None:
             self.stats.eager += 1
-            return self.fn(x)
+            return self.fn(*xs)
         self.graphs.move_to_end(shape)
         static_in, static_out, graph = entry
-        static_in.copy_(x)
+        for buf, x in zip(static_in, xs, strict=True):
+            buf.copy_(x)
         graph.replay()
         self.stats.replays += 1
-        return static_out.clone()
+        return tuple(t.clone() for t in static_out) if isinstance(static_out, tuple) else static_out.clone()
 
-    def _capture(self, x: Tensor, shape: tuple) -> tuple[Tensor, Tensor, torch.cuda.CUDAGraph] | None:
+    def _capture(
+        self, xs: tuple[Tensor, ...], shape: tuple
+    ) -> tuple[tuple[Tensor, ...], Any, torch.cuda.CUDAGraph] | None:
+        device = xs[0].device
         try:
-            static_in = x.clone()
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
+            static_in = tuple(x.clone() for x in xs)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: library handles, algorithms, cached weights
                 for _ in range(2):
-                    self.fn(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+                    self.fn(*static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.fn(static_in)
+                static_out = self.fn(*static_in)
         except Exception as exc:  # noqa: BLE001 - anything uncapturable runs eagerly
             self.failed.add(shape)
-            self.stats.failures.append(f"{shape[0]}: {exc}")
-            warnings.warn(f"CUDA graph capture failed for input shape {shape[0]}, running eagerly: {exc}", stacklevel=2)
+            self.stats.failures.append(f"{[s[0] for s in shape]}: {exc}")
+            warnings.warn(f"CUDA graph capture failed for input shapes {[s[0] for s in shape]}, running eagerly: "
+                          f"{exc}", stacklevel=2)  # fmt: skip
             return None
         self.stats.captures += 1
         self.graphs[shape] = (static_in, static_out, graph)

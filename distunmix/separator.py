@@ -28,6 +28,7 @@ from .model import OpenUnmix, weights_key
 from .xumx import CrossUnmix
 
 _GROUP = "separation"
+CUDA_GRAPHS_HELP = "replay the models of each batch shape, and of live stream steps, from CUDA graphs (GPU only)"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class SeparatorOptions:
     batch_chunks: int = setting(
         1, "chunks per model batch (0: as many as fit the free GPU memory; 1 on a CPU)", group=_GROUP
     )
-    cuda_graphs: bool = setting(False, "replay each model batch from a CUDA graph (GPU only)", group=_GROUP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, group=_GROUP)
 
     def __post_init__(self) -> None:
         checks = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import spectral
+from . import accel, spectral
 from .audio import StemSet, read_at_rate
 from .errors import ConfigError
-from .model import OpenUnmix, OpenUnmixStack
+from .model import OpenUnmix, OpenUnmixStack, weights_key
 from .onnxrun import OnnxSeparator
 from .realtime import block_figures
 from .separator import Separator
@@ -207,6 +208,7 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
         if s.nb != steps[0].nb or any(a is not b for a, b in stages):
             raise ValueError("steps run together need the same models and frame count")
     models = stream_stages(first.separator)  # the same models: the same (cached) stack for every step
+    graphs = _use_graphs(first.separator, steps[0].mag)
     mag = torch.cat([s.mag for s in steps]) if len(steps) > 1 else steps[0].mag
     sizes = [s.mag.shape[0] for s in steps]
     out: list[list[Tensor]] = [[] for _ in steps]
@@ -219,12 +221,48 @@ def step_models(steps: list[StreamStep]) -> list[list[Tensor]]:
             zeros = [torch.zeros(layers, n, hidden, dtype=mag.dtype, device=mag.device) for n in sizes]
             state = tuple(torch.cat([st[i] if st is not None else z for st, z in zip(states, zeros, strict=True)], 1)
                           for i in (0, 1))  # fmt: skip
-        y, (h, c) = model.forward_stream(mag, state)
+        y, (h, c) = _graphed_step(model, mag, state) if graphs else model.forward_stream(mag, state)
         for j, (part, hs, cs) in enumerate(zip(y.split(sizes), h.split(sizes, 1), c.split(sizes, 1), strict=True)):
             steps[j].streamer._states[k] = (hs, cs)
             # an X-UMX model estimates every target at once: (B, S, C, F, nb)
             out[j].extend(part.unbind(1) if part.dim() == 5 else [part])
     return out
+
+
+# Stream steps captured as CUDA graphs, per stage (a stack lives as long as its models' weights)
+_STREAM_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STREAM_GRAPH_SHAPES = 12  # stream counts are padded to powers of two: 1 to 128, and flushes
+
+
+def _use_graphs(separator: Separator, mag: Tensor) -> bool:
+    """Whether stream steps replay CUDA graphs: asked for, on a GPU, and with weights that keep
+    their stack (models built under inference_mode rebuild it every step)."""
+    return separator.cuda_graphs and mag.device.type == "cuda" and weights_key(separator.stages) is not None
+
+
+def _graphed_step(
+    model: OpenUnmix | OpenUnmixStack | CrossUnmixStack, mag: Tensor, state: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``model.forward_stream`` replayed from a CUDA graph. The streams are padded with silent
+    ones to a power of two, so a replica stepping 1 to 128 streams captures at most 8 graphs per
+    frame count; each stream's output and state are what it gets alone."""
+    cache = _STREAM_GRAPHS.get(model)
+    if cache is None:
+
+        def step(x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            y, (h, c) = model.forward_stream(x, (h, c))
+            return y, h, c
+
+        cache = _STREAM_GRAPHS[model] = accel.GraphCache(step, lambda: True, _STREAM_GRAPH_SHAPES)
+    n = mag.shape[0]
+    rows = 1 << (n - 1).bit_length()
+    layers, hidden = model.state_shape
+    h, c = state if state is not None else (mag.new_zeros(layers, n, hidden), mag.new_zeros(layers, n, hidden))
+    if rows > n:
+        mag = torch.cat([mag, mag.new_zeros((rows - n, *mag.shape[1:]))])
+        h, c = (torch.cat([t, t.new_zeros(t.shape[0], rows - n, t.shape[2])], 1) for t in (h, c))
+    y, h, c = cache(mag, h, c)
+    return y[:n], (h[:, :n], c[:, :n])
 
 
 def stream_file(

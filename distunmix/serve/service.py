@@ -32,7 +32,7 @@ from ..devices import DEVICE_HELP, resolve_device
 from ..errors import CheckpointError, ConfigError, ServiceError
 from ..flags import setting
 from ..onnxrun import BACKENDS, OnnxSeparator
-from ..separator import Separator, SeparatorOptions
+from ..separator import CUDA_GRAPHS_HELP, Separator, SeparatorOptions
 from ..stream import StreamingSeparator
 from .streaming import Streamer, StreamLimits
 
@@ -57,6 +57,7 @@ class ServiceConfig:
                                       "serve_multiplexed_model_id header; model: names the default")  # fmt: skip
     max_models: int = setting(3, "models a replica keeps loaded besides the default (least recently used go first)")
     device: str = setting("auto", DEVICE_HELP)
+    cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP)
     backend: str = setting("torch", "torch, or onnx: each replica exports the model folder to ONNX (once per Wiener "
                            "iteration count, cached) and separates with onnxruntime", choices=BACKENDS)  # fmt: skip
     max_upload_mb: float = setting(100.0, "largest upload accepted, in MiB", group=_LIMITS)
@@ -76,7 +77,10 @@ class ServiceConfig:
     batch_size: int = setting(8, "short clips separated together (@serve.batch)", group=_LIMITS)
     batch_wait_s: float = setting(0.05, "how long a batch waits to fill, in seconds", group=_LIMITS)
     batch_max_seconds: float = setting(
-        30.0, "audio separated in one batch at most, in seconds (longer clips go alone)", group=_LIMITS
+        30.0,
+        "clips separated together, and the model window of one batch of their chunks, at most, in seconds (longer "
+        "clips go alone)",
+        group=_LIMITS,
     )
     max_pending: int = setting(16, "requests a replica separates or holds waiting; more get 503 with Retry-After",
                                group=_LIMITS)  # fmt: skip
@@ -181,7 +185,9 @@ class SeparationService:
             if config.backend == "onnx":
                 self.separator = self._onnx_for(1)
             else:
-                self.separator = load_separator(config.model, device=resolve_device(config.device), niter=1).freeze()
+                self.separator = load_separator(
+                    config.model, device=resolve_device(config.device), niter=1, cuda_graphs=config.cuda_graphs
+                ).freeze()
         except CheckpointError as e:
             raise RuntimeError(f"model {config.model}: {e}") from e
         self.targets = list(self.separator.targets)
@@ -374,7 +380,8 @@ class SeparationService:
             return self._onnx_for(0).streamer()
         sep = self.separator
         live = Separator(sep.joint or dict(sep.target_models), sep.sample_rate, sep.n_fft, sep.n_hop, niter=0,
-                         softmask=sep.softmask, residual=sep.residual, chunk_seconds=None)  # fmt: skip
+                         softmask=sep.softmask, residual=sep.residual, chunk_seconds=None,
+                         cuda_graphs=sep.cuda_graphs)  # fmt: skip
         return StreamingSeparator(live)
 
     def stream_limits(self) -> StreamLimits:
