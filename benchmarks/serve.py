@@ -582,7 +582,10 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     gpu = "" if args.num_gpus == 0 else f", {args.num_gpus:g} GPU per replica"
-    if not args.largest:
+    if args.throughput:
+        print(f"{args.clients} clients, clips of {', '.join(f'{s:g}' for s in args.clip_lengths)} s in turn, "
+              f"{args.seconds:g} s per configuration, hidden {args.hidden_size}, {args.device}{gpu}")  # fmt: skip
+    elif not args.largest:
         print(
             f"{args.clients} clients, {args.clip_seconds:g} s clips, {args.seconds:g} s per configuration, hidden "
             f"{args.hidden_size}, {args.device}{gpu}; {cpus} CPUs split over the replicas"

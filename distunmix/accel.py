@@ -143,7 +143,7 @@ class GraphCache:
                     self.fn(*static_in)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
                 static_out = self.fn(*static_in)
         except Exception as exc:  # noqa: BLE001 - anything uncapturable runs eagerly
             self.failed.add(shape)

@@ -262,9 +262,10 @@ class Separator(nn.Module):
         alone. Chunks with model windows of one length (every chunk of a long signal, and short
         signals of one length) go through the models together: ``batch_chunks`` chunks per batch
         (0: as many as fit the free GPU memory; 1 on a CPU), or, with ``batch_frames``, as many
-        rows as keep rows x window frames within it. On a GPU the models of one batch run on a
-        side stream while the Wiener filter and the inverse STFT of the batch before run on the
-        caller's stream; ``cuda_graphs`` replays the models as a CUDA graph per batch shape.
+        rows as keep rows x window frames within it (and, on a GPU, fit its free memory). On a
+        GPU the models of one batch run on a side stream while the Wiener filter and the inverse
+        STFT of the batch before run on the caller's stream; ``cuda_graphs`` replays the models
+        as a CUDA graph per batch shape.
         """
         audios = [self._prepare(a) for a in signals]
         groups: dict[tuple[int, int], list[_Job]] = {}
@@ -293,14 +294,17 @@ class Separator(nn.Module):
 
     def _batches(self, jobs: list[_Job], span: int, batch_frames: int | None) -> Iterator[list[_Job]]:
         """Consecutive runs of ``jobs`` (chunks of one model window length) per model batch."""
-        if batch_frames is not None:
+        rows = sum(j.rows for j in jobs)
+        free = accel.free_memory(self.device)  # None on a CPU
+        fit = accel.batch_rows(free, self.row_bytes(span), rows, 0)  # 1 on a CPU
+        if batch_frames is not None:  # a frame budget, and on a GPU what fits
             max_chunks, max_rows = len(jobs), max(1, batch_frames // span)
+            if free is not None:
+                max_rows = min(max_rows, fit)
         elif self.batch_chunks >= 1:
-            max_chunks, max_rows = self.batch_chunks, sum(j.rows for j in jobs)
+            max_chunks, max_rows = self.batch_chunks, rows
         else:
-            rows = sum(j.rows for j in jobs)
-            max_chunks = len(jobs)
-            max_rows = accel.batch_rows(accel.free_memory(self.device), self.row_bytes(span), rows, 0)
+            max_chunks, max_rows = len(jobs), fit
         batch: list[_Job] = []
         rows = 0
         for job in jobs:

@@ -215,6 +215,14 @@ def test_batch_frames_and_batch_chunks_bound_the_model_batches(audio, monkeypatc
         sep.batch_chunks = 0  # auto: one chunk per batch without a GPU
         sep.separate_many(signals)
         assert rows == [1] * n
+        # with a GPU, auto fits two batches in half the free memory, and caps a frame budget too
+        from distunmix import accel
+
+        monkeypatch.setattr(accel, "free_memory", lambda device: 3 * accel.IN_FLIGHT * 2 * sep.row_bytes(span))
+        for budget in (None, 10**6):
+            rows.clear()
+            sep.separate_many(signals, batch_frames=budget)
+            assert set(rows[:-1]) == {3} and sum(rows) == n, budget
 
 
 def test_auto_batch_size_fits_the_free_memory():
@@ -239,6 +247,18 @@ def test_row_memory_estimate_grows_with_the_window_and_the_graphs_copy():
     assert one > 4 * 2 * 2049 * 100 * (2 + 4)
     sep.cuda_graphs = True
     assert sep.row_bytes(100) > one
+
+
+def test_a_graph_cache_runs_eagerly_on_a_cpu_and_without_a_weights_key():
+    from distunmix.accel import GraphCache
+
+    calls = []
+    cache = GraphCache(lambda x, y: calls.append(1) or (x + y, x - y), key=lambda: None)
+    x, y = torch.ones(3), torch.arange(3.0)
+    a, b = cache(x, y)
+    assert torch.equal(a, x + y) and torch.equal(b, x - y)
+    assert calls == [1] and cache.stats.eager == 1 and cache.stats.captures == cache.stats.replays == 0
+    assert not cache.graphs
 
 
 def test_cuda_graphs_on_a_cpu_run_the_models_eagerly_and_pickle(audio):
