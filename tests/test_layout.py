@@ -23,7 +23,7 @@ PACKAGE = ROOT / "distunmix"
 # the core: usable and testable without Ray
 CORE = ("model", "xumx", "spectral", "separator", "stream", "stemfiles", "checkpoint", "fileio", "audio", "errors",
         "flags", "tables", "plots", "devices", "data", "serve.service", "serve.streaming", "serve.client",
-        "serve.streamclient", "chunking", "onnxrun", "card", "bsseval", "speed", "realtime")  # fmt: skip
+        "serve.streamclient", "chunking", "onnxrun", "card", "bsseval", "speed", "realtime", "accel")  # fmt: skip
 
 
 def _module(path: Path) -> str:
