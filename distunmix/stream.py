@@ -248,9 +248,10 @@ def _graphed_step(
     frame count; each stream's output and state are what it gets alone."""
     cache = _STREAM_GRAPHS.get(model)
     if cache is None:
+        owner = weakref.ref(model)  # a strong one would keep the model, its key, alive for ever
 
         def step(x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            y, (h, c) = model.forward_stream(x, (h, c))
+            y, (h, c) = owner().forward_stream(x, (h, c))
             return y, h, c
 
         cache = _STREAM_GRAPHS[model] = accel.GraphCache(step, lambda: True, _STREAM_GRAPH_SHAPES)

@@ -198,6 +198,25 @@ def test_streams_stepped_together_equal_each_stream_alone(graph_path, monkeypatc
         assert got.shape == expected.shape and snr_db(expected, got) > 100, j
 
 
+def test_a_stream_step_graph_goes_with_its_models():
+    """The CUDA graphs of a stream stage are kept as long as the stage (a stack lives as long as its
+    models' weights), not for ever."""
+    import gc
+
+    from distunmix import stream
+
+    separator = Separator(make_models(TARGETS, hidden_size=8, unidirectional=True), niter=0, chunk_seconds=None)
+    streamer = StreamingSeparator(separator)
+    step = streamer.begin(torch.randn(2, 5000) * 0.1)
+    (stage,) = stream.stream_stages(separator)
+    y, _ = stream._graphed_step(stage, step.mag, None)
+    assert y.shape[0] == 1 and stage in stream._STREAM_GRAPHS
+    before = len(stream._STREAM_GRAPHS)
+    del separator, streamer, step, stage
+    gc.collect()
+    assert len(stream._STREAM_GRAPHS) == before - 1
+
+
 def test_targets_of_one_configuration_step_as_one_stack_shared_by_every_stream_of_them():
     """The stacked step equals each model's own forward_stream (state carried across calls, two
     samples), streams of the same models share one stack (so they can batch), a weight changed in
