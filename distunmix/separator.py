@@ -42,7 +42,7 @@ class SeparatorOptions:
     chunk_seconds: float | None = setting(30.0, "separate longer input in chunks of about this length", group=_GROUP)
     context_seconds: float = setting(3.0, "model context on each side of a chunk, in seconds", group=_GROUP)
     batch_chunks: int = setting(
-        1, "chunks per model batch (0: as many as fit the free GPU memory; 1 on a CPU)", group=_GROUP
+        0, "chunks per model batch (0: as many as fit the free GPU memory, and 1 on a CPU)", group=_GROUP
     )
     cuda_graphs: bool = setting(False, CUDA_GRAPHS_HELP, group=_GROUP)
 
