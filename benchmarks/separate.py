@@ -14,7 +14,7 @@
 3. How chunks are joined: agreement of chunked with unchunked output against the context given to
    each chunk, for random weights, a longer-memory variant (forget-gate bias +2), or the weights
    of ``--model DIR`` (e.g. official umxhq files) on a generated song.
-4. With CUDA: 60 s on the GPU, reference vs distunmix torch eager (unchunked), with 6 s chunks
+4. With CUDA: 60 s on the GPU, reference vs distunmix torch unchunked, with 6 s chunks
    batched (``--gpu-batch-chunks``, 0: as many as fit; the models of one batch overlap the Wiener
    filter of the one before), the same replayed from CUDA graphs, and onnxruntime's CUDA provider
    when present; the chunked output's agreement with the unchunked one, each torch backend's peak
@@ -108,7 +108,8 @@ def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", ba
     ref_models, ours_models = build(openunmix)
     ref = openunmix.model.Separator(ref_models, niter=1, wiener_win_len=300).to(device)
     ref.freeze()
-    backends = {"torch": Separator(ours_models, niter=1, wiener_win_len=300).to(device).freeze()}
+    whole = {} if device == "cpu" else {"chunk_seconds": None}  # 30 s on a CPU is one chunk anyway
+    backends = {"torch": Separator(ours_models, niter=1, wiener_win_len=300, **whole).to(device).freeze()}
     chunk = {}
     if device != "cpu":  # on a GPU, also cut into short chunks and batch them, with and without CUDA graphs
         chunk = {"chunk_seconds": 6.0, "context_seconds": 3.0, "batch_chunks": batch_chunks}
@@ -132,8 +133,8 @@ def bench_speed(openunmix, seconds: float, repeats: int, device: str = "cpu", ba
     times: dict[str, list[float]] = {"reference": [], **{name: [] for name in backends}}
     with torch.inference_mode():
         timed(ref, x[..., : 44100 * 4])  # warm-up
-        for sep in backends.values():
-            timed(sep, x[..., : 44100 * 4])
+        for sep in backends.values():  # on a GPU at full length too: its batch shapes' CUDA graphs
+            timed(sep, x[..., : 44100 * 4] if device == "cpu" else x)
         for _ in range(repeats):
             dt, a = timed(ref, x)
             times["reference"].append(dt)
