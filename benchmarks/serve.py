@@ -403,6 +403,15 @@ def _stream_clients(url: str, song: Path, tmp: Path, n: int) -> list[dict]:
     return out
 
 
+def _song_wav(seconds: float, seed: int) -> bytes:
+    """A generated song of ``seconds`` as a 16-bit WAV file's bytes."""
+    from distunmix.data.synth import synth_track
+
+    buf = io.BytesIO()
+    sf.write(buf, sum(synth_track(seconds, 44100, seed=seed).values()).T, 44100, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 def throughput(args: argparse.Namespace, url: str, tmp: Path) -> dict:
     """Audio-seconds separated per second by one replica under concurrent clips of several lengths
     (``--clip-lengths``, chunked): one clip at a time, one chunk per model batch (as before the
@@ -411,15 +420,10 @@ def throughput(args: argparse.Namespace, url: str, tmp: Path) -> dict:
     with CUDA graphs on a GPU."""
     from ray import serve
 
-    from distunmix.data.synth import synth_track
     from distunmix.serve.app import deployment
     from distunmix.serve.service import ServiceConfig
 
-    bodies = []
-    for k, seconds in enumerate(args.clip_lengths):
-        buf = io.BytesIO()
-        sf.write(buf, sum(synth_track(seconds, 44100, seed=10 + k).values()).T, 44100, format="WAV", subtype="PCM_16")
-        bodies.append(buf.getvalue())
+    bodies = [_song_wav(seconds, seed=10 + k) for k, seconds in enumerate(args.clip_lengths)]
     longest = max(args.clip_lengths)
     configs = {
         "one clip at a time": {"batch_size": 1, "batch_max_seconds": 30.0},
@@ -564,7 +568,6 @@ def main() -> None:
     from ray import serve
 
     from distunmix.checkpoint import STANDARD_TARGETS, save_model_dir
-    from distunmix.data.synth import synth_track
     from distunmix.model import ModelConfig, OpenUnmix
     from distunmix.serve.app import deployment
     from distunmix.serve.service import ServiceConfig
@@ -573,9 +576,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig.from_bandwidth(hidden_size=args.hidden_size)
     save_model_dir(tmp / "model", {t: OpenUnmix.from_config(cfg) for t in STANDARD_TARGETS}, bandwidth=16000.0)
-    buf = io.BytesIO()
-    sf.write(buf, sum(synth_track(args.clip_seconds, 44100, seed=4).values()).T, 44100, format="WAV", subtype="PCM_16")
-    body = buf.getvalue()
+    body = _song_wav(args.clip_seconds, seed=4)
     cpus = os.cpu_count() or 2
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()

@@ -64,7 +64,21 @@ class ModelConfig:
         return asdict(self)
 
 
-class OpenUnmix(nn.Module):
+class DerivedCaches:
+    """Pickled (Ray, deepcopy) without the attributes named in ``_derived_caches``: what was derived
+    from the weights for inference (folded layers, streaming stacks, CUDA graphs) is rebuilt where
+    it is used."""
+
+    _derived_caches: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for name in self._derived_caches:
+            state.pop(name, None)
+        return state
+
+
+class OpenUnmix(DerivedCaches, nn.Module):
     """Open-Unmix: a magnitude spectrogram in, a masked target magnitude spectrogram out.
 
     fc1 (bias-free, channel-major flatten of the lowest ``max_bin`` bins) -> bn1 -> tanh ->
@@ -74,6 +88,8 @@ class OpenUnmix(nn.Module):
     ``input_mean`` / ``input_scale`` are stored as -mean and 1/std, as in open-unmix, so official
     weight files load unchanged.
     """
+
+    _derived_caches = ("_folded_cache", "_stack_cache")
 
     def __init__(
         self,
@@ -148,14 +164,6 @@ class OpenUnmix(nn.Module):
     @property
     def unidirectional(self) -> bool:
         return self.config.unidirectional
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (Ray, deepcopy) without the weights derived for inference: the folded layers
-        and a streaming stack are rebuilt where they are used."""
-        state = self.__dict__.copy()
-        state.pop("_folded_cache", None)
-        state.pop("_stack_cache", None)
-        return state
 
     @property
     def state_shape(self) -> tuple[int, int]:

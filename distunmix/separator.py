@@ -24,7 +24,7 @@ from . import accel, spectral
 from .chunking import ChunkPlan, chunk_frames, context_frames, plan_chunks
 from .errors import ConfigError
 from .flags import setting
-from .model import OpenUnmix, weights_key
+from .model import DerivedCaches, OpenUnmix, weights_key
 from .xumx import CrossUnmix
 
 _GROUP = "separation"
@@ -76,7 +76,7 @@ class _Job:
     rows: int
 
 
-class Separator(nn.Module):
+class Separator(DerivedCaches, nn.Module):
     """Open-Unmix target models + multichannel Wiener filter.
 
     Call it with a waveform (nb_samples, nb_channels, nb_timesteps) at ``sample_rate`` to get
@@ -101,6 +101,9 @@ class Separator(nn.Module):
         cuda_graphs: on a GPU, capture the models of each batch shape as a CUDA graph and replay
             it (shapes that cannot be captured run eagerly, with a warning)
     """
+
+    _derived_caches = ("_graphs",)
+    _graphs: accel.GraphCache | None = None  # captured where used (not pickled)
 
     def __init__(
         self,
@@ -150,14 +153,7 @@ class Separator(nn.Module):
         self.wiener_win_len = wiener_win_len
         self.chunk_seconds, self.context_seconds, self.batch_chunks = chunk_seconds, context_seconds, batch_chunks
         self.cuda_graphs = cuda_graphs
-        self._graphs: accel.GraphCache | None = None
         self.eval()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (Ray, deepcopy) without captured CUDA graphs: they are captured again where used."""
-        state = self.__dict__.copy()
-        state["_graphs"] = None
-        return state
 
     @property
     def targets(self) -> list[str]:
@@ -295,16 +291,14 @@ class Separator(nn.Module):
     def _batches(self, jobs: list[_Job], span: int, batch_frames: int | None) -> Iterator[list[_Job]]:
         """Consecutive runs of ``jobs`` (chunks of one model window length) per model batch."""
         rows = sum(j.rows for j in jobs)
-        free = accel.free_memory(self.device)  # None on a CPU
-        fit = accel.batch_rows(free, self.row_bytes(span), rows, 0)  # 1 on a CPU
-        if batch_frames is not None:  # a frame budget, and on a GPU what fits
-            max_chunks, max_rows = len(jobs), max(1, batch_frames // span)
-            if free is not None:
-                max_rows = min(max_rows, fit)
-        elif self.batch_chunks >= 1:
+        if batch_frames is None and self.batch_chunks >= 1:
             max_chunks, max_rows = self.batch_chunks, rows
         else:
-            max_chunks, max_rows = len(jobs), fit
+            free = accel.free_memory(self.device)  # None on a CPU
+            max_chunks, max_rows = len(jobs), accel.batch_rows(free, self.row_bytes(span), rows, 0)  # 1 on a CPU
+            if batch_frames is not None:  # a frame budget, and on a GPU what fits
+                budget = max(1, batch_frames // span)
+                max_rows = budget if free is None else min(budget, max_rows)
         batch: list[_Job] = []
         rows = 0
         for job in jobs:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .model import (
     _STEPWISE_FRAMES,
+    DerivedCaches,
     ModelConfig,
     OpenUnmix,
     OpenUnmixStack,
@@ -34,7 +35,7 @@ from .model import (
 ARCHITECTURES = ("umx", "xumx")
 
 
-class CrossUnmix(nn.Module):
+class CrossUnmix(DerivedCaches, nn.Module):
     """X-UMX: one :class:`OpenUnmix` branch per target, bridged by two averages.
 
     Call it with a mixture magnitude (nb_samples, nb_channels, nb_bins, nb_frames) to get the
@@ -44,6 +45,8 @@ class CrossUnmix(nn.Module):
 
     The state_dict holds ``branches.<target>.<open-unmix parameter name>``.
     """
+
+    _derived_caches = ("_stack_cache",)
 
     def __init__(
         self,
@@ -83,12 +86,6 @@ class CrossUnmix(nn.Module):
         """(layers, hidden) of the streaming state's h and c: every branch's LSTM layers stacked."""
         lstm = next(iter(self.branches.values())).lstm
         return len(self.branches) * lstm.num_layers, lstm.hidden_size
-
-    def __getstate__(self) -> dict:
-        """Pickled without its streaming stack (see :meth:`OpenUnmix.__getstate__`)."""
-        state = self.__dict__.copy()
-        state.pop("_stack_cache", None)
-        return state
 
     def select(self, outputs: Sequence[str]) -> CrossUnmix:
         """Estimate only ``outputs`` (in that order) from now on; returns self."""
