@@ -22,6 +22,10 @@ from torch import Tensor
 MEMORY_SHARE = 0.5
 # Batches in flight at once on a GPU: one on the models while the one before is filtered
 IN_FLIGHT = 2
+# CUDA graphs: a shape is captured at its second use; the uses of this many recent shapes are kept
+CAPTURE_AT = 2
+SEEN_SHAPES = 64
+FAILED = -1
 
 
 @dataclass
@@ -95,16 +99,27 @@ class GraphCache:
     valid after the next replay. Up to ``max_graphs`` shapes are kept (least recently used out).
     A graph reads the tensors it was captured with by address, so ``key`` (e.g. the weights'
     versions) changing drops them all, and a None key (weights that cannot be versioned) runs
-    eagerly. A shape that cannot be captured runs eagerly from then on, with one warning. On a CPU
-    it is ``fn``.
+    eagerly. A shape is captured the second time it comes (a capture costs a few runs), so inputs
+    whose shapes never repeat (a server's clips of every length) never pay for one; the last
+    :data:`SEEN_SHAPES` shapes are remembered. A shape that cannot be captured runs eagerly from
+    then on, with one warning. On a CPU it is ``fn``.
     """
 
     def __init__(self, fn: Callable[..., Any], key: Callable[[], object], max_graphs: int = 4) -> None:
         self.fn, self.key, self.max_graphs = fn, key, max_graphs
         self.graphs: OrderedDict[tuple, tuple[tuple[Tensor, ...], Any, torch.cuda.CUDAGraph]] = OrderedDict()
-        self.failed: set[tuple] = set()
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # shape -> uses so far (FAILED: no capture)
         self.stats = GraphStats()
         self._weights_key: object = None
+
+    def should_capture(self, shape: tuple) -> bool:
+        """Count a use of ``shape`` that has no graph; True from its second use on (again after
+        its graph was evicted), unless its capture failed."""
+        uses = self.seen.pop(shape, 0)
+        self.seen[shape] = uses if uses == FAILED else uses + 1
+        while len(self.seen) > SEEN_SHAPES:
+            self.seen.popitem(last=False)
+        return uses != FAILED and uses + 1 >= CAPTURE_AT
 
     def __call__(self, *xs: Tensor) -> Any:
         weights = self.key() if xs[0].device.type == "cuda" else None
@@ -113,11 +128,11 @@ class GraphCache:
             return self.fn(*xs)
         if weights != self._weights_key:
             self.graphs.clear()
-            self.failed.clear()
+            self.seen.clear()
             self._weights_key = weights
         shape = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
         entry = self.graphs.get(shape)
-        if entry is None and shape not in self.failed:
+        if entry is None and self.should_capture(shape):
             entry = self._capture(xs, shape)
         if entry is None:
             self.stats.eager += 1
@@ -146,7 +161,7 @@ class GraphCache:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
                 static_out = self.fn(*static_in)
         except Exception as exc:  # noqa: BLE001 - anything uncapturable runs eagerly
-            self.failed.add(shape)
+            self.seen[shape] = FAILED
             self.stats.failures.append(f"{[s[0] for s in shape]}: {exc}")
             warnings.warn(f"CUDA graph capture failed for input shapes {[s[0] for s in shape]}, running eagerly: "
                           f"{exc}", stacklevel=2)  # fmt: skip

@@ -261,6 +261,20 @@ def test_a_graph_cache_runs_eagerly_on_a_cpu_and_without_a_weights_key():
     assert not cache.graphs
 
 
+def test_a_graph_cache_captures_a_shape_when_it_repeats_and_remembers_few():
+    """A capture costs a few runs: shapes that never repeat (clips of every length) never pay it,
+    and the record of shapes seen stays bounded."""
+    from distunmix.accel import CAPTURE_AT, FAILED, SEEN_SHAPES, GraphCache
+
+    cache = GraphCache(lambda x: x, key=lambda: True)
+    assert [cache.should_capture("a") for _ in range(3)] == [k + 1 >= CAPTURE_AT for k in range(3)]
+    cache.seen["b"] = FAILED  # its capture failed: never again
+    assert not any(cache.should_capture("b") for _ in range(3))
+    for k in range(3 * SEEN_SHAPES):  # a stream of shapes that never repeat
+        assert not cache.should_capture(("length", k))
+    assert len(cache.seen) == SEEN_SHAPES
+
+
 def test_cuda_graphs_on_a_cpu_run_the_models_eagerly_and_pickle(audio):
     import pickle
 
